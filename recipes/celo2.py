@@ -18,6 +18,7 @@ Usage (the caller scales by the learning rate)::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -121,44 +122,63 @@ def _safe_rsqrt(x):
 
 def _rms_scale(x, axes):
     """Per-matrix (or per-vector) factor that brings x to RMS 1, as in the reference."""
-    return jax.lax.rsqrt(jnp.mean(x * x, axis=axes, keepdims=True) + 1e-9)
+    mean_square = x * x
+    for axis in sorted(axes, reverse=True):  # one axis at a time: XLA's CPU row reductions are far faster
+        mean_square = jnp.mean(mean_square, axis=axis, keepdims=True)
+    return jax.lax.rsqrt(mean_square + 1e-9)
+
+
+def _rms_scales(features, axes):
+    """_rms_scale of many same-shaped arrays in one pass over memory.
+
+    A single variadic reduction computes every feature on the fly and keeps
+    only the sums, where separate reductions would each store their input.
+    """
+    dims = tuple(sorted(a % features[0].ndim for a in axes))
+    squares = tuple(x * x for x in features)
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in squares)
+    sums = jax.lax.reduce(squares, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), dims)
+    count = math.prod(features[0].shape[d] for d in dims)
+    return [jax.lax.rsqrt(jnp.expand_dims(s / count, dims) + 1e-9) for s in sums]
 
 
 def _newton_schulz(x):
-    """Approximate orthogonalization of each trailing matrix (Muon's quintic iteration)."""
+    """Approximate orthogonalization of each trailing matrix (Muon's quintic iteration).
+
+    Each iteration is written as one product with the small polynomial
+    a*I + b*A + c*A^2 of the Gram matrix A, on the left for wide matrices and
+    on the right for tall ones (the reference transposes instead); the first
+    iteration absorbs the Frobenius normalization. Only two matrices of x's
+    size are alive at a time.
+    """
     a, b, c = NEWTON_SCHULZ_COEFFS
-    transpose = x.shape[-2] > x.shape[-1]
-    if transpose:
-        x = jnp.swapaxes(x, -1, -2)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
-    x = x / (norm + 1e-8)
+    tall = x.shape[-2] > x.shape[-1]
+    gram_spec, apply_spec = ("...ri,...rj->...ij", "...ri,...ij->...rj") if tall else ("...ir,...jr->...ij", "...jr,...ij->...ir")
+    eye = jnp.eye(min(x.shape[-2:]), dtype=x.dtype)
+    scale = 1.0 / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + 1e-8)
     for _ in range(NEWTON_SCHULZ_STEPS):
-        gram = x @ jnp.swapaxes(x, -1, -2)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    if transpose:
-        x = jnp.swapaxes(x, -1, -2)
+        gram = jnp.einsum(gram_spec, x, x) * (scale * scale)
+        poly = (a * eye + b * gram + c * gram @ gram) * scale
+        x = jnp.einsum(apply_spec, x, poly)
+        scale = 1.0
     return x
 
 
-def _mlp_direction(theta, elementwise, broadcast_terms, norm_axes):
+def _mlp_direction(theta, features, weight_rows, scales, broadcast_terms):
     """Channel 0 of the MLP for every element, without stacking the channels.
 
-    elementwise: list of (feature array, first-layer weight row of shape (HIDDEN,)).
-    broadcast_terms: arrays of shape (..., HIDDEN) broadcastable to the elements'
-      shape plus a trailing hidden axis, already normalized and multiplied by
-      their weights (the row/column channels).
+    features: elementwise input channels; weight_rows: each one's first-layer
+      weights, shape (HIDDEN,); scales: each one's normalization factor.
+    broadcast_terms: arrays of shape (..., HIDDEN) broadcastable to the
+      elements' shape plus a trailing hidden axis, already normalized and
+      multiplied by their weights (the row/column channels).
     """
     w = theta["ff_mod_stack"]["~"]
-    pre = [None] * HIDDEN
-    for feature, weights in elementwise:
-        scale = _rms_scale(feature, norm_axes)
-        for j in range(HIDDEN):
-            term = feature * (scale * weights[j])
-            pre[j] = term if pre[j] is None else pre[j] + term
-    for j in range(HIDDEN):
-        pre[j] = pre[j] + w["b0"][j]
-        for bias in broadcast_terms:
-            pre[j] = pre[j] + bias[..., j]
+    pre = [w["b0"][j] for j in range(HIDDEN)]
+    for bias in broadcast_terms:
+        pre = [pre[j] + bias[..., j] for j in range(HIDDEN)]
+    for feature, weights, scale in zip(features, weight_rows, scales):
+        pre = [pre[j] + feature * (scale * weights[j]) for j in range(HIDDEN)]
     h1 = [jax.nn.relu(x) for x in pre]
     direction = w["b2"][0]
     for k in range(HIDDEN):
@@ -169,74 +189,86 @@ def _mlp_direction(theta, elementwise, broadcast_terms, norm_axes):
     return direction
 
 
-def _split_rows(weight):
-    """A (channels, HIDDEN) first-layer block as a list of per-channel rows."""
-    return [weight[i] for i in range(weight.shape[0])]
+def _weight_rows(theta, is_matrix: bool):
+    """First-layer weight rows in the order of _elementwise_features."""
+    w = theta["ff_mod_stack"]["~"]
+    groups = [0, 1, 2, 3, 4, 5, 6, 7, 8] + ([13] if is_matrix else [])
+    return [row for i in groups for row in w[f"w0__{i}"]]
+
+
+def _elementwise_features(grad, param, momentum, second_moment, factors, axes):
+    """Channels 0-8 (and 13 for matrices) of the input features, one array each.
+
+    factors: per decay, what turns g into the Adafactor-normalized gradient:
+    (row factor, column factor) vectors for matrices, whose (small, large)
+    axes are ``axes``; the full statistic u for vectors (``axes`` None).
+    """
+    if axes is None:
+        adafactor = [_safe_rsqrt(u + 1e-9) for u in factors]
+    else:
+        small, large = axes  # a row factor lives along the small axis, constant along the large one
+        adafactor = [jnp.expand_dims(rf, large) * jnp.expand_dims(cf, small) for rf, cf in factors]
+    is_matrix = axes is not None
+    g = jnp.clip(grad, -GRAD_CLIP, GRAD_CLIP)
+    rsqrt_v = jax.lax.rsqrt(second_moment + 1e-8)
+    features = [g, jnp.clip(g, -0.1, 0.1), param, *momentum, second_moment]
+    features += [m * rsqrt_v for m in momentum] + [rsqrt_v]
+    features += [g * a for a in adafactor] + [g * rsqrt_v]
+    if is_matrix:
+        features += [m * a for m, a in zip(momentum, adafactor)]
+    return features
 
 
 def _tensor_step(theta, grad, param, stats: Celo2TensorState, n_batch: int, orthogonalize: bool):
     w = theta["ff_mod_stack"]["~"]
     shape = grad.shape
     core = _core_shape(shape, n_batch)
-    g = jnp.clip(grad.astype(jnp.float32).reshape(core), -GRAD_CLIP, GRAD_CLIP)
-    p = param.astype(jnp.float32).reshape(core)
+    is_matrix = _is_matrix(core, n_batch)
+    grad = grad.astype(jnp.float32).reshape(core)
+    param = param.astype(jnp.float32).reshape(core)
+    g = jnp.clip(grad, -GRAD_CLIP, GRAD_CLIP)
     g2 = g * g + 1e-30
 
     momentum = tuple(_ema(m, g, b) for m, b in zip(stats.momentum, MOMENTUM_DECAYS))
     second_moment = _ema(stats.second_moment, g * g, SECOND_MOMENT_DECAY)
-    rsqrt_v = jax.lax.rsqrt(second_moment + 1e-8)
-
-    # Channels 0-8, shared by vectors and matrices (the fac_g channels differ).
-    elementwise = [(g, w["w0__0"][0]), (jnp.clip(g, -0.1, 0.1), w["w0__1"][0]), (p, w["w0__2"][0])]
-    elementwise += list(zip(momentum, _split_rows(w["w0__3"])))
-    elementwise += [(second_moment, w["w0__4"][0])]
-    elementwise += list(zip([m * rsqrt_v for m in momentum], _split_rows(w["w0__5"])))
-    elementwise += [(rsqrt_v, w["w0__6"][0])]
 
     broadcast_terms = []
-    if _is_matrix(core, n_batch):
+    if is_matrix:
         norm_axes = (-2, -1)
         small, large = _matrix_axes(core)
-
-        def along_small(vec):  # a statistic indexed by the small axis, spread over the large one
-            return jnp.expand_dims(vec, large)
-
-        def along_large(vec):
-            return jnp.expand_dims(vec, small)
-
         row = tuple(_ema(r, jnp.mean(g2, axis=large), f) for r, f in zip(stats.row, FACTORED_DECAYS))
         col = tuple(_ema(c, jnp.mean(g2, axis=small), f) for c, f in zip(stats.col, FACTORED_DECAYS))
         row_factor = [_safe_rsqrt(r / (jnp.mean(r, axis=-1, keepdims=True) + 1e-9)) for r in row]
         col_factor = [_safe_rsqrt(c) for c in col]
-        adafactor = [along_small(rf) * along_large(cf) for rf, cf in zip(row_factor, col_factor)]
-        elementwise += list(zip([g * a for a in adafactor], _split_rows(w["w0__7"])))
-        elementwise += [(g * rsqrt_v, w["w0__8"][0])]
-        elementwise += list(zip([m * a for m, a in zip(momentum, adafactor)], _split_rows(w["w0__13"])))
+        factors, axes = tuple(zip(row_factor, col_factor)), (small, large)
 
         # Channels 9-12 are constant along one axis: their normalized contribution to the
         # first layer is a per-row or per-column vector of HIDDEN values.
         def folded(vectors, weight):
             total = 0.0
-            for vec, weights in zip(vectors, _split_rows(weight)):
+            for vec, weights in zip(vectors, weight):
                 scale = _rms_scale(vec, (-1,))  # mean over the matrix = mean over this axis
                 total = total + (vec * scale)[..., None] * weights
             return total
 
         row_bias = folded(row, w["w0__9"]) + folded([jax.lax.rsqrt(r + 1e-8) for r in row], w["w0__11"])
         col_bias = folded(col, w["w0__10"]) + folded([jax.lax.rsqrt(c + 1e-8) for c in col], w["w0__12"])
-        hidden_axis_small = small - 1  # position of the small axis once a hidden axis is appended
-        hidden_axis_large = large - 1
-        broadcast_terms = [jnp.expand_dims(row_bias, hidden_axis_large), jnp.expand_dims(col_bias, hidden_axis_small)]
+        # With a hidden axis appended, matrix axis a moves to a - 1.
+        broadcast_terms = [jnp.expand_dims(row_bias, large - 1), jnp.expand_dims(col_bias, small - 1)]
         new_stats = Celo2TensorState(momentum, second_moment, row, col, ())
     else:
         norm_axes = (-1,)
         full = tuple(_ema(u, g2, f) for u, f in zip(stats.full, FACTORED_DECAYS))
-        elementwise += list(zip([g * _safe_rsqrt(u + 1e-9) for u in full], _split_rows(w["w0__7"])))
-        elementwise += [(g * rsqrt_v, w["w0__8"][0])]
+        factors, axes = full, None
         new_stats = Celo2TensorState(momentum, second_moment, (), (), full)
 
-    direction = _mlp_direction(theta, elementwise, broadcast_terms, norm_axes)
-    if orthogonalize and _is_matrix(core, n_batch):
+    inputs = (grad, param, momentum, second_moment, factors)
+    scales = _rms_scales(_elementwise_features(*inputs, axes), norm_axes)
+    # The MLP pass recomputes the features from the stored inputs instead of keeping all
+    # of them from the normalization pass: the barrier stops XLA from merging the two.
+    features = _elementwise_features(*jax.lax.optimization_barrier(inputs), axes)
+    direction = _mlp_direction(theta, features, _weight_rows(theta, is_matrix), scales, broadcast_terms)
+    if orthogonalize and is_matrix:
         direction = _newton_schulz(direction)
     step = direction * _rms_scale(direction, norm_axes)
     return step.reshape(shape).astype(grad.dtype), new_stats
@@ -276,12 +308,19 @@ def scale_by_celo2(
         if params is None:
             raise ValueError("scale_by_celo2 needs the parameters: call tx.update(grads, state, params).")
 
-        def one(path, grad, stats, param):
-            return _tensor_step(theta, grad, param, stats, n_batch_of(path, grad), orthogonalize)
-
-        results = jax.tree_util.tree_map_with_path(one, updates, state.tensors, params)
-        steps = jax.tree.map(lambda _, result: result[0], updates, results)
-        tensors = jax.tree.map(lambda _, result: result[1], updates, results)
-        return steps, Celo2State(count=optax.safe_increment(state.count), tensors=tensors)
+        paths_and_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        all_stats = treedef.flatten_up_to(state.tensors)
+        all_params = treedef.flatten_up_to(params)
+        steps, tensors, previous = [], [], ()
+        for (path, grad), stats, param in zip(paths_and_grads, all_stats, all_params):
+            # One tensor at a time: the barrier makes this tensor's inputs wait for the previous
+            # step, so the temporaries of only one tensor are ever alive.
+            grad, param, stats, _ = jax.lax.optimization_barrier((grad, param, stats, previous))
+            step, new_stats = _tensor_step(theta, grad, param, stats, n_batch_of(path, grad), orthogonalize)
+            steps.append(step)
+            tensors.append(new_stats)
+            previous = step
+        new_state = Celo2State(count=optax.safe_increment(state.count), tensors=treedef.unflatten(tensors))
+        return treedef.unflatten(steps), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
