@@ -1,0 +1,661 @@
+"""Tokenize a corpus with GPT-2's BPE into train/val token shards.
+
+    python -m data.prepare --preset fineweb-edu --out data/fineweb-edu
+    python -m data.prepare --dataset HuggingFaceFW/fineweb-edu --name sample-10BT --out DIR
+    python -m data.prepare --files a.txt b.jsonl c.parquet --out DIR
+    python -m data.prepare --preset shakespeare --out DIR
+
+Every document is prefixed with <|endoftext|>. Output: DIR/train_000000.bin ..., DIR/val_000000.bin
+... (modded-nanogpt's headered uint16 layout, see data/shards.py) and DIR/meta.json, written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data import shards
+from data.tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailableError, gpt2_encoding
+
+DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in modded-nanogpt's FineWeb shards
+DEFAULT_VAL_FRACTION = 0.01
+CHUNK_CHARS = 1 << 20  # text handed to a worker at a time: large enough to amortize IPC
+SPLITS = ("train", "val")
+TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text"}
+FILE_BUILDERS = {
+    **TEXT_SUFFIXES,
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")  # decompressed on the fly by datasets
+
+
+@dataclass(frozen=True)
+class Preset:
+    dataset: str | None  # None: the bundled corpus
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    about: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "fineweb-edu": Preset(
+        "HuggingFaceFW/fineweb-edu", "sample-10BT", about="FineWeb-Edu, 10B-token sample (~100 shards)"
+    ),
+    "fineweb": Preset("HuggingFaceFW/fineweb", "sample-10BT", about="FineWeb, 10B-token sample (~100 shards)"),
+    "openwebtext": Preset(
+        "Skylion007/openwebtext", None, val_fraction=0.0005, about="OpenWebText, ~9B tokens, nanoGPT's val fraction"
+    ),
+    "shakespeare": Preset(None, about="Shakespeare's 38 plays, bundled with the project (no download)"),
+}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A Hugging Face dataset could not be opened (typically: no network and not cached)."""
+
+
+class EmptyDatasetError(ValueError):
+    """The input produced no tokens (or none for the train split)."""
+
+
+# --- documents -------------------------------------------------------------------------------
+
+
+def is_val_document(index: int, val_fraction: float) -> bool:
+    """Whether document `index` of a stream belongs to the validation split.
+
+    A Weyl sequence with the golden-ratio step spreads val documents evenly through the stream
+    (exactly val_fraction in the long run) without knowing its length; document 0 is always val,
+    so any stream with a positive fraction has a non-empty val split.
+    """
+    return ((index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) < val_fraction * 2.0**64
+
+
+def assign_splits(texts: Iterable[str], val_fraction: float) -> Iterator[tuple[str, str]]:
+    """(split, text) for each text, by `is_val_document` on its position in the stream."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for index, text in enumerate(texts):
+        yield ("val" if is_val_document(index, val_fraction) else "train"), text
+
+
+def _hf_unavailable(description: str, exc: BaseException) -> DatasetUnavailableError:
+    return DatasetUnavailableError(
+        f"could not open {description}: {type(exc).__name__}: {exc}\n"
+        "Streaming a Hugging Face dataset needs network access to huggingface.co, or the dataset "
+        "already in the local Hugging Face cache (HF_HOME). Offline, prepare local files instead:\n"
+        "  python -m data.prepare --files part1.jsonl part2.parquet --text-field text --out DIR\n"
+        "or use the bundled corpus: python -m data.prepare --preset shakespeare --out DIR"
+    )
+
+
+def _rows_with_text(rows: Iterator[Mapping[str, Any]], text_field: str, where: str) -> Iterator[str]:
+    for row in rows:
+        if text_field not in row:
+            raise ValueError(
+                f"{where}: rows have no field {text_field!r} (fields: {sorted(row)}). Pass --text-field NAME."
+            )
+        text = row[text_field]
+        yield text if isinstance(text, str) else ""
+
+
+def hf_documents(
+    dataset: str, name: str | None = None, *, split: str = "train", text_field: str = "text"
+) -> Iterator[str]:
+    """Texts of a Hugging Face dataset, streamed. Opens it now, so an unreachable dataset fails
+    here with DatasetUnavailableError rather than midway."""
+    import datasets  # slow to import; only needed here
+
+    description = f"Hugging Face dataset {dataset!r} (name={name!r}, split={split!r})"
+    try:
+        stream = datasets.load_dataset(dataset, name=name, split=split, streaming=True)
+        rows = iter(stream)
+        first = next(rows, None)
+    except Exception as exc:  # the hub client raises many types (ConnectionError, HfHubHTTPError, ...)
+        raise _hf_unavailable(description, exc) from exc
+    if first is None:
+        return iter(())
+    return _rows_with_text(itertools.chain([first], rows), text_field, description)
+
+
+def _builder_for(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    builder = FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
+    if builder is None:
+        raise ValueError(f"{path}: unsupported file type; supported: {', '.join(sorted(FILE_BUILDERS))}")
+    return builder
+
+
+def file_documents(
+    paths: Sequence[str | os.PathLike[str]], *, text_field: str = "text", text_unit: str = "document"
+) -> Iterator[str]:
+    """Texts of local files, in the order given, read through `datasets` (streaming, no cache).
+
+    .txt/.md files give one document per file (text_unit="document"), per blank-line separated
+    paragraph ("paragraph") or per line ("line"); .json/.jsonl/.parquet/.csv give one per row,
+    from the column `text_field`.
+    """
+    if text_unit not in ("document", "paragraph", "line"):
+        raise ValueError(f"text_unit must be document, paragraph or line, got {text_unit!r}")
+    files = [Path(p) for p in paths]
+    if not files:
+        raise ValueError("no input files given")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+    groups = [(b, list(g)) for b, g in itertools.groupby(files, key=_builder_for)]  # validates suffixes now
+    return _read_file_groups(groups, text_field, text_unit)
+
+
+def _read_file_groups(groups: list[tuple[str, list[Path]]], text_field: str, text_unit: str) -> Iterator[str]:
+    import datasets
+
+    # Streaming local files caches nothing, but datasets still leaves lock files in its cache
+    # directory; keep them out of the user's Hugging Face cache.
+    with tempfile.TemporaryDirectory(prefix="datasets-scratch-") as scratch:
+        for builder, group in groups:
+            options: dict[str, Any] = {"sample_by": text_unit} if builder == "text" else {}
+            stream = datasets.load_dataset(
+                builder, data_files=[str(p) for p in group], split="train", streaming=True, cache_dir=scratch, **options
+            )
+            field_name = "text" if builder == "text" else text_field
+            yield from _rows_with_text(iter(stream), field_name, ", ".join(str(p) for p in group))
+
+
+# --- tokenizing in worker processes ----------------------------------------------------------
+
+
+def _init_worker() -> None:
+    gpt2_encoding()  # built once per worker (inherited for free when the pool forks)
+
+
+def _encode_chunk(chunk: tuple[list[str], list[bool]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize documents -> (train tokens, val tokens, tokens per document, is-val per document)."""
+    texts, is_val = chunk
+    encoded = gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
+    out: dict[bool, list[int]] = {False: [], True: []}
+    for ids, val in zip(encoded, is_val, strict=True):
+        tokens = out[val]
+        tokens.append(EOT_TOKEN)
+        tokens.extend(ids)
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    return (
+        np.array(out[False], dtype=shards.TOKEN_DTYPE),
+        np.array(out[True], dtype=shards.TOKEN_DTYPE),
+        lengths,
+        np.array(is_val, dtype=bool),
+    )
+
+
+def _chunks(
+    documents: Iterable[tuple[str, str]], counts: collections.Counter[str]
+) -> Iterator[tuple[list[str], list[bool]]]:
+    texts: list[str] = []
+    is_val: list[bool] = []
+    size = 0
+    for split, text in documents:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if not text:
+            counts["empty"] += 1
+            continue
+        texts.append(text)
+        is_val.append(split == "val")
+        size += len(text)
+        if size >= CHUNK_CHARS:
+            yield texts, is_val
+            texts, is_val, size = [], [], 0
+    if texts:
+        yield texts, is_val
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """The platform's default start method, except never fork a process running other threads
+    (JAX's runtime, for one, is multithreaded): a forked copy could deadlock on their locks."""
+    context = multiprocessing.get_context()
+    if context.get_start_method() == "fork" and (threading.active_count() > 1 or "jax" in sys.modules):
+        return multiprocessing.get_context("spawn")
+    return context
+
+
+class _Encoder:
+    """Tokenizes chunks in `workers` processes (in this one if workers == 1), results in input order.
+
+    At most 2 chunks per worker are in flight: the input may be a stream far larger than memory,
+    which Pool.imap would read ahead without limit. Entered before the progress bar starts its
+    monitor thread, so that a plain command-line run can still fork.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: Any = None
+
+    def __enter__(self) -> _Encoder:
+        if self.workers > 1:
+            self._pool = _pool_context().Pool(self.workers, initializer=_init_worker)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+    def __call__(self, chunks: Iterator[tuple[list[str], list[bool]]]) -> Iterator[tuple[np.ndarray, ...]]:
+        if self._pool is None:
+            yield from map(_encode_chunk, chunks)
+            return
+        pending: collections.deque[Any] = collections.deque()
+        for chunk in chunks:
+            pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+class _SplitWriter:
+    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ... of `shard_size` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
+        self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
+        self.done: list[Path] = []
+        self.tokens = 0
+        self._current: shards.ShardWriter | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._current is None:
+                self._current = shards.ShardWriter(self.out_dir / f"{self.split}_{len(self.done):06d}.bin")
+            room = self.shard_size - self._current.num_tokens
+            self._current.write(tokens[:room])
+            self.tokens += min(room, int(tokens.size))
+            tokens = tokens[room:]
+            if self._current.num_tokens == self.shard_size:
+                self.done.append(self._current.commit())
+                self._current = None
+
+    def finish(self) -> list[Path]:
+        if self._current is not None:
+            self.done.append(self._current.commit())
+            self._current = None
+        return self.done
+
+    def discard(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        for path in self.done:
+            path.unlink(missing_ok=True)
+        self.done = []
+
+
+def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create out_dir; refuse to mix with token data already there unless it is ours to replace."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = re.compile(r"^(?:train|val)_\d{6}\.bin$")
+    found = [
+        p
+        for p in out_dir.iterdir()
+        if p.name == "meta.json"
+        or p.name in {f"{s}.bin" for s in SPLITS}
+        or any(shards.shard_pattern(s).match(p.name) for s in SPLITS)
+    ]
+    if not found:
+        return
+    foreign = [p for p in found if p.name != "meta.json" and not ours.match(p.name)]
+    if not overwrite or foreign:
+        listed = ", ".join(sorted(p.name for p in found)[:5]) + (", ..." if len(found) > 5 else "")
+        advice = (
+            "Choose another --out: --overwrite only replaces train_NNNNNN.bin, val_NNNNNN.bin and meta.json."
+            if foreign
+            else "Pass --overwrite to replace it, or choose another --out."
+        )
+        raise FileExistsError(f"{out_dir} already holds token data ({listed}). {advice}")
+    (out_dir / "meta.json").unlink(missing_ok=True)  # first, so the directory never looks complete
+    for path in found:
+        path.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    tokens: dict[str, int]
+    documents: dict[str, int]
+    shards: dict[str, list[str]]
+    seconds: float
+    workers: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.total_tokens / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        parts = [
+            f"{s}: {self.tokens[s]:,} tokens, {self.documents[s]:,} documents, {len(self.shards[s])} shard(s)"
+            for s in SPLITS
+        ]
+        return (
+            f"wrote {self.out_dir} ({'; '.join(parts)})\n"
+            f"throughput: {self.tokens_per_second:,.0f} tokens/s with {self.workers} worker(s) "
+            f"({self.total_tokens:,} tokens in {self.seconds:.2f} s)"
+        )
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def prepare_documents(
+    documents: Iterable[tuple[str, str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    source: Mapping[str, Any],
+    split_rule: Mapping[str, Any],
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    max_tokens: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareResult:
+    """Tokenize (split, text) pairs into `out_dir` and write meta.json last.
+
+    Output is identical for any number of workers. Stops after the document that reaches
+    `max_tokens` (train + val). On any error, the shards written so far are removed.
+    """
+    if shard_size < 1 or shard_size > shards.MAX_SHARD_TOKENS:
+        raise ValueError(f"shard_size must be in [1, {shards.MAX_SHARD_TOKENS}], got {shard_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out_dir)
+    _claim_out_dir(out, overwrite)
+    gpt2_encoding()  # fail early if the tokenizer is missing; forked workers inherit it
+
+    writers = {s: _SplitWriter(out, s, shard_size) for s in SPLITS}
+    docs: collections.Counter[str] = collections.Counter()
+    start = time.perf_counter()
+    try:
+        with (
+            _Encoder(workers) as encode,
+            tqdm(
+                total=max_tokens,
+                unit="tok",
+                unit_scale=True,
+                desc=f"tokenizing ({workers} worker{'s' if workers > 1 else ''})",
+                disable=not progress,
+            ) as bar,
+        ):
+            for train, val, lengths, is_val in encode(_chunks(documents, docs)):
+                total = writers["train"].tokens + writers["val"].tokens
+                if max_tokens is not None and total + int(lengths.sum()) >= max_tokens:
+                    keep = int(np.searchsorted(np.cumsum(lengths), max_tokens - total)) + 1
+                    train = train[: int(lengths[:keep][~is_val[:keep]].sum())]
+                    val = val[: int(lengths[:keep][is_val[:keep]].sum())]
+                    lengths, is_val = lengths[:keep], is_val[:keep]
+                writers["train"].write(train)
+                writers["val"].write(val)
+                docs["val"] += int(is_val.sum())
+                docs["train"] += int(is_val.size - is_val.sum())
+                bar.update(int(lengths.sum()))
+                if max_tokens is not None and writers["train"].tokens + writers["val"].tokens >= max_tokens:
+                    break
+        written = {s: writers[s].finish() for s in SPLITS}
+        seconds = time.perf_counter() - start
+        tokens = {s: writers[s].tokens for s in SPLITS}
+        if tokens["train"] == 0:
+            if tokens["val"] == 0:
+                raise EmptyDatasetError(
+                    f"the input produced no tokens: {docs['empty']} empty document(s) and none with text "
+                    f"(source: {dict(source)}). Check the files or dataset name, its split, and --text-field."
+                )
+            raise EmptyDatasetError(
+                f"the train split is empty: all {docs['val']} document(s) went to validation. Lower "
+                "--val-fraction (0 for no val split), give more documents, or for a single text file use "
+                "--text-unit paragraph."
+            )
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+
+    meta = {
+        "format": {
+            "layout": "modded-nanogpt",
+            "magic": shards.MAGIC,
+            "version": shards.VERSION,
+            "header_bytes": shards.HEADER_BYTES,
+            "dtype": "uint16",
+        },
+        "tokenizer": {"name": "gpt2", "vocab_size": VOCAB_SIZE, "eot_token": EOT_TOKEN, "eot": "before each document"},
+        "source": dict(source),
+        "split": dict(split_rule),
+        "shard_size": shard_size,
+        "max_tokens": max_tokens,
+        "empty_documents_skipped": docs["empty"],
+        "splits": {
+            s: {"tokens": tokens[s], "documents": docs[s], "shards": [p.name for p in written[s]]} for s in SPLITS
+        },
+    }
+    _write_json_atomic(out / "meta.json", meta)
+    return PrepareResult(
+        out_dir=out,
+        tokens=tokens,
+        documents={s: docs[s] for s in SPLITS},
+        shards={s: [p.name for p in written[s]] for s in SPLITS},
+        seconds=seconds,
+        workers=workers,
+        meta=meta,
+    )
+
+
+def _fraction_rule(val_fraction: float) -> dict[str, Any]:
+    return {"val_fraction": val_fraction, "rule": "document i is val iff frac(i * golden ratio) < val_fraction"}
+
+
+def prepare_hf(
+    dataset: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    **options: Any,
+) -> PrepareResult:
+    """Stream a Hugging Face dataset into shards (options: see prepare_documents)."""
+    texts = hf_documents(dataset, name, split=split, text_field=text_field)
+    source = {"kind": "huggingface", "dataset": dataset, "name": name, "split": split, "text_field": text_field}
+    return prepare_documents(
+        assign_splits(texts, val_fraction), out_dir, source=source, split_rule=_fraction_rule(val_fraction), **options
+    )
+
+
+def prepare_files(
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    text_field: str = "text",
+    text_unit: str = "document",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    **options: Any,
+) -> PrepareResult:
+    """Tokenize local .txt/.md/.json/.jsonl/.parquet/.csv files into shards (options: see prepare_documents)."""
+    texts = file_documents(paths, text_field=text_field, text_unit=text_unit)
+    source = {"kind": "files", "files": [str(p) for p in paths], "text_field": text_field, "text_unit": text_unit}
+    return prepare_documents(
+        assign_splits(texts, val_fraction), out_dir, source=source, split_rule=_fraction_rule(val_fraction), **options
+    )
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.replace("_", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {name:<12} {p.about}" for name, p in PRESETS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description="Tokenize a corpus with GPT-2's BPE into train/val token shards "
+        "(modded-nanogpt layout: 256 x int32 header, then uint16 tokens) plus meta.json. "
+        "Every document is prefixed with <|endoftext|> (token 50256).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"presets:\n{presets}\n\nexamples:\n"
+        "  python -m data.prepare --preset shakespeare --out data/shakespeare\n"
+        "  python -m data.prepare --preset fineweb-edu --out data/fineweb-edu --max-tokens 1_000_000_000\n"
+        "  python -m data.prepare --files notes.txt web.jsonl more.parquet --text-field text --out data/mine",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a known corpus (see below)")
+    source.add_argument(
+        "--dataset", metavar="ID", help="a Hugging Face dataset, streamed, e.g. HuggingFaceFW/fineweb-edu"
+    )
+    source.add_argument(
+        "--files",
+        nargs="+",
+        metavar="PATH",
+        help="local .txt/.md/.json/.jsonl/.parquet/.csv files (also .gz/.bz2/.xz compressed)",
+    )
+    parser.add_argument("--name", metavar="CONFIG", help="dataset configuration (--dataset), e.g. sample-10BT")
+    parser.add_argument("--split", default="train", help="dataset split to read (--dataset; default: train)")
+    parser.add_argument("--text-field", default="text", help="column holding the text (default: text)")
+    parser.add_argument(
+        "--text-unit",
+        choices=("document", "paragraph", "line"),
+        default="document",
+        help="what one document is in .txt/.md files (default: the whole file)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output directory (required, except for --preset shakespeare: default is the cache the trainer uses)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        help=f"fraction of documents held out for validation (default: {DEFAULT_VAL_FRACTION}, openwebtext "
+        "0.0005; shakespeare holds out fixed plays)",
+    )
+    parser.add_argument(
+        "--shard-size", type=_positive_int, default=DEFAULT_SHARD_SIZE, help="tokens per shard (default: 100_000_000)"
+    )
+    parser.add_argument(
+        "--workers", type=_positive_int, help=f"tokenizer processes (default: CPUs available, here {default_workers()})"
+    )
+    parser.add_argument("--max-tokens", type=_positive_int, help="stop after about this many tokens (train + val)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards and meta.json already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options: dict[str, Any] = {
+        "shard_size": args.shard_size,
+        "workers": args.workers,
+        "max_tokens": args.max_tokens,
+        "overwrite": args.overwrite,
+        "progress": not args.no_progress,
+    }
+    preset = PRESETS[args.preset] if args.preset else None
+    if preset is not None and (args.name is not None or args.split != "train"):
+        parser.error("--name and --split go with --dataset; a preset fixes them")
+    if args.out is None and not (preset is not None and preset.dataset is None):
+        parser.error("--out DIR is required")
+    try:
+        if preset is not None and preset.dataset is None:
+            from data import shakespeare  # imports this module; deferred to avoid a cycle
+
+            if args.val_fraction is not None:
+                parser.error("--val-fraction does not apply to shakespeare: its val split is fixed plays")
+            if args.out is None:
+                if args.max_tokens is not None or args.shard_size != DEFAULT_SHARD_SIZE:
+                    parser.error("the shakespeare cache is always prepared in full; give --out DIR to customize")
+                path = shakespeare.ensure_shakespeare(
+                    workers=args.workers or default_workers(), progress=not args.no_progress, verbose=True
+                )
+                print(f"shakespeare is ready in {path}")
+                return 0
+            result = shakespeare.prepare_shakespeare(args.out, **options)
+        elif preset is not None or args.dataset:
+            assert preset is not None or args.dataset is not None
+            dataset = preset.dataset if preset is not None else args.dataset
+            name = preset.name if preset is not None else args.name
+            split = preset.split if preset is not None else args.split
+            field_name = preset.text_field if preset is not None and args.text_field == "text" else args.text_field
+            fraction = (
+                args.val_fraction
+                if args.val_fraction is not None
+                else (preset.val_fraction if preset is not None else DEFAULT_VAL_FRACTION)
+            )
+            assert dataset is not None
+            result = prepare_hf(
+                dataset, args.out, name=name, split=split, text_field=field_name, val_fraction=fraction, **options
+            )
+        else:
+            fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+            result = prepare_files(
+                args.files,
+                args.out,
+                text_field=args.text_field,
+                text_unit=args.text_unit,
+                val_fraction=fraction,
+                **options,
+            )
+    except (DatasetUnavailableError, TokenizerUnavailableError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
