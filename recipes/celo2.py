@@ -219,12 +219,23 @@ def _elementwise_features(grad, param, momentum, second_moment, factors, axes):
     return features
 
 
-def _tensor_step(theta, grad, param, stats: Celo2TensorState, n_batch: int, orthogonalize: bool):
+def _after(x, token):
+    """x, made to depend on the scalar ``token`` without changing its value.
+
+    XLA drops optimization barriers on CPU, so a data dependency is the way to
+    make one tensor's work wait for the previous tensor's: then only one
+    tensor's temporaries are ever alive. Adding a signed zero is exact.
+    """
+    return x + jnp.where(jnp.isfinite(token), token, 0.0) * 0.0
+
+
+def _tensor_step(theta, grad, param, stats: Celo2TensorState, n_batch: int, orthogonalize: bool, token):
+    """Returns (step, new statistics, a scalar that is ready once the step is)."""
     w = theta["ff_mod_stack"]["~"]
-    shape = grad.shape
+    shape, dtype = grad.shape, grad.dtype
     core = _core_shape(shape, n_batch)
     is_matrix = _is_matrix(core, n_batch)
-    grad = grad.astype(jnp.float32).reshape(core)
+    grad = _after(grad.astype(jnp.float32), token).reshape(core)
     param = param.astype(jnp.float32).reshape(core)
     g = jnp.clip(grad, -GRAD_CLIP, GRAD_CLIP)
     g2 = g * g + 1e-30
@@ -270,8 +281,9 @@ def _tensor_step(theta, grad, param, stats: Celo2TensorState, n_batch: int, orth
     direction = _mlp_direction(theta, features, _weight_rows(theta, is_matrix), scales, broadcast_terms)
     if orthogonalize and is_matrix:
         direction = _newton_schulz(direction)
-    step = direction * _rms_scale(direction, norm_axes)
-    return step.reshape(shape).astype(grad.dtype), new_stats
+    scale = _rms_scale(direction, norm_axes)
+    step = direction * scale
+    return step.reshape(shape).astype(dtype), new_stats, jnp.sum(scale)
 
 
 def scale_by_celo2(
@@ -311,15 +323,13 @@ def scale_by_celo2(
         paths_and_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
         all_stats = treedef.flatten_up_to(state.tensors)
         all_params = treedef.flatten_up_to(params)
-        steps, tensors, previous = [], [], ()
+        steps, tensors, token = [], [], jnp.zeros([], jnp.float32)
         for (path, grad), stats, param in zip(paths_and_grads, all_stats, all_params):
-            # One tensor at a time: the barrier makes this tensor's inputs wait for the previous
-            # step, so the temporaries of only one tensor are ever alive.
-            grad, param, stats, _ = jax.lax.optimization_barrier((grad, param, stats, previous))
-            step, new_stats = _tensor_step(theta, grad, param, stats, n_batch_of(path, grad), orthogonalize)
+            # One tensor after another (the token chains them), so that only one tensor's
+            # temporaries are alive at a time.
+            step, new_stats, token = _tensor_step(theta, grad, param, stats, n_batch_of(path, grad), orthogonalize, token)
             steps.append(step)
             tensors.append(new_stats)
-            previous = step
         new_state = Celo2State(count=optax.safe_increment(state.count), tensors=treedef.unflatten(tensors))
         return treedef.unflatten(steps), new_state
 

@@ -131,7 +131,7 @@ def save_checkpoint(theta, path: str | os.PathLike) -> Path:
     return path
 
 
-def _resolve_hub(reference: str, local_only: bool) -> Path:
+def _resolve_hub(reference: str, local_only: bool, cache_dir: str | os.PathLike | None) -> Path:
     """hf://OWNER/REPO[/FILE] -> a local file from the Hugging Face cache, or the Hub."""
     from huggingface_hub import hf_hub_download
 
@@ -141,7 +141,7 @@ def _resolve_hub(reference: str, local_only: bool) -> Path:
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or THETA_FILENAME
     command = f"hf download {repo_id} {filename}"
     try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True, cache_dir=cache_dir))
     except Exception:
         if local_only:
             raise FileNotFoundError(
@@ -149,7 +149,7 @@ def _resolve_hub(reference: str, local_only: bool) -> Path:
                 f"network access with `{command}` (and copy the cache), or pass a local path to theta.state."
             ) from None
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
     except Exception as error:
         raise FileNotFoundError(
             f"Could not get {reference}: it is not in the local Hugging Face cache and the Hub is not "
@@ -158,14 +158,17 @@ def _resolve_hub(reference: str, local_only: bool) -> Path:
         ) from None
 
 
-def load_checkpoint(source: str | os.PathLike, local_only: bool = False) -> dict:
+def load_checkpoint(
+    source: str | os.PathLike, local_only: bool = False, cache_dir: str | os.PathLike | None = None
+) -> dict:
     """Loads theta from a theta.state path, a directory holding one, or hf://OWNER/REPO.
 
     Hub references are served from the local Hugging Face cache first, so they
-    work offline once fetched; ``local_only`` never touches the network.
+    work offline once fetched; ``local_only`` never touches the network;
+    ``cache_dir`` overrides the Hugging Face cache location.
     """
     text = str(source)
-    path = _resolve_hub(text, local_only) if text.startswith(HUB_PREFIX) else Path(text).expanduser()
+    path = _resolve_hub(text, local_only, cache_dir) if text.startswith(HUB_PREFIX) else Path(text).expanduser()
     if path.is_dir():
         path = path / THETA_FILENAME
     if not path.is_file():
