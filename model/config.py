@@ -1,0 +1,89 @@
+"""Model hyperparameters: a frozen, validated dataclass plus the named sizes."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+# (n_layer, d_model, n_head, context_length). GPT-2 sizes follow Radford et al. 2019,
+# gpt3_xl follows Brown et al. 2020 (Table 2.1); tiny/mini are for CPU runs and tests.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, d_model=64, n_head=4, context_length=64),
+    "mini": dict(n_layer=4, d_model=256, n_head=4, context_length=256),
+    "gpt2_small": dict(n_layer=12, d_model=768, n_head=12, context_length=1024),
+    "gpt2_medium": dict(n_layer=24, d_model=1024, n_head=16, context_length=1024),
+    "gpt2_large": dict(n_layer=36, d_model=1280, n_head=20, context_length=1024),
+    "gpt2_xl": dict(n_layer=48, d_model=1600, n_head=25, context_length=1024),
+    "gpt3_xl": dict(n_layer=24, d_model=2048, n_head=16, context_length=2048),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """GPT-2 style decoder. Parameters are always float32; `compute_dtype` sets matmul precision."""
+
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    context_length: int = 64
+    vocab_size: int = 50257
+    # Embedding rows are padded up to a multiple of this (64 keeps matmuls tile-aligned).
+    pad_vocab_multiple: int = 64
+    bias: bool = True
+    compute_dtype: str = "float32"
+    remat: bool = False
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # "auto": cuDNN fused attention on GPU with bf16 compute, XLA otherwise. Set "xla"
+    # where cuDNN's kernel is unavailable or rejects the shapes.
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "context_length", "vocab_size",
+                     "pad_vocab_multiple"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"unknown compute_dtype {self.compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention_impl {self.attention_impl!r}; "
+                f"expected one of {ATTENTION_IMPLS}")
+        for name in ("bias", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("layer_norm_eps", "init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def named(cls, size: str, **overrides) -> ModelConfig:
+        """A named size (see SIZES) with any field overridden, e.g. named('tiny', bias=False)."""
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(SIZES)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(fields)}")
+        return cls(**{**SIZES[size], **overrides})
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.d_model

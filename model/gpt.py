@@ -1,0 +1,157 @@
+"""GPT-2 decoder in Flax NNX with all transformer blocks stacked and run by lax.scan.
+
+Shape suffixes: B batch, L sequence, D d_model, H heads, K head_dim, F mlp width
+(4D), V padded vocab. The residual stream stays float32; matmuls run in the config's
+compute dtype; parameters are float32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import Dense, LayerNorm, param
+from model.loss import next_token_loss, split_inputs_targets
+from model.sharding import constrain
+
+# Logit given to padded vocab ids. Finite (unlike -inf or float32 min) so that
+# p * log(p) terms and temperature scaling stay free of NaN/inf.
+PAD_LOGIT = -1e9
+
+_ACT_BxLxD = ("batch", "seq", "act_embed")
+_ACT_BxLxHxK = ("batch", "seq", "act_heads", "act_head_dim")
+
+
+def attention_impl(config: ModelConfig, dtype, backend: str) -> str:
+    """Which jax.nn.dot_product_attention implementation to use."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    # jax picks "xla" when asked for none; the fused cuDNN kernel needs a GPU and bf16.
+    if backend == "gpu" and jnp.dtype(dtype) == jnp.bfloat16:
+        return "cudnn"
+    return "xla"
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack=(), stack_axes=()):
+        self.config = config
+        d, std = config.d_model, config.init_std
+        kw = dict(bias=config.bias, rngs=rngs, stack=stack, stack_axes=stack_axes)
+        # qkv columns are [q | k | v], each head-major: the same layout as HF's c_attn.
+        self.qkv = Dense(d, 3 * d, axes=("embed", "heads"), init_std=std, **kw)
+        # GPT-2 shrinks the init of projections into the residual stream by
+        # 1/sqrt(2 * n_layer) (two per block) so its variance does not grow with depth.
+        self.proj = Dense(d, d, axes=("heads", "embed"),
+                          init_std=std / math.sqrt(2 * config.n_layer), **kw)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        B, L, D = x_BxLxD.shape
+        H, K = self.config.n_head, self.config.head_dim
+        qkv_BxLx3D = self.qkv(x_BxLxD)
+        q_BxLxD, k_BxLxD, v_BxLxD = jnp.split(qkv_BxLx3D, 3, axis=-1)
+        q_BxLxHxK = constrain(q_BxLxD.reshape(B, L, H, K), _ACT_BxLxHxK)
+        k_BxLxHxK = constrain(k_BxLxD.reshape(B, L, H, K), _ACT_BxLxHxK)
+        v_BxLxHxK = constrain(v_BxLxD.reshape(B, L, H, K), _ACT_BxLxHxK)
+        impl = attention_impl(self.config, q_BxLxHxK.dtype, jax.default_backend())
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=impl)
+        out_BxLxHxK = constrain(out_BxLxHxK, _ACT_BxLxHxK)
+        return self.proj(out_BxLxHxK.reshape(B, L, D))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack=(), stack_axes=()):
+        d, f, std = config.d_model, config.d_mlp, config.init_std
+        kw = dict(bias=config.bias, rngs=rngs, stack=stack, stack_axes=stack_axes)
+        self.fc = Dense(d, f, axes=("embed", "mlp"), init_std=std, **kw)
+        self.proj = Dense(f, d, axes=("mlp", "embed"),
+                          init_std=std / math.sqrt(2 * config.n_layer), **kw)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        h_BxLxF = jax.nn.gelu(self.fc(x_BxLxD), approximate=True)  # GPT-2's tanh GELU
+        h_BxLxF = constrain(h_BxLxF, ("batch", "seq", "act_mlp"))
+        return self.proj(h_BxLxF)
+
+
+class Block(nnx.Module):
+    """Pre-LayerNorm transformer block. Built with stack=(n_layer,) it holds every
+    layer's weights; __call__ runs one layer (one slice, as handed out by lax.scan)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack=(), stack_axes=()):
+        self.config = config
+        kw = dict(stack=stack, stack_axes=stack_axes)
+        ln = dict(bias=config.bias, eps=config.layer_norm_eps, **kw)
+        self.ln_1 = LayerNorm(config.d_model, **ln)
+        self.attn = Attention(config, rngs=rngs, **kw)
+        self.ln_2 = LayerNorm(config.d_model, **ln)
+        self.mlp = MLP(config, rngs=rngs, **kw)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.config.compute_dtype)
+        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD, dtype)).astype(jnp.float32)
+        x_BxLxD = x_BxLxD + self.mlp(self.ln_2(x_BxLxD, dtype)).astype(jnp.float32)
+        return constrain(x_BxLxD, _ACT_BxLxD)
+
+
+class GPT(nnx.Module):
+    """GPT-2: learned positions, pre-LN blocks, final LayerNorm, head tied to wte.
+
+    Parameter paths: wte, wpe, blocks/{ln_1,attn/{qkv,proj},ln_2,mlp/{fc,proj}}/...,
+    ln_f/{scale,bias}; everything under blocks has a leading n_layer axis.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, std = config.d_model, config.init_std
+        init = jax.nn.initializers.normal(std)
+        wte = init(rngs.params(), (config.padded_vocab_size, d), jnp.float32)
+        # Padding rows are never looked up and their logits are masked: keep them at zero.
+        wte = wte.at[config.vocab_size:].set(0.0)
+        self.wte = param(wte, ("vocab", "embed"))
+        self.wpe = param(init(rngs.params(), (config.context_length, d), jnp.float32),
+                         ("position", "embed"))
+        self.blocks = Block(config, rngs=rngs, stack=(config.n_layer,), stack_axes=("layers",))
+        self.ln_f = LayerNorm(d, bias=config.bias, eps=config.layer_norm_eps)
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token ids (B, L) -> float32 logits (B, L, padded_vocab_size)."""
+        cfg = self.config
+        B, L = tokens_BxL.shape
+        if L > cfg.context_length:
+            raise ValueError(f"sequence length {L} exceeds context_length {cfg.context_length}")
+        dtype = jnp.dtype(cfg.compute_dtype)
+        tokens_BxL = constrain(tokens_BxL, ("batch", "seq"))
+
+        # Gather the fsdp shards of the table first (as FSDP does for any weight) so
+        # the lookup only has to combine the vocab shards.
+        wte_VxD = constrain(self.wte[...], ("vocab", None))
+        x_BxLxD = jnp.take(wte_VxD, tokens_BxL, axis=0) + self.wpe[...][:L]
+        x_BxLxD = constrain(x_BxLxD, _ACT_BxLxD)
+        x_BxLxD = self._run_blocks(x_BxLxD)
+        h_BxLxD = self.ln_f(x_BxLxD, dtype)
+
+        logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte[...].astype(dtype),
+                                  preferred_element_type=jnp.float32)
+        logits_BxLxV = constrain(logits_BxLxV, ("batch", "seq", "act_vocab"))
+        is_real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        return jnp.where(is_real_V, logits_BxLxV, PAD_LOGIT)
+
+    def _run_blocks(self, x_BxLxD: jax.Array) -> jax.Array:
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer_step(x_BxLxD, layer_params):
+            return nnx.merge(graphdef, layer_params)(x_BxLxD), None
+
+        if self.config.remat:
+            # Saves only the residual stream between layers; recomputes the rest.
+            layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+        x_BxLxD, _ = jax.lax.scan(layer_step, x_BxLxD, stacked)
+        return x_BxLxD
+
+    def loss(self, tokens_BxLp1: jax.Array) -> jax.Array:
+        """Mean next-token cross-entropy (float32) of token windows of shape (B, L+1)."""
+        inputs_BxL, targets_BxL = split_inputs_targets(tokens_BxLp1)
+        return next_token_loss(self(inputs_BxL), targets_BxL)
