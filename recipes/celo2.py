@@ -6,8 +6,11 @@ apply unchanged. The difference is cost: the reference stacks 30 input
 channels per parameter element and runs the MLP on that tensor. Here the
 per-channel input normalization is folded into the first layer's weights, the
 twelve channels that are row or column broadcasts are folded into per-row and
-per-column biases, and the MLP is written as elementwise arithmetic that XLA
-fuses into a few loops, so no per-element feature tensor is ever stored.
+per-column biases, the normalization statistics come from one variadic
+reduction, and the MLP is written as elementwise arithmetic that XLA fuses
+into one loop: no per-element feature tensor is ever stored. Tensors are
+processed one after another, so the temporaries of one tensor at most are
+alive (0 bytes per parameter for Celo2-base, 6 for Celo2 on CPU).
 
 Usage (the caller scales by the learning rate)::
 

@@ -6,7 +6,7 @@ them. Optimizers are timed round-robin so machine noise hits them alike; the
 printed ratios (Celo2-base/AdamW, Celo2/Muon) are what to compare across
 machines. Temporary bytes come from XLA's compiled memory analysis.
 
-    python scripts/bench_optimizer.py [--repeats 20] [--layers 12] [--json out.json]
+    python scripts/bench_optimizer.py [--repeats 7] [--layers 12] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from recipes.celo2 import init_theta, scale_by_celo2  # noqa: E402
 GPT2_SMALL_BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 
 
-def optimizers(theta) -> dict[str, optax.GradientTransformation]:
+def optimizers(theta, rank: int) -> dict[str, optax.GradientTransformation]:
+    # Muon must be told that a leading layer axis is a batch axis, or it sends 3-D tensors to Adam.
+    matrix_axes = optax.contrib.MuonDimensionNumbers(reduction_axis=rank - 2, output_axis=rank - 1)
     return {
         "adamw": optax.adamw(1e-3),
-        "muon": optax.contrib.muon(1e-3),
+        "muon": optax.contrib.muon(1e-3, muon_weight_dimension_numbers=lambda params: jax.tree.map(lambda _: matrix_axes, params)),
         "celo2_base": optax.chain(scale_by_celo2(theta, orthogonalize=False), optax.scale_by_learning_rate(1e-3)),
         "celo2": optax.chain(scale_by_celo2(theta, orthogonalize=True), optax.scale_by_learning_rate(1e-3)),
     }
@@ -63,7 +65,8 @@ def measure(tx, shapes, repeats: int, key) -> dict:
 
 
 def bench(shapes, repeats: int, theta) -> dict[str, dict]:
-    runs = {name: measure(tx, shapes, repeats, jax.random.key(0)) for name, tx in optimizers(theta).items()}
+    rank = len(shapes[0])
+    runs = {name: measure(tx, shapes, repeats, jax.random.key(0)) for name, tx in optimizers(theta, rank).items()}
     times = {name: [] for name in runs}
     for _ in range(repeats):  # round-robin so slow moments of the machine are shared
         for name, run in runs.items():
@@ -81,7 +84,7 @@ def bench(shapes, repeats: int, theta) -> dict[str, dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=12, help="depth of the stacked workload")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
