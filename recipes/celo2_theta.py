@@ -7,6 +7,7 @@ restorer, which only rebuilds arrays and plain containers: nothing is unpickled.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -75,15 +76,18 @@ def validate_theta(theta, source: str = "theta") -> dict:
 def init_theta(key: jax.Array) -> dict:
     """A fresh random theta: truncated normal with std 1/sqrt(fan_in), zero biases."""
     total_inputs = sum(FEATURE_CHANNELS)
-    fan_in = {name: (total_inputs if name.startswith("w0__") else HIDDEN) for name in THETA_SHAPES}
-    keys = jax.random.split(key, len(THETA_SHAPES))
-    weights = {}
-    for k, (name, shape) in zip(keys, THETA_SHAPES.items()):
+    matrices = {name: shape for name, shape in THETA_SHAPES.items() if not name.startswith("b")}
+    # One draw for all matrices (one compilation), cut into pieces.
+    sample = np.asarray(jax.random.truncated_normal(key, -2.0, 2.0, (sum(math.prod(s) for s in matrices.values()),)))
+    weights, offset = {}, 0
+    for name, shape in THETA_SHAPES.items():
         if name.startswith("b"):
             weights[name] = np.zeros(shape, np.float32)
-        else:
-            sample = jax.random.truncated_normal(k, -2.0, 2.0, shape) / np.sqrt(fan_in[name])
-            weights[name] = np.asarray(sample, np.float32)
+            continue
+        size = math.prod(shape)
+        fan_in = total_inputs if name.startswith("w0__") else HIDDEN
+        weights[name] = (sample[offset : offset + size].reshape(shape) / np.sqrt(fan_in)).astype(np.float32)
+        offset += size
     return _wrap(weights)
 
 
