@@ -1,0 +1,128 @@
+"""Orbax checkpoints of the train state, plus a JSON record (step, config) beside it.
+
+Saves are asynchronous (training continues while arrays are written) and atomic (orbax
+writes into a temporary directory and renames it when complete); only the last
+``keep`` are kept. The optimizer state is stored as its flat list of leaves so any optax
+state (NamedTuples, masked branches) round-trips; its structure comes from the abstract
+state given to ``restore``.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _saveable(state: dict) -> dict:
+    leaves = jax.tree.leaves(state["opt_state"])
+    return {**state, "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep: int = 3):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=True)
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: dict, meta: dict) -> None:
+        """Starts an asynchronous save; a later save or wait() waits for it. Orbax copies the
+        arrays to host memory before returning, so the next (state-donating) step is safe."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_saveable(state)), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int, abstract: dict) -> tuple[dict, dict]:
+        """(state, meta) saved at ``step``, laid out like ``abstract`` (arrays with shardings)."""
+        leaves, treedef = jax.tree.flatten(abstract["opt_state"])
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_saveable(abstract)), meta=ocp.args.JsonRestore()))
+        state = dict(restored["state"])
+        opt_leaves = [state["opt_state"][f"{i:05d}"] for i in range(len(leaves))]
+        state["opt_state"] = jax.tree.unflatten(treedef, opt_leaves)
+        return state, dict(restored["meta"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save and exit.
+
+    A second signal of the same kind falls through to the previous handler (e.g. a second
+    Ctrl-C interrupts at once).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self, check_others: bool) -> bool:
+        """Whether to stop now. With several processes every one must stop at the same step
+        (saving is collective), so they share their flags, at steps where check_others is True
+        on all of them; a process signalled alone stops at the next such step."""
+        if jax.process_count() == 1:
+            return bool(self)
+        if not check_others:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(bool(self)))
+        if flags.max() and self.signal_name is None:
+            self.signal_name = "a signal to another process"
+        return bool(flags.max())
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def load_run_params(run_dir: str | Path, step: int | None = None):
+    """(config, params as a dict of arrays on one device, step) of a run directory's checkpoint
+    (its latest unless ``step`` is given), whatever mesh it was trained on."""
+    from recipes.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): pass train.out_dir of a run")
+    config = load_config(run_dir / "config.yaml")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints", item_names=("state", "meta")) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet: train first")
+        metadata = manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return config, restored["state"]["params"], step

@@ -1,0 +1,387 @@
+"""One typed run config: YAML file + command-line overrides -> frozen dataclasses.
+
+    config = load_config("shakespeare_celo2.yaml", ["--optimizer.lr=3e-3", "--train.steps=100"])
+
+Sections: model (a named size plus ModelConfig overrides), data, optimizer
+(recipes.optimizer_config.OptimizerConfig), train, mesh, eval, logging. A YAML
+file may name another with ``base: other.yaml`` (relative to the file); its keys
+are merged under the file's own. Top-level keys starting with "_" are ignored, so
+they can hold YAML anchors. Every key is checked against the dataclass it lands
+in: an unknown key names the closest valid one, a wrong type the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from omegaconf import OmegaConf
+
+from model.config import SIZES, ModelConfig
+from recipes.optimizer_config import OptimizerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "shakespeare" (the bundled corpus, prepared on first use) or a directory of shards.
+    path: str = "shakespeare"
+    seq_len: int | None = None  # None: the model's context_length
+    global_batch: int = 32  # sequences per optimizer step, summed over all processes
+    # Sequences per forward/backward pass (global); global_batch / micro_batch passes are
+    # accumulated inside one jitted step. None: no accumulation.
+    micro_batch: int | None = None
+    seed: int | None = None  # order of the training windows; None: train.seed
+    prefetch: int = 2
+
+    def __post_init__(self):
+        _positive(self, "global_batch")
+        _positive(self, "prefetch")
+        for name in ("seq_len", "micro_batch"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        if self.micro_batch is not None and self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"data.global_batch={self.global_batch} is not a multiple of data.micro_batch="
+                f"{self.micro_batch}; pick a micro_batch that divides it")
+
+    @property
+    def accum_steps(self) -> int:
+        return 1 if self.micro_batch is None else self.global_batch // self.micro_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0  # parameter init (and data order unless data.seed is set)
+    out_dir: str = "runs/default"  # the run directory; an existing one is resumed
+    # Stop early at this step with a checkpoint (the schedule still spans `steps`),
+    # e.g. to split a run across jobs. None: run to `steps`.
+    stop_at_step: int | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    # Stop after this many consecutive non-finite steps (each is skipped).
+    max_nonfinite_steps: int = 5
+
+    def __post_init__(self):
+        _positive(self, "steps")
+        _positive(self, "checkpoint_every")
+        _positive(self, "keep_checkpoints")
+        _positive(self, "max_nonfinite_steps")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.steps:
+            raise ConfigError(
+                f"train.stop_at_step={self.stop_at_step} must be in [1, train.steps={self.steps}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axes (-1 takes the remaining devices) and multi-host setup."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    devices: int | None = None  # use only the first N devices (None: all of them)
+    # Multi-host: call jax.distributed.initialize. Unset fields are auto-detected by JAX
+    # on clusters it knows (SLURM, TPU pods, ...).
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                raise ConfigError(f"mesh.{name}={value} must be a positive size or -1 (the rest)")
+        if self.devices is not None and self.devices <= 0:
+            raise ConfigError(f"mesh.devices={self.devices} must be positive (or null: all devices)")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 100  # steps between validation passes (and one at the end)
+    batches: int = 8  # fixed validation batches (the first ones of the val split)
+    at_start: bool = True  # also evaluate the fresh model, so a curve starts at step 0
+    batch_size: int | None = None  # None: data.micro_batch or data.global_batch
+
+    def __post_init__(self):
+        _positive(self, "every")
+        _positive(self, "batches")
+        if self.batch_size is not None:
+            _positive(self, "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    every: int = 10  # steps between metrics.jsonl / W&B records
+    progress: bool = True  # tqdm progress bar
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "celo2-gpt"
+    wandb_name: str | None = None  # None: the run directory's name
+    diagnostics: bool = False  # per-branch update statistics (recipes.diagnostics)
+
+    def __post_init__(self):
+        _positive(self, "every")
+        if self.wandb not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb={self.wandb!r} is not one of {list(WANDB_MODES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.named("tiny"))
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or self.model.context_length
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.global_batch * self.seq_len
+
+    def __post_init__(self):
+        if self.seq_len > self.model.context_length:
+            raise ConfigError(
+                f"data.seq_len={self.seq_len} exceeds model.context_length="
+                f"{self.model.context_length}; lower data.seq_len or raise the context length")
+        try:  # the schedule must fit in the run (train.steps when the schedule names no length)
+            self.optimizer.schedule.check_steps(self.optimizer.schedule.total_steps or self.train.steps)
+        except ValueError as error:
+            raise ConfigError(f"optimizer.{error}") from None
+
+
+def _positive(section, name: str) -> None:
+    value = getattr(section, name)
+    if value <= 0:
+        section_name = _SECTION_NAMES.get(type(section), type(section).__name__)
+        raise ConfigError(f"{section_name}.{name}={value} must be positive")
+
+
+_SECTION_NAMES = {DataConfig: "data", TrainConfig: "train", MeshConfig: "mesh", EvalConfig: "eval",
+                  LoggingConfig: "logging"}
+
+
+# --- typed conversion of plain dicts -----------------------------------------------------------
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, key: str):
+    """value checked (and, for floats given as ints or strings, converted) against type tp."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                pass
+        raise _type_error(key, tp, value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise _type_error(key, tp, value)
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, tp, value)
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, tp, value)
+    if tp is float:
+        if isinstance(value, str):  # "3e-4" from a command line
+            try:
+                value = float(value)
+            except ValueError:
+                raise _type_error(key, tp, value) from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise _type_error(key, tp, value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, tp, value)
+    return value  # Any, callables (routing predicates): passed through
+
+
+def _type_error(key: str, tp, value) -> ConfigError:
+    return ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _unknown_key_error(key: str, name: str, valid) -> ConfigError:
+    prefix = key[: -len(name)]
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} Valid keys under "
+                       f"{prefix.rstrip('.') or 'the top level'}: {sorted(valid)}")
+
+
+def from_dict(cls, values: Mapping[str, Any], where: str = ""):
+    """Builds dataclass ``cls`` from a (nested) mapping, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = dict(values)
+    size = None
+    if cls is ModelConfig:  # `size` picks a preset; the other keys override it
+        size = values.pop("size", None)
+        if size is not None and size not in SIZES:
+            close = difflib.get_close_matches(str(size), list(SIZES), n=1)
+            raise ConfigError(f"model.size={size!r} is not a known size"
+                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; sizes: {list(SIZES)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{where}.{name}" if where else name
+        if name not in fields:
+            valid = list(fields) + (["size"] if cls is ModelConfig else [])
+            raise _unknown_key_error(key, name, valid)
+        kwargs[name] = _convert(value, hints[name], key)
+    try:
+        if size is not None:
+            return ModelConfig(**{**SIZES[size], **kwargs})
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"invalid {where or 'config'}: {error}") from None
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config (what is saved as the run's resolved YAML)."""
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if callable(x):
+            return getattr(x, "__name__", repr(x))
+        return x
+    return plain(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+# --- files and command-line overrides ----------------------------------------------------------
+
+def resolve_path(name: str | Path) -> Path:
+    """A path as given, else a bare name looked up in configs/ (".yaml" optional)."""
+    path = Path(name)
+    candidates = [path, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(path.name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config file {str(name)!r} not found (also looked in configs/).{hint} "
+                      f"Known configs: {known}")
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML config as a plain dict, with its ``base:`` chain merged in (anchors work too)."""
+    path = resolve_path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config {path.name} includes itself through 'base:'")
+    loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path.name} must be a mapping of sections, got {type(loaded).__name__}")
+    # Keys starting with "_" hold YAML anchors only (e.g. `_common: &common ...`).
+    loaded = {k: v for k, v in loaded.items() if not str(k).startswith("_")}
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    return _merge(read_yaml(base_path if base_path.is_file() else base, _seen + (path,)), loaded)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """["--optimizer.lr=3e-4", "--train.steps", "10"] -> {"optimizer": {"lr": 3e-4}, "train": {"steps": 10}}."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
+        value = yaml.safe_load(text) if text.strip() else text
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def build_config(values: Mapping[str, Any]) -> Config:
+    """The typed Config from a plain nested dict (sections as mappings)."""
+    values = dict(values)
+    for name, section in values.items():
+        if name in {f.name for f in dataclasses.fields(Config)} and not isinstance(section, Mapping):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys, got {section!r}")
+    model = values.get("model", {})
+    if "size" not in model and not set(model) & {"n_layer", "d_model"}:
+        values["model"] = {"size": "tiny", **model}
+    return from_dict(Config, values)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """The typed Config from a YAML file (or defaults when None) and command-line overrides."""
+    values = read_yaml(path) if path is not None else {}
+    return build_config(_merge(values, parse_overrides(list(overrides or []))))

@@ -1,0 +1,98 @@
+"""Throughput, MFU and where metrics go: metrics.jsonl, a tqdm bar and Weights & Biases."""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import jax
+
+from model.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, from the vendors' spec sheets (SXM parts for NVIDIA).
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918e12,  # v6e
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak FLOP/s of one device, None where unknown (CPUs, unlisted accelerators)."""
+    # Longest name first, so "TPU v5 lite" wins over "TPU v5".
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward, embeddings' lookup excluded,
+    the tied output projection included) plus attention's 12 * layers * width * seq_len."""
+    d, layers = config.d_model, config.n_layer
+    matmul_weights = layers * (12 * d * d) + d * config.padded_vocab_size
+    return 6 * matmul_weights + 12 * layers * d * seq_len
+
+
+def mfu(tokens_per_s: float, config: ModelConfig, seq_len: int, devices) -> float | None:
+    """Model FLOPs utilization over ``devices`` (the mesh's), None where the peak is unknown."""
+    peak = peak_flops(devices[0].device_kind)
+    if peak is None:
+        return None
+    return tokens_per_s * flops_per_token(config, seq_len) / (peak * len(devices))
+
+
+class MetricsLog:
+    """Appends one JSON record per call to metrics.jsonl and mirrors it to W&B (process 0 only)."""
+
+    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict):
+        self.enabled = jax.process_index() == 0
+        self._file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self._wandb = None
+        if self.enabled and wandb_mode != "disabled":
+            import wandb  # imported only when used: it is slow to import
+
+            self._wandb = wandb.init(project=project, name=name, dir=str(run_dir), mode=wandb_mode,
+                                     config=config, resume="allow", id=_wandb_id(run_dir))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                            step=record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One W&B run per run directory, so a resumed run continues its curves."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, disable=not enabled, dynamic_ncols=True, unit="step")

@@ -1,0 +1,142 @@
+"""End-to-end runs of train.main in-process on the tiny model: learning, exact resume,
+non-finite steps, metrics, W&B offline and --dry-run."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from recipes.config import ConfigError
+
+# Tiny model, 16 x 32 tokens per step; AdamW compiles fastest. One device unless a test asks.
+TINY = ["--model.size=tiny", "--data.seq_len=32", "--data.global_batch=16", "--optimizer.name=adamw",
+        "--optimizer.lr=3e-3", "--optimizer.schedule.warmup_steps=2", "--eval.batches=2",
+        "--eval.every=100", "--logging.progress=false", "--logging.every=1", "--mesh.devices=1"]
+
+
+def run(tmp_path: Path, *extra: str, name: str = "run") -> dict:
+    return train.main([*TINY, f"--train.out_dir={tmp_path / name}", *extra])
+
+
+def final_params(run_dir: Path):
+    """Parameters of the run's latest checkpoint, restored as numpy."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "meta")) as manager:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_run_dir_is_complete(tmp_path, monkeypatch):
+    """Also: W&B in offline mode writes a local run, and optimizer diagnostics are logged."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    summary = run(tmp_path, "--train.steps=12", "--eval.every=6", "--logging.wandb=offline",
+                  "--logging.diagnostics=true")
+    run_dir = tmp_path / "run"
+    log = records(run_dir)
+    train_losses = [r["loss"] for r in log if "loss" in r]
+    val_losses = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(train_losses) == 12 and len(val_losses) == 3  # steps 0, 6, 12
+    assert train_losses[-1] < train_losses[0] - 0.5
+    assert val_losses[-1] < val_losses[0] - 0.5
+    assert summary["step"] == 12 and summary["val_loss"] == pytest.approx(val_losses[-1])
+    first = log[1]
+    assert {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu"} <= set(first)
+    assert first["mfu"] is None  # no peak FLOP/s for CPUs
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "routing.txt").is_file()
+    assert json.loads((run_dir / "routing.json").read_text())["optimizer"] == "adamw"
+    assert final_params(run_dir)[0] == 12
+    assert {"update_rms/adamw", "update_param_ratio/all", "update_grad_cos/all"} <= set(first)
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and any(wandb_runs[0].rglob("*.wandb"))
+
+
+def test_resume_is_exact(tmp_path):
+    """6 steps straight == resuming the same run from its step-3 checkpoint: bitwise, with
+    Celo2 (the default recipe's optimizer and its stand-in theta) and gradient accumulation."""
+    import shutil
+
+    common = ["--train.steps=6", "--data.micro_batch=8", "--optimizer.name=celo2",
+              "--optimizer.theta=normalized_momentum", "--eval.at_start=false",
+              "--train.checkpoint_every=3", "--train.keep_checkpoints=2"]
+    run(tmp_path, *common, name="straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")  # as if stopped after step 3
+    second = run(tmp_path, *common, name="resumed")
+    assert second["start_step"] == 3 and second["step"] == 6
+    step_a, straight = final_params(tmp_path / "straight")
+    step_b, resumed = final_params(tmp_path / "resumed")
+    assert step_a == step_b == 6
+    jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+    losses = [r["loss"] for r in records(tmp_path / "resumed") if "loss" in r]
+    assert losses[3:6] == losses[6:]  # steps 4-6, logged by both runs
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    real = train.make_loss_fn
+
+    def poisoned(graphdef):
+        loss = real(graphdef)
+        return lambda params, tokens: loss(params, tokens) * np.nan
+    run(tmp_path, "--train.steps=2", name="good")  # a good checkpoint at step 2 to resume from
+    _, before = final_params(tmp_path / "good")
+    monkeypatch.setattr(train, "make_loss_fn", poisoned)
+    with pytest.raises(train.NonFiniteError, match="3 consecutive non-finite steps"):
+        run(tmp_path, "--train.steps=10", "--train.max_nonfinite_steps=3", name="good")
+    step, after = final_params(tmp_path / "good")
+    assert step == 2  # no checkpoint of the failed steps
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def test_skipped_step_leaves_state_unchanged():
+    import optax
+
+    from recipes.train_step import make_train_step
+    params = {"w": jax.numpy.ones((4, 4))}
+    tx = optax.adamw(0.1)
+    state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), "int32"),
+             "rng": jax.numpy.zeros((2,), "uint32")}
+    shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+
+    def loss_fn(p, tokens):
+        return jax.numpy.sum(p["w"]) * tokens.sum() / tokens.sum()
+    step = make_train_step(loss_fn, tx, accum_steps=1, shardings=shardings, batch_sharding=None)
+    tokens = jax.numpy.ones((2, 3), "int32")
+    good, metrics = step(jax.tree.map(jax.numpy.copy, state), tokens)
+    assert bool(metrics["finite"]) and not np.array_equal(good["params"]["w"], params["w"])
+    bad_tokens = tokens.at[0, 0].set(0) * 0  # 0/0 -> NaN loss
+    bad, metrics = step(jax.tree.map(jax.numpy.copy, state), bad_tokens)
+    assert not bool(metrics["finite"]) and int(bad["step"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, bad["params"], state["params"])
+    jax.tree.map(np.testing.assert_array_equal, bad["opt_state"], state["opt_state"])
+
+
+def test_dry_run_gpt2_small_and_gpt3_xl(capsys):
+    report = train.main(["--config", "gpt2_small_celo2", "--dry-run", "--mesh.devices=8"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == report
+    assert report["n_params"] == 124_439_808
+    assert report["tokens_per_step"] == report["tokens_per_step"] > 0
+    assert sum(report["n_params_by_branch"].values()) == report["n_params_padded"]
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    per_device = report["bytes_per_device"]
+    assert per_device["params"] < 4 * report["n_params_padded"] / 4  # fsdp-sharded
+    assert per_device["params_and_opt_state"] == per_device["params"] + per_device["opt_state"] + 12
+
+    report = train.main(["--config", "gpt3xl_adamw", "--dry-run"])
+    assert 1.3e9 < report["n_params"] < 1.4e9
+    assert report["tokens_per_step"] == 512 * 2048
+
+
+def test_bad_config_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'optimizer.lr'"):
+        run(tmp_path, "--optimizer.lrate=1")
+    with pytest.raises(ValueError, match="do not split over the 8 batch shards"):
+        run(tmp_path, "--mesh.devices=8", "--data.global_batch=12")

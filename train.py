@@ -1,0 +1,229 @@
+"""Train a GPT model: python train.py --config NAME.yaml [--section.key=value ...] [--dry-run]
+
+A bare NAME resolves in configs/. train.out_dir is the run directory: it receives the
+resolved config, the optimizer's routing table, metrics.jsonl and the checkpoints, and
+rerunning into it resumes from its latest checkpoint. SIGTERM or Ctrl-C saves a
+checkpoint and exits cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from model import make_loss_fn
+from recipes import config as config_lib
+from recipes import mesh as mesh_lib
+from recipes.checkpoint import Checkpointer, StopRequest
+from recipes.dry_run import dry_run_report
+from recipes.metrics import MetricsLog, mfu, progress_bar
+from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
+from recipes.train_step import (abstract_model, abstract_state, init_state,
+                                make_eval_step, make_train_step, params_shardings, state_shardings)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--config", help="YAML recipe: a path or a name in configs/")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build everything abstractly, print sizes as JSON (last line) and exit")
+    args, overrides = parser.parse_known_args(argv)
+    return args, overrides
+
+
+def data_directory(path: str) -> Path:
+    if path == "shakespeare":
+        from data.shakespeare import ensure_shakespeare
+        return ensure_shakespeare(progress=False)
+    return Path(path)
+
+
+def log0(*args) -> None:
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    config = config_lib.load_config(args.config, overrides)
+    mesh_lib.init_distributed(config.mesh)
+    mesh = mesh_lib.build_mesh(config.mesh)
+    seq_len, accum = config.seq_len, config.data.accum_steps
+    micro_batch = config.data.global_batch // accum
+    mesh_lib.check_batch(config.data.global_batch, micro_batch, mesh)
+    total_steps = config.train.steps
+
+    # Everything below is built from shapes first; parameters are allocated only when training.
+    graphdef, params_abstract = abstract_model(config.model)
+    theta = None
+    if args.dry_run and config.optimizer.name.startswith("celo2"):
+        from recipes.celo2 import normalized_momentum_theta
+        theta = normalized_momentum_theta()  # a placeholder of the right shapes: weights need not exist
+    tx, table = build_optimizer(config.optimizer, params_abstract, theta=theta, total_steps=total_steps)
+    param_sh = params_shardings(config.model, mesh)
+    shardings = state_shardings(tx, params_abstract, param_sh, mesh)
+    state_abstract = abstract_state(tx, params_abstract, shardings)
+
+    if args.dry_run:
+        report = dry_run_report(config, table, state_abstract, mesh)
+        log0(table.format())
+        print(json.dumps(report), flush=True)
+        return report
+
+    # Data: each process reads only its rows of every global batch.
+    from data.loader import TokenLoader
+    eval_batch = config.eval.batch_size or micro_batch
+    mesh_lib.check_batch(eval_batch, eval_batch, mesh, what="eval.batch_size")
+    loader = TokenLoader.open(data_directory(config.data.path), seq_len=seq_len,
+                              global_batch=config.data.global_batch,
+                              seed=config.train.seed if config.data.seed is None else config.data.seed,
+                              val_global_batch=eval_batch, vocab_size=config.model.vocab_size)
+    eval_batches = min(config.eval.batches, loader.num_val_batches)
+    if eval_batches < config.eval.batches:
+        log0(f"note: the val split holds {eval_batches} batches of {eval_batch}; evaluating on those")
+
+    # The run directory records what this run is: config, routing, then metrics and checkpoints.
+    run_dir = Path(config.train.out_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
+        table.save(run_dir / "routing.json")
+        (run_dir / "routing.txt").write_text(table.format() + "\n")
+    log0(table.format())
+    log0(f"mesh {mesh_lib.describe(mesh)} on {mesh.size} {jax.devices()[0].device_kind} device(s), "
+         f"{jax.process_count()} process(es); {config.tokens_per_step:,} tokens/step "
+         f"({config.data.global_batch} x {seq_len}, {accum} micro-batch(es)), {total_steps:,} steps")
+
+    # State: the latest checkpoint of the run directory, else fresh.
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, _ = checkpointer.restore(latest, state_abstract)
+        log0(f"resumed {run_dir} at step {latest}")
+    else:
+        state = init_state(config.model, tx, config.train.seed, mesh, shardings)
+    start = int(jax.device_get(state["step"]))
+    stop = config.train.stop_at_step or total_steps
+
+    loss_fn = make_loss_fn(graphdef)
+    batch_sh = mesh_lib.batch_sharding(mesh)
+    labels = param_labels(config.optimizer, params_abstract) if config.logging.diagnostics else None
+    train_step = make_train_step(loss_fn, tx, accum_steps=accum, shardings=shardings,
+                                 batch_sharding=batch_sh, labels=labels)
+    eval_step = make_eval_step(loss_fn, param_sh, batch_sh)
+    lr_main = learning_rate_schedules(config.optimizer, total_steps)[config.optimizer.name]
+
+    def evaluate(params) -> float:
+        losses = [eval_step(params, mesh_lib.global_batch_array(b, mesh)) for b in loader.val_batches(eval_batches)]
+        return float(np.mean(jax.device_get(losses)))
+
+    metrics_log = MetricsLog(run_dir, wandb_mode=config.logging.wandb, project=config.logging.wandb_project,
+                             name=config.logging.wandb_name or run_dir.name, config=config_lib.to_dict(config))
+    summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
+               "skipped_steps": 0}
+    show_bar = config.logging.progress and jax.process_index() == 0
+    streak = 0  # consecutive non-finite steps
+    window = {"time": time.perf_counter(), "steps": 0, "losses": [], "paused": 0.0}  # since the last record
+    devices = list(mesh.devices.flat)
+
+    def record(step: int, metrics) -> None:
+        """Host side of step `step` (1-based count of steps done), read one step late."""
+        nonlocal streak
+        m = jax.device_get(metrics)
+        if not m["finite"]:
+            streak += 1
+            summary["skipped_steps"] += 1
+            log0(f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
+                 f"{float(m['grad_norm'])}; skipped ({streak} in a row)")
+            if streak >= config.train.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{streak} consecutive non-finite steps (train.max_nonfinite_steps="
+                    f"{config.train.max_nonfinite_steps}), last at step {step}. The run stopped; its last "
+                    f"checkpoint in {run_dir / 'checkpoints'} holds the last good state. Lower "
+                    "optimizer.lr, add optimizer.grad_clip_norm, or check the data")
+            return
+        streak = 0
+        window["steps"] += 1
+        window["losses"].append(float(m["loss"]))
+        summary["train_loss"] = float(m["loss"])
+        if step % config.logging.every and step != stop:
+            return
+        elapsed = time.perf_counter() - window["time"] - window["paused"]  # evaluation excluded
+        tokens_per_s = window["steps"] * config.tokens_per_step / max(elapsed, 1e-9)
+        entry = {"step": step, "loss": float(np.mean(window["losses"])), "grad_norm": float(m["grad_norm"]),
+                 "lr": float(lr_main(step - 1)), "tokens": step * config.tokens_per_step,
+                 "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, config.model, seq_len, devices),
+                 "skipped_steps": summary["skipped_steps"]}
+        entry.update({k: float(v) for k, v in m.items() if "/" in k})  # optimizer diagnostics
+        metrics_log.log(entry)
+        postfix = {"loss": f"{entry['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if entry["mfu"] is not None:
+            postfix["mfu"] = f"{entry['mfu']:.1%}"
+        bar.set_postfix(postfix, refresh=False)
+        window.update(time=time.perf_counter(), steps=0, losses=[], paused=0.0)
+
+    def run_eval(step: int) -> None:
+        began = time.perf_counter()
+        summary["val_loss"] = evaluate(state["params"])
+        metrics_log.log({"step": step, "val_loss": summary["val_loss"]})
+        (bar.write if show_bar else log0)(f"step {step}: val loss {summary['val_loss']:.4f}")
+        window["paused"] += time.perf_counter() - began
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, {"step": step, "config": config_lib.to_dict(config)})
+
+    with jax.set_mesh(mesh), StopRequest() as stop_request, \
+            loader.iter_from(start, stop_step=stop, prefetch=config.data.prefetch) as batches, \
+            progress_bar(start, stop, show_bar) as bar:
+        if start == 0 and config.eval.at_start and start < stop:
+            run_eval(0)
+        pending = None
+        step = start
+        try:
+            for index, tokens_local in batches:
+                # Dispatch this step before reading the last one's metrics, so the device never idles.
+                state, metrics = train_step(state, mesh_lib.global_batch_array(tokens_local, mesh))
+                step = index + 1
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                bar.update(1)
+                if step % config.eval.every == 0 or step == stop:
+                    record(*pending)
+                    pending = None
+                    run_eval(step)
+                stopping = stop_request.agreed(check_others=step % config.logging.every == 0)
+                if step % config.train.checkpoint_every == 0 and step != stop and not stopping:
+                    save(step)
+                if stopping:
+                    summary["stopped_by"] = stop_request.signal_name
+                    log0(f"{stop_request.signal_name} received: saving a checkpoint at step {step} and exiting")
+                    break
+            if pending is not None:
+                record(*pending)
+            if step > start or latest is None:
+                save(step)
+        finally:
+            checkpointer.close()
+            metrics_log.close()
+    summary.update(step=step, run_dir=str(run_dir))
+    log0(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (config_lib.ConfigError, NonFiniteError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
