@@ -1,0 +1,37 @@
+"""Plots of a finished (or partial) sweep: python scripts/plot_sweep.py SWEEP_DIR
+
+Reads SWEEP_DIR/results.json (rewritten from the run directories first, so a
+sweep still in progress can be plotted) and writes heatmap_final_val_loss.png
+and loss_vs_lr.png beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.sweep_plots import plot_sweep  # noqa: E402
+from recipes.sweeps import SweepSpec, collect, write_results  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    spec_path = args.sweep_dir / "sweep.json"
+    if not spec_path.is_file():
+        parser.error(f"{args.sweep_dir} is not a sweep directory (no sweep.json); run scripts/sweep.py first")
+    saved = json.loads(spec_path.read_text())
+    spec = SweepSpec(config=saved["config"], grid=saved["grid"], overrides=saved["set"], out=args.sweep_dir)
+    rows = collect(spec)
+    write_results(spec, rows)
+    for path in plot_sweep(rows, args.sweep_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

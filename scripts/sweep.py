@@ -1,0 +1,59 @@
+"""Learning-rate x weight-decay (or any dotted-key) sweeps of train.py.
+
+    python scripts/sweep.py --config shakespeare_celo2.yaml \
+        --grid optimizer.lr=1e-3,3e-3,1e-2 --grid optimizer.weight_decay=0,0.1 \
+        --grid optimizer.name=celo2,adamw,muon --set train.steps=500 --out runs/sweep [--workers 2]
+    python scripts/sweep.py --sweep shakespeare_cpu.yaml          # a file in configs/sweeps/
+
+Each point is a normal run directory under --out. Rerunning skips finished
+points and resumes interrupted ones. Results go to OUT/results.csv and
+results.json, plots to OUT/*.png. --print-commands prints one train.py command
+per point (for a cluster scheduler) and runs nothing; --wandb-sweep FILE writes
+the equivalent W&B sweep definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.sweep_plots import plot_sweep  # noqa: E402
+from recipes.sweeps import SweepError, commands, make_spec, run_sweep, wandb_sweep_yaml  # noqa: E402
+
+
+def main(argv=None, runner=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="base recipe (a path or a name in configs/)")
+    parser.add_argument("--sweep", help="sweep file (a path or a name in configs/sweeps/); flags override it")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a swept key")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed override")
+    parser.add_argument("--out", help="sweep directory")
+    parser.add_argument("--workers", type=int, help="points trained at once (default 1)")
+    parser.add_argument("--print-commands", action="store_true", help="print train.py commands and exit")
+    parser.add_argument("--wandb-sweep", type=Path, metavar="FILE", help="write a W&B sweep YAML and exit")
+    args = parser.parse_args(argv)
+    try:
+        spec = make_spec(config=args.config, grids=args.grid, sets=args.set, out=args.out,
+                         workers=args.workers, sweep_file=args.sweep)
+    except SweepError as error:
+        parser.error(str(error))
+    if args.print_commands or args.wandb_sweep:
+        if args.wandb_sweep:
+            args.wandb_sweep.write_text(wandb_sweep_yaml(spec))
+            print(f"wrote {args.wandb_sweep}: run it with `wandb sweep {args.wandb_sweep}`")
+        if args.print_commands:
+            print("\n".join(commands(spec)))
+        return 0
+    rows = run_sweep(spec, runner=runner)
+    for path in plot_sweep(rows, spec.out):
+        print(f"wrote {path}")
+    failed = [r["point"] for r in rows if r["status"] == "failed"]
+    print(f"results: {spec.out / 'results.csv'} ({len(rows)} points, {sum(r['diverged'] for r in rows)} diverged"
+          f"{', failed: ' + ', '.join(failed) if failed else ''})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
