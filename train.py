@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             checkpointer.close()
             metrics_log.close()
-    summary.update(step=step, run_dir=str(run_dir))
+    summary.update(step=step, total_steps=total_steps, finished=step >= total_steps, run_dir=str(run_dir))
+    if jax.process_index() == 0:  # what sweeps and schedulers read to tell a finished run from a stopped one
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log0(json.dumps(summary))
     return summary
 

@@ -205,9 +205,12 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     }
 
 
-def _read_point(run_dir: Path) -> dict:
-    path = run_dir / POINT_FILE
+def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_point(run_dir: Path) -> dict:
+    return _read_json(run_dir / POINT_FILE)
 
 
 def _write_point(run_dir: Path, record: dict) -> None:
@@ -240,6 +243,8 @@ def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Calla
     code = runner(train_argv(spec, point), run_dir / "train.log")
     # Exit code 1 with a non-finite loss is a diverged point: recorded, never fatal to the sweep.
     status = "finished" if code == 0 else ("interrupted" if code < 0 or code in (130, 143) else "failed")
+    if code == 0 and not _read_json(run_dir / "summary.json").get("finished", False):
+        status = "interrupted"  # stopped by a signal with a checkpoint: the next sweep resumes it
     metrics_nonfinite = any(m.get("val_loss", 0.0) is None or m.get("loss", 0.0) is None for m in read_metrics(run_dir))
     if code != 0 and (metrics_nonfinite or "non-finite" in _tail(run_dir / "train.log")):
         status = "diverged"

@@ -47,6 +47,7 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, monkeypatch):
     assert train_losses[-1] < train_losses[0] - 0.5
     assert val_losses[-1] < val_losses[0] - 0.5
     assert summary["step"] == 12 and summary["val_loss"] == pytest.approx(val_losses[-1])
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] is True
     first = log[1]
     assert {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "mfu"} <= set(first)
     assert first["mfu"] is None  # no peak FLOP/s for CPUs

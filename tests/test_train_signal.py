@@ -36,6 +36,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
     assert "SIGTERM received: saving a checkpoint" in out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["stopped_by"] == "SIGTERM"
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] is False  # what sweeps read
     stopped_at = summary["step"]
     step, _ = final_params(run_dir)
     assert step == stopped_at >= 2
