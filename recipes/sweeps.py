@@ -267,6 +267,12 @@ def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str]
     """Runs every point (skipping finished ones), then writes results.csv and results.json."""
     runner = runner or subprocess_runner()
     spec.out.mkdir(parents=True, exist_ok=True)
+    saved = _read_json(spec.out / "sweep.json")
+    if saved and (saved["config"], saved["set"]) != (spec.config, spec.overrides):
+        raise SweepError(
+            f"{spec.out} holds a sweep of {saved['config']} with --set {saved['set']}; this one is "
+            f"{spec.config} with --set {spec.overrides}. Finished points would be reused with the wrong "
+            "settings: choose another --out (the grid itself may grow between runs)")
     (spec.out / "sweep.json").write_text(json.dumps(
         {"config": spec.config, "grid": spec.grid, "set": spec.overrides}, indent=2))
     points = spec.points()

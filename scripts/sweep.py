@@ -46,7 +46,10 @@ def main(argv=None, runner=None) -> int:
         if args.print_commands:
             print("\n".join(commands(spec)))
         return 0
-    rows = run_sweep(spec, runner=runner)
+    try:
+        rows = run_sweep(spec, runner=runner)
+    except SweepError as error:
+        parser.error(str(error))
     for path in plot_sweep(rows, spec.out):
         print(f"wrote {path}")
     failed = [r["point"] for r in rows if r["status"] == "failed"]

@@ -105,6 +105,11 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
     assert sweep.main(args, runner=in_process_runner(calls)) == 0
     assert calls == []
 
+    # The same directory with other fixed settings is refused rather than mixed.
+    with pytest.raises(SystemExit):
+        sweep.main([*args, "--set=train.seed=1"], runner=in_process_runner(calls))
+    assert calls == []
+
     (out / "loss_vs_lr.png").unlink()
     assert plot_sweep.main([str(out)]) == 0 and (out / "loss_vs_lr.png").is_file()
 
