@@ -1,0 +1,116 @@
+"""Held-out evaluation of a theta against tuned baselines on a small language-modeling task.
+
+Every optimizer trains the same GPT (a shape none of the meta-training
+families has) on the bundled corpus, once per seed, all seeds vmapped in one
+compiled program per (optimizer, learning rate); the validation loss is the
+mean over fixed windows of the val split. Baselines report their best
+learning rate of the grid, judged by mean validation loss over seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from recipes.metatrain.config import FamilyConfig
+from recipes.metatrain.tasks_lm import TinyLM, corpus
+from recipes.optimizer_config import OptimizerConfig
+from recipes.optimizers import build_optimizer
+
+HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_head=2, d_model=48,
+                        context_length=48, batch=16, vocab=512)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    label: str  # e.g. "celo2 (theta.state)" or "adamw"
+    name: str  # the harness optimizer
+    lr: float
+    theta: dict | None = None
+    adamw_lr_mult: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    steps: int = 300
+    seeds: int = 3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    val_windows: int = 256
+
+
+def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
+    """``count`` evenly spaced windows of the val split (the same for every optimizer)."""
+    tokens = corpus(task.config.vocab_size, "val")
+    length = task.config.context_length + 1
+    starts = np.linspace(0, tokens.shape[0] - length - 1, count).astype(np.int64)
+    return jnp.asarray(np.stack([tokens[s : s + length] for s in starts]))
+
+
+def train_and_validate(task: TinyLM, candidate: Candidate, settings: EvalSettings) -> np.ndarray:
+    """Final validation loss per seed."""
+    config = OptimizerConfig(
+        name=candidate.name, lr=candidate.lr, adamw_lr_mult=candidate.adamw_lr_mult,
+        weight_decay=settings.weight_decay, theta="normalized_momentum",
+        schedule={"kind": "cosine", "warmup_steps": max(1, int(settings.warmup_fraction * settings.steps)),
+                  "total_steps": settings.steps},
+    )
+    theta = None if candidate.theta is None else jax.tree.map(jnp.asarray, candidate.theta)
+    tx, _ = build_optimizer(config, task.abstract_params(), theta=theta)
+    windows = val_windows(task, settings.val_windows)
+
+    def one_seed(key, data):
+        k_init, k_data = jax.random.split(key)
+        params = task.init_params(k_init)
+
+        def step(carry, t):
+            params, opt_state = carry
+            grads = jax.grad(task.loss)(params, jax.random.fold_in(k_data, t), data)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(settings.steps))
+        batches = windows.reshape(-1, task.batch, windows.shape[-1])
+        return jnp.mean(jax.lax.map(lambda w: task.loss_on(params, w), batches))
+
+    keys = jax.random.split(jax.random.key(0), settings.seeds)
+    losses = jax.jit(jax.vmap(one_seed, in_axes=(0, None)))(keys, task.data)
+    return np.asarray(losses)
+
+
+def summarize(losses: np.ndarray) -> dict:
+    finite = losses[np.isfinite(losses)]
+    mean = float(np.mean(losses)) if finite.size == losses.size else math.inf
+    return {"mean": mean, "std": float(np.std(losses)) if finite.size == losses.size else math.nan,
+            "min": float(np.min(losses)), "max": float(np.max(losses)), "per_seed": losses.tolist()}
+
+
+def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print) -> list[dict]:
+    """One row per label: its best learning rate and that rate's loss statistics."""
+    task = task or TinyLM(HELD_OUT, split="train")
+    if settings.val_windows % task.batch:
+        raise ValueError(f"val_windows ({settings.val_windows}) must be a multiple of the task's batch ({task.batch})")
+    results: dict[str, list[dict]] = {}
+    for c in candidates:
+        stats = summarize(train_and_validate(task, c, settings))
+        log(f"  {c.label:<28} lr {c.lr:<8.3g} val loss {stats['mean']:.4f} +- {stats['std']:.4f}")
+        results.setdefault(c.label, []).append({"label": c.label, "lr": c.lr, **stats})
+    rows = []
+    for label, runs in results.items():
+        best = min(runs, key=lambda r: (not math.isfinite(r["mean"]), r["mean"]))
+        rows.append({**best, "grid": [r["lr"] for r in runs]})
+    return rows
+
+
+def format_table(rows: list[dict], settings: EvalSettings) -> str:
+    head = f"| optimizer | best lr (grid) | val loss mean | std over {settings.seeds} seeds | min | max |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["mean"]):
+        grid = ", ".join(f"{lr:g}" for lr in r["grid"])
+        lines.append(f"| {r['label']} | {r['lr']:g} ({grid}) | {r['mean']:.4f} | {r['std']:.4f} | "
+                     f"{r['min']:.4f} | {r['max']:.4f} |")
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""The outer loop: PES gradients from every family, AdamW on theta, logs and checkpoints.
+
+Randomness is a function of (seed, outer step), so a resumed run continues
+exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta
+from recipes.metatrain import checkpoint as ckpt
+from recipes.metatrain.config import MetaTrainConfig
+from recipes.metatrain.population import Population
+from recipes.metatrain.tasks import build_task
+
+
+def resolve_theta(source: str, seed: int = 0) -> dict:
+    """normalized_momentum, random, a theta.state path, a run directory holding one, or hf://OWNER/REPO."""
+    if source == "normalized_momentum":
+        theta = normalized_momentum_theta()
+    elif source == "random":
+        theta = init_theta(jax.random.key(seed))
+    else:
+        theta = load_checkpoint(source)
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
+
+
+def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
+    m = config.metatrain
+    adamw = optax.adamw(m.outer_lr, b1=m.outer_b1, b2=m.outer_b2, weight_decay=m.outer_weight_decay)
+    tx = adamw if m.outer_grad_clip is None else optax.chain(optax.clip_by_global_norm(m.outer_grad_clip), adamw)
+    # A non-finite estimate (it should not happen: losses are capped) is skipped, not applied.
+    return optax.apply_if_finite(tx, max_consecutive_errors=1_000_000)
+
+
+class MetaTrainer:
+    def __init__(self, config: MetaTrainConfig, log: Callable[[str], None] = print):
+        self.config, self.log = config, log
+        self.out_dir = Path(config.metatrain.out_dir)
+        self.families = config.all_families()
+        self.tasks = [build_task(f) for f in self.families]
+        self.populations = [Population(t, config.pes, config.inner) for t in self.tasks]
+        self.weights = np.array([f.weight for f in self.families], np.float64)
+        self.outer_tx = outer_optimizer(config)
+        self._outer_update = jax.jit(self._outer_update_fn)
+
+    def retarget(self, **metatrain_changes) -> "MetaTrainer":
+        """The same trainer (compiled functions included) with other metatrain.* settings."""
+        new = object.__new__(MetaTrainer)
+        new.__dict__.update(self.__dict__)
+        m = dataclasses.replace(self.config.metatrain, **metatrain_changes)
+        new.config = dataclasses.replace(self.config, metatrain=m)
+        new.out_dir = Path(m.out_dir)
+        return new
+
+    # -- state -----------------------------------------------------------------
+    def fresh_state(self, theta) -> ckpt.MetaState:
+        root = jax.random.key(self.config.metatrain.seed)
+        pops = {p.task.name: jax.jit(p.init)(theta, jax.random.fold_in(root, i)) for i, p in enumerate(self.populations)}
+        return ckpt.MetaState(theta, self.outer_tx.init(theta), jnp.zeros((), jnp.int32), pops,
+                              jax.random.key_data(jax.random.fold_in(root, 1_000_003)))
+
+    def initial_state(self) -> ckpt.MetaState:
+        m = self.config.metatrain
+        if ckpt.has_checkpoint(self.out_dir):
+            theta_shape = resolve_theta("normalized_momentum")
+            target = jax.eval_shape(self.fresh_state, theta_shape)
+            state = ckpt.restore(self.out_dir, target, self.config)
+            self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
+            return state
+        theta = resolve_theta(m.init_theta, m.theta_seed)
+        self.log(f"starting from theta {m.init_theta!r}")
+        return self.fresh_state(theta)
+
+    # -- one outer step -----------------------------------------------------------
+    def _outer_update_fn(self, theta, opt_state, grads, weights):
+        grad = jax.tree.map(lambda *g: sum(w * x for w, x in zip(weights, g)), *grads)
+        updates, opt_state = self.outer_tx.update(grad, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state, optax.tree.norm(grad)
+
+    def chosen(self, step: int) -> list[int]:
+        k = self.config.metatrain.families_per_step
+        if k is None or k >= len(self.populations):
+            return list(range(len(self.populations)))
+        rng = np.random.default_rng([self.config.metatrain.seed, step])
+        return sorted(rng.choice(len(self.populations), size=k, replace=False).tolist())
+
+    def outer_step(self, state: ckpt.MetaState):
+        step = int(state.step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+        pops, grads, record = dict(state.populations), [], {}
+        chosen = self.chosen(step)
+        for i in chosen:
+            pop = self.populations[i]
+            name = pop.task.name
+            pops[name], grad, losses, resets = pop.truncation(state.theta, pops[name], jax.random.fold_in(key, i),
+                                                              pop.task.data)
+            grads.append(grad)
+            record[name] = (losses, resets, pops[name].inner.last_loss)
+        weights = self.weights[chosen] / self.weights[chosen].sum()
+        theta, opt_state, grad_norm = self._outer_update(state.theta, state.opt_state, grads,
+                                                         [float(w) for w in weights])
+        new = ckpt.MetaState(theta, opt_state, state.step + 1, pops, state.rng)
+        metrics = {"outer_step": step + 1, "grad_norm": float(grad_norm)}
+        fam_losses = []
+        for name, (losses, resets, raw) in record.items():
+            meta_loss = float(jnp.mean(losses))
+            fam_losses.append(meta_loss)
+            metrics[f"meta_loss/{name}"] = meta_loss
+            metrics[f"train_loss/{name}"] = float(jnp.nanmean(raw))
+            metrics[f"resets/{name}"] = int(jnp.sum(resets))
+        metrics["meta_loss"] = float(np.mean(fam_losses))
+        return new, metrics
+
+    # -- profiling ------------------------------------------------------------------
+    def profile(self, state: ckpt.MetaState) -> dict:
+        """Share of a truncation spent in the learned rule rather than the task's forward/backward."""
+        out, total_full, total_fb = {}, 0.0, 0.0
+        for pop in self.populations:
+            name = pop.task.name
+            full, fwd_bwd = pop.time_split(state.theta, state.populations[name], pop.task.data)
+            out[f"rule_share/{name}"] = max(0.0, 1.0 - fwd_bwd / full)
+            total_full, total_fb = total_full + full, total_fb + fwd_bwd
+        out["rule_share"] = max(0.0, 1.0 - total_fb / total_full)
+        out["fwd_bwd_seconds_per_truncation"] = total_fb
+        out["unroll_seconds_per_truncation"] = total_full
+        return out
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> ckpt.MetaState:
+        m = self.config.metatrain
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = self.initial_state()
+        ckpt.write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
+        wandb_run = self._wandb()
+        stop = {"signal": None}
+
+        def on_signal(signum, frame):
+            stop["signal"] = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        try:
+            last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
+            if m.profile and int(state.step) < m.outer_steps:
+                self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
+            while int(state.step) < m.outer_steps and stop["signal"] is None:
+                state, metrics = self.outer_step(state)
+                step = int(state.step)
+                window_steps += 1
+                if step % m.log_every == 0 or step == m.outer_steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["outer_it_per_s"] = window_steps / elapsed
+                    metrics["seconds_per_outer_it"] = elapsed / window_steps
+                    self._log_record(metrics, metrics_file, wandb_run, step)
+                    window_start, window_steps = time.perf_counter(), 0
+                if m.snapshot_every and step % m.snapshot_every == 0:
+                    ckpt.snapshot_theta(self.out_dir, state.theta, step)
+                if m.profile and m.profile_every and step % m.profile_every == 0 and step < m.outer_steps:
+                    self._log_record(self.profile(state), metrics_file, wandb_run, step, "profile")
+                    window_start = time.perf_counter()
+                if time.time() - last_save >= m.checkpoint_every_s:
+                    ckpt.save(self.out_dir, state, self.config)
+                    last_save = time.time()
+            ckpt.save(self.out_dir, state, self.config)
+            if stop["signal"] is not None:
+                self.log(f"stopped by signal {stop['signal']} at outer step {int(state.step)}; checkpoint saved")
+        finally:
+            metrics_file.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if wandb_run is not None:
+                wandb_run.finish()
+        return state
+
+    def _log_record(self, record: dict, file, wandb_run, step: int, kind: str = "train") -> None:
+        record = {"kind": kind, "outer_step": step, "time": time.time(), **record}
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        if kind == "profile":
+            self.log(f"[profile] learned rule {100 * record['rule_share']:.0f}% of unroll time "
+                     f"({record['unroll_seconds_per_truncation']:.2f}s per truncation of all families, "
+                     f"forward/backward alone {record['fwd_bwd_seconds_per_truncation']:.2f}s)")
+        else:
+            families = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in record.items() if k.startswith("meta_loss/"))
+            self.log(f"step {step}: meta_loss {record['meta_loss']:.4f} ({families}) "
+                     f"|g| {record['grad_norm']:.3g} {record['outer_it_per_s']:.3f} it/s")
+
+    def _wandb(self):
+        m = self.config.metatrain
+        if m.wandb == "disabled":
+            return None
+        import wandb
+
+        id_file = self.out_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        return wandb.init(project=m.wandb_project, id=run_id, resume="allow", mode=m.wandb, dir=str(self.out_dir),
+                          config=dataclasses.asdict(self.config))

@@ -1,0 +1,72 @@
+"""What PES needs from a task family, and the pieces every family shares.
+
+A task is pure functions over arrays so that PES can vmap it over particles:
+``init_params(key)`` draws fresh parameters, ``loss(params, key, data)`` is
+the training loss on a batch drawn from ``key``. ``data`` (a pytree of
+arrays) is passed into the jitted truncation as an argument, not closed
+over, so large datasets do not become compile-time constants.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from recipes.metatrain.config import FamilyConfig, InnerConfig
+from recipes.optimizer_config import OptimizerConfig
+from recipes.optimizers import build_optimizer
+
+
+class Task:
+    name: str
+    init_loss: float  # the loss of a fresh model: meta-losses are divided by it
+    data: dict
+
+    def init_params(self, key: jax.Array) -> dict:
+        raise NotImplementedError
+
+    def loss(self, params: dict, key: jax.Array, data: dict) -> jax.Array:
+        raise NotImplementedError
+
+    def abstract_params(self) -> dict:
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+
+def inner_optimizer_config(inner: InnerConfig) -> OptimizerConfig:
+    """The harness config every task trains with: Celo2 on hidden matrices, Adam on the rest."""
+    return OptimizerConfig(
+        name="celo2" if inner.orthogonalize else "celo2_base",
+        lr=inner.lr, adamw_lr_mult=inner.adamw_lr_mult, b1=inner.b1, b2=inner.b2,
+        weight_decay=inner.weight_decay, theta="normalized_momentum",  # unused: theta is passed in
+        schedule={"kind": "constant"},
+    )
+
+
+def inner_optimizer(theta, task: Task, inner: InnerConfig) -> optax.GradientTransformation:
+    """The harness's optimizer with ``theta`` (which may be traced) as Celo2's weights."""
+    tx, _ = build_optimizer(inner_optimizer_config(inner), task.abstract_params(), theta=theta)
+    return tx
+
+
+def reparameterized_loss(task: Task, log_scale: jax.Array):
+    """The task seen through params' = params / scale: same function, rescaled coordinates.
+
+    The optimizer works on params', so a large scale shrinks its parameters and
+    magnifies their gradients; a learned rule must cope with either.
+    """
+    scale = jnp.exp(log_scale)
+
+    def loss(params_prime, key, data):
+        return task.loss(jax.tree.map(lambda p: p * scale, params_prime), key, data)
+
+    return loss
+
+
+def build_task(family: FamilyConfig) -> Task:
+    if family.kind == "image_mlp":
+        from recipes.metatrain.tasks_image import DigitsMLP
+        return DigitsMLP(family)
+    if family.kind == "lm":
+        from recipes.metatrain.tasks_lm import TinyLM
+        return TinyLM(family)
+    raise ValueError(f"unknown task family kind {family.kind!r}")

@@ -1,0 +1,72 @@
+"""Small GPTs on the bundled Shakespeare corpus, re-tokenized to a small vocabulary.
+
+GPT-2's 50,257-token output layer would dwarf a width-32 model, so each
+token keeps its id if it is among the ``vocab - 1`` commonest of the train
+split and becomes a shared "other" id otherwise (a fixed, deterministic map).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data.loader import TokenShards
+from data.shakespeare import ensure_shakespeare
+from model import GPT, ModelConfig, make_loss_fn
+from recipes.metatrain.config import FamilyConfig
+from recipes.metatrain.tasks import Task
+
+
+def _split_tokens(split: str) -> np.ndarray:
+    shards = TokenShards.open(ensure_shakespeare(progress=False), split)
+    return np.concatenate([shards.read(i, 0, int(n)) for i, n in enumerate(shards.lengths)])
+
+
+@functools.lru_cache(maxsize=8)
+def corpus(vocab: int, split: str = "train") -> np.ndarray:
+    """The split's tokens mapped to ids in [0, vocab), int32."""
+    train = _split_tokens("train")
+    counts = np.bincount(train.astype(np.int64))
+    common = np.argsort(-counts, kind="stable")[: vocab - 1]
+    table = np.full(max(counts.shape[0], 65536), vocab - 1, np.int32)
+    table[common] = np.arange(vocab - 1, dtype=np.int32)
+    tokens = train if split == "train" else _split_tokens(split)
+    return table[tokens.astype(np.int64)]
+
+
+def model_config(family: FamilyConfig) -> ModelConfig:
+    return ModelConfig(n_layer=family.n_layer, n_head=family.n_head, d_model=family.d_model,
+                       context_length=family.context_length, vocab_size=family.vocab,
+                       pad_vocab_multiple=64, attention_impl="xla")
+
+
+def sample_windows(tokens: jax.Array, key: jax.Array, batch: int, length: int) -> jax.Array:
+    """``batch`` random windows of ``length`` tokens, (batch, length)."""
+    starts = jax.random.randint(key, (batch,), 0, tokens.shape[0] - length)
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(tokens, (s,), (length,)))(starts)
+
+
+class TinyLM(Task):
+    def __init__(self, family: FamilyConfig, split: str = "train"):
+        self.name = family.name
+        self.batch = family.batch
+        self.config = model_config(family)
+        self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(self.config, rngs=nnx.Rngs(0))))
+        self._loss = make_loss_fn(self.graphdef)
+        self.init_loss = math.log(family.vocab)
+        self.data = {"tokens": jnp.asarray(corpus(family.vocab, split))}
+
+    def init_params(self, key):
+        return nnx.to_pure_dict(nnx.split(GPT(self.config, rngs=nnx.Rngs(key)))[1])
+
+    def loss(self, params, key, data):
+        windows = sample_windows(data["tokens"], key, self.batch, self.config.context_length + 1)
+        return self._loss(params, windows)
+
+    def loss_on(self, params, windows: jax.Array) -> jax.Array:
+        """Mean next-token loss on given (batch, context_length + 1) windows."""
+        return self._loss(params, windows)
