@@ -31,8 +31,14 @@ def _leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-def test_run_writes_official_theta_config_and_metrics(trainer):
-    state = trainer.run()
+@pytest.fixture(scope="module")
+def trained(trainer):
+    """The two-step run, done once in whichever test process needs it."""
+    return trainer.run()
+
+
+def test_run_writes_official_theta_config_and_metrics(trainer, trained):
+    state = trained
     out = trainer.out_dir
     assert int(state.step) == 2
     theta = load_checkpoint(out / "theta.state")
@@ -54,7 +60,7 @@ def load_checkpoint_start():
     return normalized_momentum_theta()["ff_mod_stack"]["~"]["w0__5"]
 
 
-def test_state_round_trip(trainer, tmp_path):
+def test_state_round_trip(trainer, trained, tmp_path):
     state = trainer.fresh_state(jax.tree.map(np.asarray, load_checkpoint(trainer.out_dir / "theta.state")))
     other = trainer.retarget(out_dir=str(tmp_path))
     ckpt.save(tmp_path, state, other.config)
