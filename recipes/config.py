@@ -315,11 +315,12 @@ def resolve_path(name: str | Path) -> Path:
                       f"Known configs: {known}")
 
 
-def _merge(base: dict, over: Mapping) -> dict:
+def merge_configs(base: dict, over: Mapping) -> dict:
+    """Nested dicts merged key by key, ``over`` winning."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_configs(out[key], value)
         else:
             out[key] = value
     return out
@@ -339,7 +340,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     if base is None:
         return loaded
     base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-    return _merge(read_yaml(base_path if base_path.is_file() else base, _seen + (path,)), loaded)
+    return merge_configs(read_yaml(base_path if base_path.is_file() else base, _seen + (path,)), loaded)
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -384,4 +385,4 @@ def build_config(values: Mapping[str, Any]) -> Config:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """The typed Config from a YAML file (or defaults when None) and command-line overrides."""
     values = read_yaml(path) if path is not None else {}
-    return build_config(_merge(values, parse_overrides(list(overrides or []))))
+    return build_config(merge_configs(values, parse_overrides(list(overrides or []))))

@@ -8,11 +8,11 @@ FAMILY = [{"kind": "image_mlp"}]
 
 
 def test_unknown_key_names_the_closest():
-    with pytest.raises(ValueError, match="did you mean 'outer_steps'"):
+    with pytest.raises(ValueError, match="did you mean 'metatrain.outer_steps'"):
         from_dict({"metatrain": {"outer_step": 3}, "families": FAMILY})
     with pytest.raises(ValueError, match="did you mean 'pes'"):
         from_dict({"pess": {}, "families": FAMILY})
-    with pytest.raises(ValueError, match="did you mean 'context_length'"):
+    with pytest.raises(ValueError, match=r"did you mean 'families\[0\].context_length'"):
         from_dict({"families": [{"kind": "lm", "context": 8}]})
 
 
@@ -59,6 +59,6 @@ def test_cli_refuses_bad_overrides(capsys):
     config = str(Path(__file__).parents[1] / "configs" / "metatrain" / "smoke.yaml")
     with pytest.raises(SystemExit):
         _script().main(["--config", config, "--metatrain.outer_stepz=3"])
-    assert "did you mean 'outer_steps'" in capsys.readouterr().err
+    assert "did you mean 'metatrain.outer_steps'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _script().main(["--config", config, "stray"])

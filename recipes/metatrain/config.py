@@ -9,38 +9,16 @@ drawn once from its seed so a resumed run sees the same families.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import random
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+from recipes.config import from_dict as build_config
+from recipes.config import merge_configs, parse_overrides, read_yaml
 
 FAMILY_KINDS = ("image_mlp", "lm")
 THETA_BUILTINS = ("normalized_momentum", "random")
-
-
-def _closest(name: str, known) -> str:
-    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.0)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _build(cls, values: Mapping[str, Any] | None, where: str):
-    """cls(**values), refusing unknown keys and naming the closest valid one."""
-    values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ValueError(f"unknown key {where}.{key}{_closest(key, known)}; valid keys: {sorted(known)}")
-    for f in dataclasses.fields(cls):
-        # YAML 1.1 reads 5e-5 (no dot) as a string.
-        if f.type in ("float", "float | None") and isinstance(values.get(f.name), str):
-            try:
-                values[f.name] = float(values[f.name])
-            except ValueError:
-                raise ValueError(f"{where}.{f.name} must be a number, got {values[f.name]!r}") from None
-    return cls(**values)
 
 
 def _number(where: str, value, *, positive=False, non_negative=False, integer=False):
@@ -185,7 +163,7 @@ class FamilyConfig:
 
     def __post_init__(self):
         if self.kind not in FAMILY_KINDS:
-            raise ValueError(f"family kind {self.kind!r} unknown{_closest(str(self.kind), FAMILY_KINDS)}; valid: {list(FAMILY_KINDS)}")
+            raise ValueError(f"family kind {self.kind!r} unknown; valid: {list(FAMILY_KINDS)}")
         if isinstance(self.hidden, list):
             object.__setattr__(self, "hidden", tuple(self.hidden))
         for h in self.hidden:
@@ -271,49 +249,13 @@ class MetaTrainConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"metatrain": OuterConfig, "pes": PESConfig, "inner": InnerConfig, "lm_sampler": LMSamplerConfig}
-
-
 def from_dict(values: Mapping[str, Any]) -> MetaTrainConfig:
-    values = dict(values or {})
-    known = set(_SECTIONS) | {"families"}
-    for key in values:
-        if key not in known:
-            raise ValueError(f"unknown section {key!r}{_closest(key, known)}; valid sections: {sorted(known)}")
-    kwargs = {name: _build(cls, values.get(name), name) for name, cls in _SECTIONS.items()}
-    families = values.get("families") or []
-    if not isinstance(families, (list, tuple)):
-        raise ValueError(f"'families' must be a list of family mappings, got {type(families).__name__}")
-    kwargs["families"] = tuple(_build(FamilyConfig, f, f"families[{i}]") for i, f in enumerate(families))
-    return MetaTrainConfig(**kwargs)
-
-
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """``section.key=value`` strings (values parsed as YAML) applied to a nested dict."""
-    values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in (values or {}).items()}
-    for item in overrides:
-        item = item[2:] if item.startswith("--") else item
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.split(".")
-        if len(parts) != 2:
-            raise ValueError(f"override {dotted!r} must name section.key (e.g. metatrain.outer_steps)")
-        section, key = parts
-        if section == "families":
-            raise ValueError("families cannot be overridden from the command line; edit the YAML")
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
-            raise ValueError(f"override {dotted!r}: section {section!r} is not a mapping")
-        values[section][key] = yaml.safe_load(raw)
-    return values
+    """The typed config from a nested dict, with the trainer's checks: unknown keys are refused
+    naming the closest valid key, wrong types naming the expected type."""
+    return build_config(MetaTrainConfig, dict(values or {}))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> MetaTrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"meta-training config {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
-    return from_dict(apply_overrides(values, list(overrides)))
+    """YAML (``base:`` includes and anchors as for training recipes) plus ``--section.key=value``."""
+    overrides = [item if item.startswith("--") else f"--{item}" for item in overrides]
+    return from_dict(merge_configs(read_yaml(path), parse_overrides(overrides)))
