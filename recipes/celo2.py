@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import optax
 
 from recipes.celo2_theta import (  # noqa: F401  (re-exported: one import for users)
+    THETA_NAMES,
     init_theta,
     load_checkpoint,
     normalized_momentum_theta,
     save_checkpoint,
+    theta_from_source,
     validate_theta,
 )
 

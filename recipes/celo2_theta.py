@@ -18,6 +18,12 @@ from flax import serialization
 
 HUB_PREFIX = "hf://"
 THETA_FILENAME = "theta.state"
+# Thetas built in code, and thetas meta-trained by this project and shipped as
+# recipes/weights/NAME/theta.state (with the meta-training config beside it).
+BUILT_THETAS = ("normalized_momentum", "random")
+SHIPPED_THETAS = ("celo2_lm",)
+THETA_NAMES = BUILT_THETAS + SHIPPED_THETAS
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FEATURE_CHANNELS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)  # groups 0..13 of the input features
 HIDDEN = 8
 OUTPUTS = 3
@@ -104,6 +110,27 @@ def normalized_momentum_theta() -> dict:
     weights["w1"][0, 0], weights["w1"][1, 1] = 1.0, 1.0
     weights["w2"][0, 0], weights["w2"][1, 0] = 1.0, -1.0
     return _wrap(weights)
+
+
+def shipped_theta_path(name: str) -> Path:
+    """The theta.state of a theta shipped with the package (one of SHIPPED_THETAS)."""
+    if name not in SHIPPED_THETAS:
+        raise ValueError(f"{name!r} is not a shipped theta; shipped: {list(SHIPPED_THETAS)}")
+    path = WEIGHTS_DIR / name / THETA_FILENAME
+    if not path.is_file():
+        raise FileNotFoundError(f"The shipped theta {name!r} is missing at {path}: reinstall the package")
+    return path
+
+
+def theta_from_source(source: str, seed: int = 0, local_only: bool = False) -> dict:
+    """Theta named by a built-in (THETA_NAMES), a theta.state path, a directory holding one, or hf://OWNER/REPO."""
+    if source == "normalized_momentum":
+        return normalized_momentum_theta()
+    if source == "random":
+        return init_theta(jax.random.key(seed))
+    if source in SHIPPED_THETAS:
+        return load_checkpoint(shipped_theta_path(source))
+    return load_checkpoint(source, local_only=local_only)
 
 
 def to_bytes(theta) -> bytes:

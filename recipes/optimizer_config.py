@@ -15,11 +15,12 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
+from recipes.celo2_theta import THETA_NAMES
+
 OPTIMIZER_NAMES = ("celo2", "celo2_base", "muon", "adamw")
 SCHEDULE_KINDS = ("cosine", "linear", "constant", "wsd")
 WSD_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 ROUTING_BRANCHES = ("main", "adamw")  # "main" is the named optimizer's matrix rule (celo2 or muon)
-THETA_NAMES = ("normalized_momentum", "random")  # theta sources that are built, not loaded
 
 # Parameter paths are the tree's keys joined by "/", e.g. "blocks/attn/qkv/kernel".
 DEFAULT_EMBEDDING_PATTERN = r"(^|/)(wte|wpe|lm_head|embedding)(/|$)"

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import optax
 
-from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta, scale_by_celo2
-from recipes.optimizer_config import THETA_NAMES, OptimizerConfig
+from recipes.celo2 import THETA_NAMES, scale_by_celo2, theta_from_source
+from recipes.optimizer_config import OptimizerConfig
 from recipes.routing import Route, RoutingTable, TableRow, is_embedding, map_routes, param_path, route, route_tree
 from recipes.schedules import make_schedule
 
@@ -55,12 +55,8 @@ def learning_rate_schedules(config: OptimizerConfig, total_steps: int | None = N
 
 def resolve_theta(config: OptimizerConfig):
     """Celo2's MLP weights named by config.theta (a built-in name, a path or hf:// reference)."""
-    if config.theta == "normalized_momentum":
-        return normalized_momentum_theta()
-    if config.theta == "random":
-        return init_theta(jax.random.key(config.theta_seed))
     try:
-        return load_checkpoint(config.theta)
+        return theta_from_source(config.theta, seed=config.theta_seed)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"optimizer.theta={config.theta!r} could not be loaded ({error}). Pass a theta.state path, "

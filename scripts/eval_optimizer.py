@@ -1,11 +1,13 @@
 """Compare Celo2 thetas with tuned AdamW and Muon on a held-out small language-modeling task.
 
     python scripts/eval_optimizer.py --theta runs/metatrain_lm --theta normalized_momentum
+    python scripts/eval_optimizer.py --task validation --no-baselines --theta runs/metatrain_lm/thetas/theta_0000100.state ...
 
-Each --theta (a theta.state, a run directory, hf://OWNER/REPO, normalized_momentum
-or random) trains the task with Celo2; AdamW and Muon each get the best of
+Each --theta (a theta.state, a run directory, hf://OWNER/REPO, or a built-in name
+such as normalized_momentum or celo2_lm) trains the task with Celo2; AdamW and Muon each get the best of
 their learning-rate grid. Prints a Markdown table of final validation losses
-(mean, spread and range over seeds).
+(mean, spread and range over seeds). Choose among meta-training snapshots
+on ``--task validation``, and report the chosen one on the held-out task.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.metatrain.evaluate import HELD_OUT, Candidate, EvalSettings, evaluate, format_table  # noqa: E402
+from recipes.metatrain.evaluate import EVAL_TASKS, Candidate, EvalSettings, evaluate, format_table  # noqa: E402
 from recipes.metatrain.loop import resolve_theta  # noqa: E402
 from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
 
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--muon-lrs", type=_floats, default=[3e-3, 1e-2, 3e-2])
     p.add_argument("--muon-adamw-mult", type=float, default=0.3)
     p.add_argument("--no-baselines", action="store_true", help="evaluate the thetas only")
+    p.add_argument("--task", choices=sorted(EVAL_TASKS), default="heldout",
+                   help="heldout reports; validation selects among snapshots")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--val-windows", type=int, default=256)
@@ -57,8 +61,9 @@ def main(argv=None) -> int:
         candidates += [Candidate("adamw", "adamw", lr) for lr in args.adamw_lrs]
         candidates += [Candidate("muon", "muon", lr, None, args.muon_adamw_mult) for lr in args.muon_lrs]
 
-    task = TinyLM(HELD_OUT)
-    print(f"held-out task {HELD_OUT.name}: {args.steps} steps, batch {HELD_OUT.batch}, {args.seeds} seeds", flush=True)
+    family = EVAL_TASKS[args.task]
+    task = TinyLM(family)
+    print(f"{args.task} task {family.name}: {args.steps} steps, batch {family.batch}, {args.seeds} seeds", flush=True)
     rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True))
     print(format_table(rows, settings))
     if args.json is not None:

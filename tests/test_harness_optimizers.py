@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from recipes import optimizers
-from recipes.celo2 import normalized_momentum_theta, scale_by_celo2
+from recipes.celo2 import init_theta, normalized_momentum_theta, scale_by_celo2
 from recipes.optimizer_config import OptimizerConfig, ScheduleConfig
 from recipes.optimizers import build_optimizer, resolve_theta
 from test_harness_fixtures import L, D, V, assert_trees_close, flat, random_tree
@@ -201,7 +201,7 @@ def test_theta_sources():
                                   THETA["ff_mod_stack"]["~"]["w2"])
     # "random" draws init_theta from theta_seed: the same seed gives the same theta.
     drawn = resolve_theta(OptimizerConfig(theta="random", theta_seed=3))["ff_mod_stack"]["~"]
-    expected = optimizers.init_theta(jax.random.key(3))["ff_mod_stack"]["~"]
+    expected = init_theta(jax.random.key(3))["ff_mod_stack"]["~"]
     other = resolve_theta(OptimizerConfig(theta="random", theta_seed=4))["ff_mod_stack"]["~"]
     np.testing.assert_array_equal(drawn["w1"], expected["w1"])
     assert not np.array_equal(drawn["w1"], other["w1"])

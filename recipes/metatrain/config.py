@@ -14,11 +14,11 @@ import random
 from pathlib import Path
 from typing import Any, Mapping
 
+from recipes.celo2_theta import THETA_NAMES
 from recipes.config import from_dict as build_config
 from recipes.config import merge_configs, parse_overrides, read_yaml
 
 FAMILY_KINDS = ("image_mlp", "lm")
-THETA_BUILTINS = ("normalized_momentum", "random")
 
 
 def _number(where: str, value, *, positive=False, non_negative=False, integer=False):
@@ -67,7 +67,7 @@ class OuterConfig:
             raise ValueError(f"metatrain.out_dir must be a non-empty path, got {self.out_dir!r}")
         if not isinstance(self.init_theta, str) or not self.init_theta:
             raise ValueError(
-                f"metatrain.init_theta must be a path, hf://OWNER/REPO or one of {list(THETA_BUILTINS)}, got {self.init_theta!r}")
+                f"metatrain.init_theta must be a path, hf://OWNER/REPO or one of {list(THETA_NAMES)}, got {self.init_theta!r}")
         for name in ("theta_seed", "seed"):
             _number(f"metatrain.{name}", getattr(self, name), integer=True)
         _number("metatrain.outer_lr", self.outer_lr, non_negative=True)

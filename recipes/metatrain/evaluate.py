@@ -23,6 +23,10 @@ from recipes.optimizers import build_optimizer
 
 HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_head=2, d_model=48,
                         context_length=48, batch=16, vocab=512)
+# Picks among meta-training snapshots, so the held-out task stays unseen by every choice.
+VALIDATION = FamilyConfig(kind="lm", name="validation_lm_l3_d40_c40", n_layer=3, n_head=2, d_model=40,
+                          context_length=40, batch=16, vocab=512)
+EVAL_TASKS = {"heldout": HELD_OUT, "validation": VALIDATION}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta
+from recipes.celo2 import theta_from_source
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.population import Population
@@ -26,13 +26,8 @@ from recipes.metatrain.tasks import build_task
 
 
 def resolve_theta(source: str, seed: int = 0) -> dict:
-    """normalized_momentum, random, a theta.state path, a run directory holding one, or hf://OWNER/REPO."""
-    if source == "normalized_momentum":
-        theta = normalized_momentum_theta()
-    elif source == "random":
-        theta = init_theta(jax.random.key(seed))
-    else:
-        theta = load_checkpoint(source)
+    """A built-in name, a shipped theta, a theta.state path, a run directory holding one, or hf://OWNER/REPO."""
+    theta = theta_from_source(source, seed)
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
 
 
