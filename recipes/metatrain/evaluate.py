@@ -9,6 +9,7 @@ learning rate of the grid, judged by mean validation loss over seeds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -57,17 +58,28 @@ def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
 
 def train_and_validate(task: TinyLM, candidate: Candidate, settings: EvalSettings) -> np.ndarray:
     """Final validation loss per seed."""
+    run = _compiled_run(task, candidate.name, candidate.lr, candidate.adamw_lr_mult, settings)
+    theta = None if candidate.theta is None else jax.tree.map(jnp.asarray, candidate.theta)
+    keys = jax.random.split(jax.random.key(0), settings.seeds)
+    return np.asarray(run(keys, task.data, val_windows(task, settings.val_windows), theta))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_run(task: TinyLM, name: str, lr: float, adamw_lr_mult: float, settings: EvalSettings):
+    """All seeds of one (optimizer, learning rate) as one jitted program.
+
+    Theta is an argument, not a constant, so every snapshot of a meta-training
+    run shares one compilation.
+    """
     config = OptimizerConfig(
-        name=candidate.name, lr=candidate.lr, adamw_lr_mult=candidate.adamw_lr_mult,
+        name=name, lr=lr, adamw_lr_mult=adamw_lr_mult,
         weight_decay=settings.weight_decay, theta="normalized_momentum",
         schedule={"kind": "cosine", "warmup_steps": max(1, int(settings.warmup_fraction * settings.steps)),
                   "total_steps": settings.steps},
     )
-    theta = None if candidate.theta is None else jax.tree.map(jnp.asarray, candidate.theta)
-    tx, _ = build_optimizer(config, task.abstract_params(), theta=theta)
-    windows = val_windows(task, settings.val_windows)
 
-    def one_seed(key, data):
+    def one_seed(key, data, windows, theta):
+        tx, _ = build_optimizer(config, task.abstract_params(), theta=theta)
         k_init, k_data = jax.random.split(key)
         params = task.init_params(k_init)
 
@@ -81,9 +93,7 @@ def train_and_validate(task: TinyLM, candidate: Candidate, settings: EvalSetting
         batches = windows.reshape(-1, task.batch, windows.shape[-1])
         return jnp.mean(jax.lax.map(lambda w: task.loss_on(params, w), batches))
 
-    keys = jax.random.split(jax.random.key(0), settings.seeds)
-    losses = jax.jit(jax.vmap(one_seed, in_axes=(0, None)))(keys, task.data)
-    return np.asarray(losses)
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None, None, None)))
 
 
 def summarize(losses: np.ndarray) -> dict:

@@ -1,0 +1,71 @@
+"""Pick a meta-training snapshot by validation and ship it under recipes/weights/NAME/.
+
+The paper's authors chose their released checkpoint by validation on a small
+language-modeling task, not by meta-loss; this does the same on the
+``validation`` evaluation task, which shares no shape with the held-out task
+the docs report on. A shipped theta is three files: ``theta.state`` (official
+format), ``config.json`` (the run's meta-training settings) and
+``provenance.json`` (which snapshot, how it was chosen, every score).
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from recipes.celo2 import load_checkpoint
+from recipes.metatrain.checkpoint import write_json
+from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
+from recipes.metatrain.tasks_lm import TinyLM
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+_SNAPSHOT = re.compile(r"theta_(\d+)\.state$")
+
+
+def snapshots(run_dir: Path, every: int = 1) -> dict[int, Path]:
+    """Outer step -> theta.state of a run's snapshots, keeping steps divisible by ``every``."""
+    found = {int(m.group(1)): p for p in sorted((run_dir / "thetas").glob("theta_*.state"))
+             if (m := _SNAPSHOT.search(p.name))}
+    if not found:
+        raise FileNotFoundError(f"{run_dir / 'thetas'} holds no theta_NNNNNNN.state snapshots: "
+                                "meta-train first (scripts/metatrain.py) with metatrain.snapshot_every > 0")
+    return {step: path for step, path in found.items() if step % every == 0 or step == max(found)}
+
+
+def score_snapshots(paths: dict[int, Path], task: TinyLM, settings: EvalSettings, lrs: list[float],
+                    adamw_lr_mult: float, log: Callable[[str], None] = print) -> list[dict]:
+    """One row per snapshot: its best learning rate's validation statistics."""
+    candidates = [Candidate(f"step {step}", "celo2", lr, load_checkpoint(path), adamw_lr_mult)
+                  for step, path in sorted(paths.items()) for lr in lrs]
+    rows = evaluate(candidates, settings, task, log=log)
+    for row in rows:
+        row["outer_step"] = int(row["label"].split()[1])
+    return rows
+
+
+def ship(run_dir: Path, name: str, rows: list[dict], paths: dict[int, Path], selected_by: str,
+         weights_dir: Path = WEIGHTS_DIR) -> Path:
+    """Copies the best-scoring snapshot and the run's config to weights_dir/name; returns the theta path."""
+    finite = [r for r in rows if math.isfinite(r["mean"])]
+    if not finite:
+        raise ValueError(f"every snapshot of {run_dir} diverged on the validation task; nothing to ship")
+    best = min(finite, key=lambda r: r["mean"])
+    out = weights_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(paths[best["outer_step"]], out / "theta.state")
+    shutil.copyfile(run_dir / "config.json", out / "config.json")
+    write_json(out / "provenance.json", {
+        "outer_step": best["outer_step"], "lr": best["lr"], "validation_loss": best["mean"],
+        "selected_by": selected_by,
+        "scores": [{k: r[k] for k in ("outer_step", "lr", "mean", "std")} for r in sorted(rows, key=lambda r: r["outer_step"])],
+    })
+    load_checkpoint(out / "theta.state")  # refuse to leave a file the loader would reject
+    return out / "theta.state"
+
+
+def describe(settings: EvalSettings, task: TinyLM, lrs: list[float]) -> str:
+    return (f"lowest mean final validation loss on the {task.name} task ({settings.steps} steps, "
+            f"{settings.seeds} seeds, best of Celo2 lr {', '.join(f'{lr:g}' for lr in lrs)})")
+

@@ -1,0 +1,56 @@
+"""Choose a meta-training snapshot by validation and ship it with the package.
+
+    python scripts/ship_theta.py --run runs/metatrain_lm --name celo2_lm --every 50
+
+Trains the validation task (scripts/eval_optimizer.py --task validation) with
+every snapshot under RUN/thetas/ (one compilation per learning rate serves them
+all), then writes recipes/weights/NAME/ with theta.state, the run's config.json
+and provenance.json. The held-out task stays unseen by the choice: report the
+shipped theta with scripts/eval_optimizer.py --theta NAME.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table  # noqa: E402
+from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots  # noqa: E402
+from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a meta-training out_dir with thetas/ snapshots")
+    p.add_argument("--name", required=True, help="the shipped theta's name (recipes/weights/NAME)")
+    p.add_argument("--every", type=int, default=1, help="score only snapshots whose step is a multiple (and the last)")
+    p.add_argument("--lrs", default="1e-3,3e-3", help="comma-separated Celo2 learning rates; each snapshot gets its best")
+    p.add_argument("--adamw-mult", type=float, default=20.0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
+    p.add_argument("--compilation-cache", default="cache/jax", help="'' disables JAX's persistent cache")
+    args = p.parse_args(argv)
+    if args.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    try:
+        paths = snapshots(args.run, args.every)
+    except FileNotFoundError as error:
+        p.error(str(error))
+    lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+    settings = EvalSettings(steps=args.steps, seeds=args.seeds)
+    task = TinyLM(VALIDATION)
+    print(f"scoring {len(paths)} snapshots of {args.run} on {task.name}", flush=True)
+    rows = score_snapshots(paths, task, settings, lrs, args.adamw_mult, log=lambda line: print(line, flush=True))
+    print(format_table(rows, settings))
+    path = ship(args.run, args.name, rows, paths, describe(settings, task, lrs), args.weights_dir)
+    print(f"shipped {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

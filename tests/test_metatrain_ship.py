@@ -1,0 +1,54 @@
+"""Shipping a meta-trained theta: snapshots scored on a validation task, the best copied with its provenance."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta, save_checkpoint
+from recipes.metatrain.config import FamilyConfig
+from recipes.metatrain.evaluate import EvalSettings
+from recipes.metatrain.ship import score_snapshots, ship, snapshots
+from recipes.metatrain.tasks_lm import TinyLM
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(normalized_momentum_theta(), run / "thetas" / "theta_0000010.state")
+    save_checkpoint(init_theta(jax.random.key(3)), run / "thetas" / "theta_0000020.state")
+    save_checkpoint(init_theta(jax.random.key(4)), run / "thetas" / "theta_0000025.state")
+    (run / "config.json").write_text(json.dumps({"metatrain": {"init_theta": "normalized_momentum"}}))
+    return run
+
+
+def test_snapshots_filter_by_step_and_keep_the_last(run_dir):
+    assert sorted(snapshots(run_dir)) == [10, 20, 25]
+    assert sorted(snapshots(run_dir, every=20)) == [20, 25]
+
+
+def test_missing_snapshots_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="snapshot_every"):
+        snapshots(tmp_path)
+
+
+def test_ship_copies_the_best_scoring_snapshot(run_dir, tmp_path):
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    paths = snapshots(run_dir)
+    rows = score_snapshots(paths, task, EvalSettings(steps=3, seeds=2, val_windows=8), [1e-2], 1.0,
+                           log=lambda line: None)
+    assert sorted(r["outer_step"] for r in rows) == [10, 20, 25]
+    best = min(rows, key=lambda r: r["mean"])
+    shipped = ship(run_dir, "tiny", rows, paths, "a test", weights_dir=tmp_path / "weights")
+    assert shipped.read_bytes() == paths[best["outer_step"]].read_bytes()
+    load_checkpoint(shipped)
+    provenance = json.loads((shipped.parent / "provenance.json").read_text())
+    assert provenance["outer_step"] == best["outer_step"] and provenance["selected_by"] == "a test"
+    assert [s["outer_step"] for s in provenance["scores"]] == [10, 20, 25]
+    assert json.loads((shipped.parent / "config.json").read_text())["metatrain"]["init_theta"] == "normalized_momentum"
+
+
+def test_ship_refuses_when_every_snapshot_diverged(run_dir, tmp_path):
+    rows = [{"outer_step": 10, "lr": 1e-3, "mean": np.inf, "std": np.nan}]
+    with pytest.raises(ValueError, match="diverged"):
+        ship(run_dir, "tiny", rows, snapshots(run_dir), "a test", weights_dir=tmp_path / "weights")
