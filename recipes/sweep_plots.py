@@ -31,7 +31,8 @@ def _loss(row: dict) -> float:
 
 
 def heatmaps(rows: list[dict], path: Path) -> Path | None:
-    """Final validation loss over (lr, weight decay), one panel per optimizer; diverged cells blank."""
+    """Final validation loss over (lr, weight decay), one panel per optimizer; diverged ("div") and
+    missing ("n/a") cells grey."""
     if not rows or LR not in rows[0] or WD not in rows[0]:
         return None
     groups = _groups(rows)
@@ -40,21 +41,26 @@ def heatmaps(rows: list[dict], path: Path) -> Path | None:
     finite = [_loss(r) for r in rows if not math.isnan(_loss(r))]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, (name, members) in zip(axes[0], groups.items()):
+    for k, (ax, (name, members)) in enumerate(zip(axes[0], groups.items())):
         grid = np.full((len(wds), len(lrs)), np.nan)
+        labels = np.full(grid.shape, "n/a", dtype=object)  # never ran, failed to start, or still pending
         for r in members:
-            grid[wds.index(_number(r[WD])), lrs.index(_number(r[LR]))] = _loss(r)
+            cell = wds.index(_number(r[WD])), lrs.index(_number(r[LR]))
+            grid[cell] = _loss(r)
+            if r.get("diverged"):
+                labels[cell] = "div"
         cmap = matplotlib.colormaps["viridis_r"].copy()
         cmap.set_bad("lightgrey")  # diverged or missing points
         image = ax.imshow(grid, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
             dark = not math.isnan(value) and value > (vmin + vmax) / 2
-            ax.text(j, i, "div" if math.isnan(value) else f"{value:.3f}", ha="center", va="center", fontsize=8,
+            ax.text(j, i, labels[i, j] if math.isnan(value) else f"{value:.3f}", ha="center", va="center", fontsize=8,
                     color="white" if dark else "black")
         ax.set_xticks(range(len(lrs)), [f"{v:g}" for v in lrs], rotation=45)
         ax.set_yticks(range(len(wds)), [f"{v:g}" for v in wds])
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("weight decay")
+        if k == 0:  # the panels share their axes; a label on each would overlap the next panel's ticks
+            ax.set_ylabel("weight decay")
         ax.set_title(name or "final validation loss")
     fig.colorbar(image, ax=axes[0].tolist(), label="final validation loss")
     fig.savefig(path, dpi=120, bbox_inches="tight")
