@@ -49,8 +49,7 @@ def heatmaps(rows: list[dict], path: Path) -> Path | None:
             grid[cell] = _loss(r)
             if r.get("diverged"):
                 labels[cell] = "div"
-        cmap = matplotlib.colormaps["viridis_r"].copy()
-        cmap.set_bad("lightgrey")  # diverged or missing points
+        cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="lightgrey")  # diverged or missing points
         image = ax.imshow(grid, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         for (i, j), value in np.ndenumerate(grid):
             dark = not math.isnan(value) and value > (vmin + vmax) / 2
