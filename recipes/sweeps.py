@@ -26,6 +26,8 @@ from typing import Callable
 
 import yaml
 
+from recipes.sweep_tables import markdown
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
 POINT_FILE = "point.json"
@@ -294,3 +296,4 @@ def write_results(spec: SweepSpec, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     (spec.out / "results.json").write_text(json.dumps(rows, indent=2))
+    (spec.out / "results.md").write_text(markdown(rows))

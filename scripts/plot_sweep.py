@@ -2,7 +2,8 @@
 
 Reads SWEEP_DIR/results.json (rewritten from the run directories first, so a
 sweep still in progress can be plotted) and writes heatmap_final_val_loss.png
-and loss_vs_lr.png beside it.
+and loss_vs_lr.png beside it, with results.md (the best point of each optimizer,
+how many points land near it, and the whole grid as a table).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.sweep_plots import plot_sweep  # noqa: E402
+from recipes.sweep_tables import summary_table  # noqa: E402
 from recipes.sweeps import SweepSpec, collect, write_results  # noqa: E402
 
 
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
     write_results(spec, rows)
     for path in plot_sweep(rows, args.sweep_dir):
         print(f"wrote {path}")
+    print(f"wrote {args.sweep_dir / 'results.md'}\n\n{summary_table(rows)}")
     return 0
 
 

@@ -99,6 +99,9 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
     assert _resumed(good)
     assert (out / "heatmap_final_val_loss.png").stat().st_size > 0 and (out / "loss_vs_lr.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())[0]["point"] == good.name
+    table = (out / "results.md").read_text()
+    assert f"| adamw | {float(rows[good.name]['final_val_loss']):.3f} |" in table  # adamw's best: its finite point
+    assert "| div |" in table  # the diverged learning rate's cell
 
     # Rerunning skips finished points.
     calls.clear()

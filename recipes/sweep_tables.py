@@ -1,0 +1,67 @@
+"""A sweep as Markdown: each optimizer's best point and how forgiving it is, then the full grid."""
+
+from __future__ import annotations
+
+import math
+
+from recipes.sweep_plots import LR, OPTIMIZER, WD
+
+# A point counts as "near the best" within this many nats of its optimizer's best final loss.
+NEAR_BEST = 0.05
+
+
+def _loss(row: dict) -> float:
+    value = row.get("final_val_loss")
+    if value in (None, "") or str(row.get("diverged")) == "True":
+        return math.nan
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    loss = _loss(row)
+    if not math.isnan(loss):
+        return f"{loss:.3f}"
+    return "div" if str(row.get("diverged")) == "True" else "n/a"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per optimizer: best final loss and where, and how many grid points land near it."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get(OPTIMIZER, "run")), []).append(row)
+    lines = [f"| optimizer | best final val loss | at lr | at weight decay | points within {NEAR_BEST} of best "
+             "| diverged |", "|---|---|---|---|---|---|"]
+    for name, members in groups.items():
+        scored = [r for r in members if not math.isnan(_loss(r))]
+        diverged = sum(str(r.get("diverged")) == "True" for r in members)
+        if not scored:
+            lines.append(f"| {name} | n/a | | | 0 of {len(members)} | {diverged} |")
+            continue
+        best = min(scored, key=_loss)
+        near = sum(_loss(r) <= _loss(best) + NEAR_BEST for r in scored)
+        lines.append(f"| {name} | {_loss(best):.3f} | {best.get(LR, '')} | {best.get(WD, '')} | "
+                     f"{near} of {len(members)} | {diverged} |")
+    return "\n".join(lines)
+
+
+def grid_table(rows: list[dict]) -> str:
+    """Final validation loss: one row per (optimizer, weight decay), one column per learning rate."""
+    if not rows or LR not in rows[0]:
+        return ""
+    lrs = sorted({str(r[LR]) for r in rows}, key=float)
+    names = list(dict.fromkeys(str(r.get(OPTIMIZER, "")) for r in rows))  # the grid's order
+    wds = sorted({str(r.get(WD, "")) for r in rows}, key=lambda v: float(v) if v else 0.0)
+    by_cell = {(str(r.get(OPTIMIZER, "")), str(r.get(WD, "")), str(r[LR])): r for r in rows}
+    lines = ["| optimizer | weight decay | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+             "|---|---|" + "---|" * len(lrs)]
+    for name, wd in ((n, w) for n in names for w in wds):
+        cells = " | ".join(_cell(by_cell.get((name, wd, lr))) for lr in lrs)
+        lines.append(f"| {name} | {wd} | {cells} |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict]) -> str:
+    return f"{summary_table(rows)}\n\nFinal validation loss over the grid:\n\n{grid_table(rows)}\n"
