@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--theta", action="append", default=None,
                    help="repeatable; default: normalized_momentum")
-    p.add_argument("--celo2-lrs", type=_floats, default=[1e-3, 3e-3], help="comma-separated grid")
+    p.add_argument("--celo2-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2], help="comma-separated grid")
     p.add_argument("--celo2-adamw-mult", type=float, default=20.0,
                    help="AdamW side LR (embeddings, biases) as a multiple of Celo2's; 20 as in meta-training")
     p.add_argument("--adamw-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])

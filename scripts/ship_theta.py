@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", type=Path, required=True, help="a meta-training out_dir with thetas/ snapshots")
     p.add_argument("--name", required=True, help="the shipped theta's name (recipes/weights/NAME)")
     p.add_argument("--every", type=int, default=1, help="score only snapshots whose step is a multiple (and the last)")
-    p.add_argument("--lrs", default="1e-3,3e-3", help="comma-separated Celo2 learning rates; each snapshot gets its best")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated Celo2 learning rates; each snapshot gets its best")
     p.add_argument("--adamw-mult", type=float, default=20.0)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
