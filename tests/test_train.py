@@ -61,11 +61,10 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, monkeypatch):
 
 def test_resume_is_exact(tmp_path):
     """6 steps straight == resuming the same run from its step-3 checkpoint: bitwise, with
-    Celo2 (the default recipe's optimizer and its stand-in theta) and gradient accumulation."""
+    Celo2 (the default recipe's optimizer and shipped theta) and gradient accumulation."""
     import shutil
 
-    common = ["--train.steps=6", "--data.micro_batch=8", "--optimizer.name=celo2",
-              "--optimizer.theta=normalized_momentum", "--eval.at_start=false",
+    common = ["--train.steps=6", "--data.micro_batch=8", "--optimizer.name=celo2", "--eval.at_start=false",
               "--train.checkpoint_every=3", "--train.keep_checkpoints=2"]
     run(tmp_path, *common, name="straight")
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
