@@ -64,7 +64,8 @@ def test_resume_is_exact(tmp_path):
     Celo2 (the default recipe's optimizer and shipped theta) and gradient accumulation."""
     import shutil
 
-    common = ["--train.steps=6", "--data.micro_batch=8", "--optimizer.name=celo2", "--eval.at_start=false",
+    common = ["--train.steps=6", "--data.micro_batch=8", "--optimizer.name=celo2",
+              "--optimizer.theta=celo2_lm", "--eval.at_start=false",
               "--train.checkpoint_every=3", "--train.keep_checkpoints=2"]
     run(tmp_path, *common, name="straight")
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
