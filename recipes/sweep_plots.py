@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-LR, WD, OPTIMIZER = "optimizer.lr", "optimizer.weight_decay", "optimizer.name"
+from recipes.sweep_tables import LR, OPTIMIZER, WD, is_diverged  # noqa: E402
+from recipes.sweep_tables import final_loss as _loss  # noqa: E402
 
 
 def _number(text) -> float:
@@ -23,11 +24,6 @@ def _groups(rows: list[dict]) -> dict[str, list[dict]]:
     for row in rows:
         groups.setdefault(str(row.get(OPTIMIZER, "")), []).append(row)
     return groups
-
-
-def _loss(row: dict) -> float:
-    value = row.get("final_val_loss")
-    return float(value) if value is not None and not row.get("diverged") and math.isfinite(float(value)) else math.nan
 
 
 def heatmaps(rows: list[dict], path: Path) -> Path | None:
@@ -47,7 +43,7 @@ def heatmaps(rows: list[dict], path: Path) -> Path | None:
         for r in members:
             cell = wds.index(_number(r[WD])), lrs.index(_number(r[LR]))
             grid[cell] = _loss(r)
-            if r.get("diverged"):
+            if is_diverged(r):
                 labels[cell] = "div"
         cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="lightgrey")  # diverged or missing points
         image = ax.imshow(grid, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")

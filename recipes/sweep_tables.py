@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 
-from recipes.sweep_plots import LR, OPTIMIZER, WD
-
+LR, WD, OPTIMIZER = "optimizer.lr", "optimizer.weight_decay", "optimizer.name"
 # A point counts as "near the best" within this many nats of its optimizer's best final loss.
 NEAR_BEST = 0.05
 
 
-def _loss(row: dict) -> float:
+def is_diverged(row: dict) -> bool:
+    """Rows come as written (bool) or read back from results.csv ("True"/"False")."""
+    return str(row.get("diverged")) == "True"
+
+
+def final_loss(row: dict) -> float:
+    """The row's final validation loss; NaN when it diverged or has none."""
     value = row.get("final_val_loss")
-    if value in (None, "") or str(row.get("diverged")) == "True":
+    if value in (None, "") or is_diverged(row):
         return math.nan
     value = float(value)
     return value if math.isfinite(value) else math.nan
@@ -21,10 +26,10 @@ def _loss(row: dict) -> float:
 def _cell(row: dict | None) -> str:
     if row is None:
         return ""
-    loss = _loss(row)
+    loss = final_loss(row)
     if not math.isnan(loss):
         return f"{loss:.3f}"
-    return "div" if str(row.get("diverged")) == "True" else "n/a"
+    return "div" if is_diverged(row) else "n/a"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -35,14 +40,14 @@ def summary_table(rows: list[dict]) -> str:
     lines = [f"| optimizer | best final val loss | at lr | at weight decay | points within {NEAR_BEST} of best "
              "| diverged |", "|---|---|---|---|---|---|"]
     for name, members in groups.items():
-        scored = [r for r in members if not math.isnan(_loss(r))]
-        diverged = sum(str(r.get("diverged")) == "True" for r in members)
+        scored = [r for r in members if not math.isnan(final_loss(r))]
+        diverged = sum(is_diverged(r) for r in members)
         if not scored:
             lines.append(f"| {name} | n/a | | | 0 of {len(members)} | {diverged} |")
             continue
-        best = min(scored, key=_loss)
-        near = sum(_loss(r) <= _loss(best) + NEAR_BEST for r in scored)
-        lines.append(f"| {name} | {_loss(best):.3f} | {best.get(LR, '')} | {best.get(WD, '')} | "
+        best = min(scored, key=final_loss)
+        near = sum(final_loss(r) <= final_loss(best) + NEAR_BEST for r in scored)
+        lines.append(f"| {name} | {final_loss(best):.3f} | {best.get(LR, '')} | {best.get(WD, '')} | "
                      f"{near} of {len(members)} | {diverged} |")
     return "\n".join(lines)
 
