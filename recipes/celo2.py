@@ -45,6 +45,8 @@ GRAD_CLIP = 1000.0
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 5
 HIDDEN = 8
+# Tall matrices below this many elements are processed transposed (see scale_by_celo2).
+TRANSPOSE_BELOW = 65536
 
 
 class Celo2TensorState(NamedTuple):
@@ -234,6 +236,28 @@ def _after(x, token):
     return x + jnp.where(jnp.isfinite(token), token, 0.0) * 0.0
 
 
+def _lanes_idle(shape: tuple, n_batch: int, transpose_below: int) -> bool:
+    """A small tall matrix: its elementwise work vectorizes better transposed."""
+    core = _core_shape(shape, n_batch)
+    return _is_matrix(core, n_batch) and core[-2] > core[-1] and math.prod(core[-2:]) < transpose_below
+
+
+def _transposed_step(theta, grad, param, stats: Celo2TensorState, n_batch: int, orthogonalize: bool, token):
+    """_tensor_step of a matrix with its two axes swapped, and its results swapped back.
+
+    The row and column statistics live along the small and the large axis
+    whichever comes first, so they need no change.
+    """
+    t = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
+    shape = grad.shape
+    core = _core_shape(shape, n_batch)
+    grad, param = t(grad.reshape(core)), t(param.reshape(core))
+    stats = stats._replace(momentum=tuple(t(m) for m in stats.momentum), second_moment=t(stats.second_moment))
+    step, new, token = _tensor_step(theta, grad, param, stats, n_batch, orthogonalize, token)
+    new = new._replace(momentum=tuple(t(m) for m in new.momentum), second_moment=t(new.second_moment))
+    return t(step).reshape(shape), new, token
+
+
 def _tensor_step(theta, grad, param, stats: Celo2TensorState, n_batch: int, orthogonalize: bool, token):
     """Returns (step, new statistics, a scalar that is ready once the step is)."""
     w = theta["ff_mod_stack"]["~"]
@@ -295,6 +319,7 @@ def scale_by_celo2(
     theta,
     orthogonalize: bool = True,
     batch_axes: BatchAxes | None = None,
+    transpose_below: int | None = None,
 ) -> optax.GradientTransformation:
     """Celo2's normalized step (RMS 1 per matrix or vector); scale it by the learning rate.
 
@@ -307,9 +332,16 @@ def scale_by_celo2(
         parameter index independent tensors (for example layer-stacked biases
         of shape (n_layer, d) have 1). The default treats rank >= 3 tensors as
         stacks of their trailing matrices and anything else as one tensor.
+      transpose_below: a tall matrix (more rows than columns) of fewer elements
+        than this is processed transposed, its long axis last, and the result
+        transposed back. The rule treats both axes by size, not position, so
+        the arithmetic is the same; XLA's elementwise loops run along the last
+        axis, and a short one (10 classes, say) leaves vector lanes idle. 0
+        never transposes; None takes ``TRANSPOSE_BELOW``.
     """
     theta = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), validate_theta(theta))
     batch_axes = batch_axes or _default_batch_axes
+    transpose_below = TRANSPOSE_BELOW if transpose_below is None else transpose_below
 
     def n_batch_of(path, leaf) -> int:
         n = int(batch_axes(path, tuple(leaf.shape)))
@@ -332,7 +364,11 @@ def scale_by_celo2(
         for (path, grad), stats, param in zip(paths_and_grads, all_stats, all_params):
             # One tensor after another (the token chains them), so that only one tensor's
             # temporaries are alive at a time.
-            step, new_stats, token = _tensor_step(theta, grad, param, stats, n_batch_of(path, grad), orthogonalize, token)
+            n_batch = n_batch_of(path, grad)
+            if _lanes_idle(grad.shape, n_batch, transpose_below):
+                step, new_stats, token = _transposed_step(theta, grad, param, stats, n_batch, orthogonalize, token)
+            else:
+                step, new_stats, token = _tensor_step(theta, grad, param, stats, n_batch, orthogonalize, token)
             steps.append(step)
             tensors.append(new_stats)
         new_state = Celo2State(count=optax.safe_increment(state.count), tensors=treedef.unflatten(tensors))
