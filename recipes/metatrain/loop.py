@@ -21,6 +21,7 @@ import optax
 from recipes.celo2 import theta_from_source
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
+from recipes.metatrain.fused import FusedFamilies, fusable_groups
 from recipes.metatrain.population import Population
 from recipes.metatrain.tasks import build_task
 
@@ -40,8 +41,12 @@ def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
 
 
 class MetaTrainer:
-    def __init__(self, config: MetaTrainConfig, log: Callable[[str], None] = print):
+    def __init__(self, config: MetaTrainConfig, log: Callable[[str], None] = print, *, fuse: bool = True,
+                 devices=None):
+        """``fuse``: families of one shape share one compiled truncation (False: one each, as a
+        baseline); ``devices``: where particles are split (default: every local device)."""
         self.config, self.log = config, log
+        self.fuse, self.devices = fuse, devices
         self.out_dir = Path(config.metatrain.out_dir)
         self.families = config.all_families()
         self.tasks = [build_task(f) for f in self.families]
@@ -49,6 +54,19 @@ class MetaTrainer:
         self.weights = np.array([f.weight for f in self.families], np.float64)
         self.outer_tx = outer_optimizer(config)
         self._outer_update = jax.jit(self._outer_update_fn)
+        self._fused: dict[tuple[int, ...], FusedFamilies] = {}
+        self._order = {p.task.name: i for i, p in enumerate(self.populations)}
+
+    def fused(self, indices: list[int]) -> list[tuple[list[int], FusedFamilies]]:
+        """The families ``indices``, grouped by shape, each group one compiled truncation."""
+        out = []
+        chosen = [self.populations[i] for i in indices]
+        for local in fusable_groups(chosen) if self.fuse else [[j] for j in range(len(indices))]:
+            group = tuple(indices[j] for j in local)
+            if group not in self._fused:
+                self._fused[group] = FusedFamilies([self.populations[i] for i in group], self.devices)
+            out.append((list(group), self._fused[group]))
+        return out
 
     def retarget(self, **metatrain_changes) -> "MetaTrainer":
         """The same trainer (compiled functions included) with other metatrain.* settings."""
@@ -74,9 +92,12 @@ class MetaTrainer:
             state = ckpt.restore(self.out_dir, target, self.config)
             self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
             return state
-        theta = resolve_theta(m.init_theta, m.theta_seed)
         self.log(f"starting from theta {m.init_theta!r}")
-        return self.fresh_state(theta)
+        return self.fresh_state(self.initial_theta())
+
+    def initial_theta(self) -> dict:
+        m = self.config.metatrain
+        return resolve_theta(m.init_theta, m.theta_seed)
 
     # -- one outer step -----------------------------------------------------------
     def _outer_update_fn(self, theta, opt_state, grads, weights):
@@ -94,22 +115,23 @@ class MetaTrainer:
     def outer_step(self, state: ckpt.MetaState):
         step = int(state.step)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-        pops, grads, record = dict(state.populations), [], {}
+        pops, grads, record = dict(state.populations), {}, {}
         chosen = self.chosen(step)
-        for i in chosen:
-            pop = self.populations[i]
-            name = pop.task.name
-            pops[name], grad, losses, resets = pop.truncation(state.theta, pops[name], jax.random.fold_in(key, i),
-                                                              pop.task.data)
-            grads.append(grad)
-            record[name] = (losses, resets, pops[name].inner.last_loss)
+        for indices, group in self.fused(chosen):
+            results = group.truncation(state.theta, tuple(pops[group.names[j]] for j in range(len(indices))),
+                                       tuple(jax.random.fold_in(key, i) for i in indices), group.data)
+            for name, (pop_state, grad, losses, resets) in zip(group.names, results):
+                pops[name] = pop_state
+                grads[name] = grad
+                record[name] = (losses, resets, pop_state.inner.last_loss)
         weights = self.weights[chosen] / self.weights[chosen].sum()
+        grads = [grads[self.populations[i].task.name] for i in chosen]
         theta, opt_state, grad_norm = self._outer_update(state.theta, state.opt_state, grads,
                                                          [float(w) for w in weights])
         new = ckpt.MetaState(theta, opt_state, state.step + 1, pops, state.rng)
         metrics = {"outer_step": step + 1, "grad_norm": float(grad_norm)}
         fam_losses = []
-        for name, (losses, resets, raw) in record.items():
+        for name, (losses, resets, raw) in sorted(record.items(), key=lambda item: self._order[item[0]]):
             meta_loss = float(jnp.mean(losses))
             fam_losses.append(meta_loss)
             metrics[f"meta_loss/{name}"] = meta_loss
@@ -122,10 +144,9 @@ class MetaTrainer:
     def profile(self, state: ckpt.MetaState) -> dict:
         """Share of a truncation spent in the learned rule rather than the task's forward/backward."""
         out, total_full, total_fb = {}, 0.0, 0.0
-        for pop in self.populations:
-            name = pop.task.name
-            full, fwd_bwd = pop.time_split(state.theta, state.populations[name], pop.task.data)
-            out[f"rule_share/{name}"] = max(0.0, 1.0 - fwd_bwd / full)
+        for _, group in self.fused(list(range(len(self.populations)))):
+            full, fwd_bwd = group.time_split(state.theta, tuple(state.populations[n] for n in group.names))
+            out[f"rule_share/{'+'.join(group.names)}"] = max(0.0, 1.0 - fwd_bwd / full)
             total_full, total_fb = total_full + full, total_fb + fwd_bwd
         out["rule_share"] = max(0.0, 1.0 - total_fb / total_full)
         out["fwd_bwd_seconds_per_truncation"] = total_fb

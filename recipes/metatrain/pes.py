@@ -52,6 +52,40 @@ def perturbations(theta, key, pairs: int, sigma: float):
     return treedef.unflatten(eps)
 
 
+class Begun(NamedTuple):
+    """A population ready to unroll: resets applied, perturbations drawn."""
+
+    state: PESState  # inner states after resets; accum includes this truncation's eps
+    thetas: Any  # theta-shaped leaves with a leading axis of 2 * pairs: theta + eps, then theta - eps
+    keys: jax.Array  # (2 * pairs,) unroll keys, shared by the two members of a pair
+    was_reset: jax.Array  # (pairs,)
+
+
+def pes_begin(theta, state: PESState, key: jax.Array, *, sigma: float, maybe_reset: Callable) -> Begun:
+    """Everything of a truncation before the unroll: resets, fresh eps, the particles' thetas."""
+    pairs = _pairs(state)
+    reset_key, eps_key, unroll_key = jax.random.split(key, 3)
+
+    # The same keys for both halves: a pair resets together, to the same initial state.
+    reset_keys = jnp.concatenate([jax.random.split(reset_key, pairs)] * 2)
+    inner, was_reset = jax.vmap(maybe_reset)(state.inner, reset_keys)
+    was_reset = was_reset[:pairs]
+    accum = _tree_where(was_reset, jax.tree.map(jnp.zeros_like, state.accum), state.accum)
+
+    eps = perturbations(theta, eps_key, pairs, sigma)
+    accum = jax.tree.map(jnp.add, accum, eps)
+    thetas = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
+    unroll_keys = jnp.concatenate([jax.random.split(unroll_key, pairs)] * 2)
+    return Begun(PESState(inner, accum), thetas, unroll_keys, was_reset)
+
+
+def pes_gradient(accum, losses: jax.Array, sigma: float):
+    """The PES estimate from a population's accumulated eps and its (2 * pairs,) meta-losses."""
+    pairs = jax.tree.leaves(accum)[0].shape[0]
+    diff = (losses[:pairs] - losses[pairs:]) / (2.0 * sigma**2)
+    return jax.tree.map(lambda a: jnp.tensordot(diff, a, axes=1) / pairs, accum)
+
+
 def pes_truncation(
     theta,
     state: PESState,
@@ -66,22 +100,7 @@ def pes_truncation(
     Returns (new state, gradient estimate shaped like theta, per-particle
     meta-losses (2 * pairs,), per-pair reset flags (pairs,)).
     """
-    pairs = _pairs(state)
-    reset_key, eps_key, unroll_key = jax.random.split(key, 3)
-
-    # The same keys for both halves: a pair resets together, to the same initial state.
-    reset_keys = jnp.concatenate([jax.random.split(reset_key, pairs)] * 2)
-    inner, was_reset = jax.vmap(maybe_reset)(state.inner, reset_keys)
-    was_reset = was_reset[:pairs]
-    accum = _tree_where(was_reset, jax.tree.map(jnp.zeros_like, state.accum), state.accum)
-
-    eps = perturbations(theta, eps_key, pairs, sigma)
-    accum = jax.tree.map(jnp.add, accum, eps)
-    thetas = jax.tree.map(lambda t, e: jnp.concatenate([t + e, t - e]), theta, eps)
-
-    unroll_keys = jnp.concatenate([jax.random.split(unroll_key, pairs)] * 2)
-    inner, losses = jax.vmap(unroll)(thetas, inner, unroll_keys)
-
-    diff = (losses[:pairs] - losses[pairs:]) / (2.0 * sigma**2)
-    grad = jax.tree.map(lambda a: jnp.tensordot(diff, a, axes=1) / pairs, accum)
-    return PESState(inner, accum), grad, losses, was_reset
+    begun = pes_begin(theta, state, key, sigma=sigma, maybe_reset=maybe_reset)
+    inner, losses = jax.vmap(unroll)(begun.thetas, begun.state.inner, begun.keys)
+    grad = pes_gradient(begun.state.accum, losses, sigma)
+    return PESState(inner, begun.state.accum), grad, losses, begun.was_reset

@@ -9,7 +9,6 @@ particles reset at different outer steps.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -19,7 +18,7 @@ import optax
 
 from recipes.celo2 import normalized_momentum_theta
 from recipes.metatrain.config import InnerConfig, PESConfig
-from recipes.metatrain.pes import PESState, init_pes_state, pes_truncation
+from recipes.metatrain.pes import PESState, init_pes_state
 from recipes.metatrain.tasks import Task, inner_optimizer, reparameterized_loss
 
 
@@ -36,7 +35,6 @@ class Population:
     def __init__(self, task: Task, pes: PESConfig, inner: InnerConfig):
         self.task, self.pes, self.inner = task, pes, inner
         self._init_tx = inner_optimizer(jax.tree.map(jnp.asarray, normalized_momentum_theta()), task, inner)
-        self.truncation = jax.jit(self._truncation, donate_argnums=(1,))
 
     @property
     def pairs(self) -> int:
@@ -94,36 +92,3 @@ class Population:
         offsets = jax.random.uniform(k_offset, (self.pairs,)) * inner.length
         inner = inner._replace(step=jnp.floor(offsets).astype(jnp.int32))
         return init_pes_state(theta, inner)
-
-    def _truncation(self, theta, state: PESState, key: jax.Array, data):
-        return pes_truncation(
-            theta, state, key, sigma=self.pes.sigma,
-            unroll=lambda th, inner, k: self.unroll(th, inner, k, data),
-            maybe_reset=self.maybe_reset,
-        )
-
-    @functools.cached_property
-    def _forward_backward_only(self):
-        return jax.jit(jax.vmap(lambda th, inner, k, data: self.unroll(th, inner, k, data, rule=False),
-                                in_axes=(None, 0, 0, None)))
-
-    def time_split(self, theta, state: PESState, data, repeats: int = 1) -> tuple[float, float]:
-        """Seconds per truncation of (the whole population, its forward/backward passes alone).
-
-        Runs on copies: the truncation consumes (donates) the state it is given.
-        """
-        import time
-
-        keys = jax.random.split(jax.random.key(0), self.pes.particles)
-        fb = self._forward_backward_only
-        copy = lambda: jax.tree.map(jnp.copy, state)  # noqa: E731
-        jax.block_until_ready(fb(theta, state.inner, keys, data))  # compile
-        jax.block_until_ready(self.truncation(theta, copy(), jax.random.key(0), data))  # compiled already in a run
-        times = []
-        for run in (lambda: self.truncation(theta, copy(), jax.random.key(0), data),
-                    lambda: fb(theta, state.inner, keys, data)):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                jax.block_until_ready(run())
-            times.append((time.perf_counter() - start) / repeats)
-        return times[0], times[1]

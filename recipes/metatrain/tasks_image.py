@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.tasks import Task
+from recipes.metatrain.tasks import Task, whole_window
 
 NUM_CLASSES = 10
 TRAIN_IMAGES = 1500  # the rest is held out for validation
@@ -29,7 +29,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 def digits_split(split: str) -> dict:
     x, y = digits()
     part = slice(0, TRAIN_IMAGES) if split == "train" else slice(TRAIN_IMAGES, None)
-    return {"x": jnp.asarray(x[part]), "y": jnp.asarray(y[part])}
+    return whole_window({"x": jnp.asarray(x[part]), "y": jnp.asarray(y[part])})
 
 
 class DigitsMLP(Task):
@@ -39,6 +39,9 @@ class DigitsMLP(Task):
         self.widths = (64, *family.hidden, NUM_CLASSES)
         self.init_loss = math.log(NUM_CLASSES)
         self.data = digits_split("train")
+
+    def fusion_key(self) -> tuple:
+        return ("image_mlp", self.widths, self.batch)
 
     def init_params(self, key):
         params = {}
@@ -58,7 +61,7 @@ class DigitsMLP(Task):
         return x
 
     def loss(self, params, key, data):
-        idx = jax.random.randint(key, (self.batch,), 0, data["y"].shape[0])
+        idx = data["lo"] + jax.random.randint(key, (self.batch,), 0, data["n"])
         logits = self.logits(params, data["x"][idx])
         labels = data["y"][idx]
         return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0])

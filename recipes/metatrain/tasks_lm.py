@@ -18,7 +18,7 @@ from data.loader import TokenShards
 from data.shakespeare import ensure_shakespeare
 from model import GPT, ModelConfig, make_loss_fn
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.tasks import Task
+from recipes.metatrain.tasks import Task, whole_window
 
 
 def _split_tokens(split: str) -> np.ndarray:
@@ -44,9 +44,10 @@ def model_config(family: FamilyConfig) -> ModelConfig:
                        pad_vocab_multiple=64, attention_impl="xla")
 
 
-def sample_windows(tokens: jax.Array, key: jax.Array, batch: int, length: int) -> jax.Array:
-    """``batch`` random windows of ``length`` tokens, (batch, length)."""
-    starts = jax.random.randint(key, (batch,), 0, tokens.shape[0] - length)
+def sample_windows(tokens: jax.Array, key: jax.Array, batch: int, length: int, lo=0, n=None) -> jax.Array:
+    """``batch`` random windows of ``length`` tokens from tokens[lo: lo + n], (batch, length)."""
+    n = tokens.shape[0] if n is None else n
+    starts = lo + jax.random.randint(key, (batch,), 0, n - length)
     return jax.vmap(lambda s: jax.lax.dynamic_slice(tokens, (s,), (length,)))(starts)
 
 
@@ -58,13 +59,16 @@ class TinyLM(Task):
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(self.config, rngs=nnx.Rngs(0))))
         self._loss = make_loss_fn(self.graphdef)
         self.init_loss = math.log(family.vocab)
-        self.data = {"tokens": jnp.asarray(corpus(family.vocab, split))}
+        self.data = whole_window({"tokens": jnp.asarray(corpus(family.vocab, split))})
+
+    def fusion_key(self) -> tuple:
+        return ("lm", self.config, self.batch)
 
     def init_params(self, key):
         return nnx.to_pure_dict(nnx.split(GPT(self.config, rngs=nnx.Rngs(key)))[1])
 
     def loss(self, params, key, data):
-        windows = sample_windows(data["tokens"], key, self.batch, self.config.context_length + 1)
+        windows = sample_windows(data["tokens"], key, self.batch, self.config.context_length + 1, data["lo"], data["n"])
         return self._loss(params, windows)
 
     def loss_on(self, params, windows: jax.Array) -> jax.Array:
