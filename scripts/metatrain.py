@@ -7,6 +7,7 @@ Rerunning into an existing metatrain.out_dir resumes from its checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="a YAML file, e.g. configs/metatrain/smoke.yaml")
     parser.add_argument("--compilation-cache", default="cache/jax",
                         help="JAX's persistent compilation cache (reruns and resumes skip most compiling); '' disables")
+    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
+                        help="CPU devices the particles are split over, one thread each (default: every core)")
     args, overrides = parser.parse_known_args(argv)
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
@@ -29,9 +32,10 @@ def main(argv=None) -> int:
         config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    if args.compilation_cache:
-        import jax
+    import jax
 
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     trainer = MetaTrainer(config, log=lambda line: print(line, flush=True))
     state = trainer.run()

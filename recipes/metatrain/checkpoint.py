@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from recipes.celo2 import save_checkpoint
-from recipes.metatrain.config import MetaTrainConfig
+from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.npz"
@@ -79,12 +79,24 @@ def save(out_dir: str | Path, state: MetaState, config: MetaTrainConfig) -> Path
     return ckpt
 
 
+def _with_new_defaults(section: str, saved):
+    """A saved setting as this version records it: settings added since it was written take their
+    defaults, which are what the run used then."""
+    defaults = config_record(MetaTrainConfig(families=(FamilyConfig(),)))
+    if section == "families":
+        family = defaults["families"][0]
+        return [{**family, **f} for f in saved or []]
+    if isinstance(saved, dict):
+        return {**defaults[section], **saved}
+    return saved
+
+
 def restore(out_dir: str | Path, target: MetaState, config: MetaTrainConfig) -> MetaState:
     """The saved state, checked leaf by leaf against ``target`` (arrays or shape structs)."""
     ckpt = Path(out_dir) / CHECKPOINT_DIR
     meta = json.loads((ckpt / META_FILE).read_text())
     record = config_record(config)
-    changed = [k for k in _MUST_MATCH if json.loads(json.dumps(meta.get(k), default=list)) != record[k]]
+    changed = [k for k in _MUST_MATCH if _with_new_defaults(k, meta.get(k)) != record[k]]
     if changed:
         raise ValueError(
             f"{ckpt} was written with different {changed} settings than this config; these fix the "

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from recipes.celo2_theta import THETA_NAMES
 from recipes.config import from_dict as build_config
 from recipes.config import merge_configs, parse_overrides, read_yaml
+from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 
 FAMILY_KINDS = ("image_mlp", "lm")
 
@@ -146,7 +147,7 @@ class InnerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FamilyConfig:
-    """One task family. image_mlp: 8x8 digits; lm: a small GPT on the bundled corpus."""
+    """One task family. image_mlp: an MLP on an 8x8 image set; lm: a small GPT on a token corpus."""
 
     kind: str = "image_mlp"
     name: str | None = None
@@ -154,12 +155,14 @@ class FamilyConfig:
     weight: float = 1.0  # this family's share of the averaged gradient
     # image_mlp
     hidden: tuple[int, ...] = (64, 32)
+    dataset: str = "digits"  # digits | mnist | fashion_mnist | photos (recipes/metatrain/image_datasets.py)
     # lm
     n_layer: int = 1
     n_head: int = 2
     d_model: int = 32
     context_length: int = 32
     vocab: int = 512  # the corpus is re-tokenized to its vocab-1 commonest tokens plus "other"
+    corpus: str = ""  # a shard directory written by data.prepare; "" is the bundled Shakespeare
 
     def __post_init__(self):
         if self.kind not in FAMILY_KINDS:
@@ -173,11 +176,13 @@ class FamilyConfig:
         _number("families[].weight", self.weight, positive=True)
         if self.d_model % self.n_head:
             raise ValueError(f"families[].d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.kind == "image_mlp" and self.dataset not in IMAGE_DATASETS:
+            raise ValueError(f"families[].dataset {self.dataset!r} unknown; valid: {list(IMAGE_DATASETS)}")
         if self.vocab < 2:
             raise ValueError(f"families[].vocab must be >= 2, got {self.vocab}")
         if self.name is None:
             if self.kind == "image_mlp":
-                label = "digits_mlp_" + "_".join(map(str, self.hidden))
+                label = f"{self.dataset}_mlp_" + "_".join(map(str, self.hidden))
             else:
                 label = f"lm_l{self.n_layer}_d{self.d_model}_c{self.context_length}"
             object.__setattr__(self, "name", label)

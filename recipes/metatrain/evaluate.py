@@ -50,7 +50,7 @@ class EvalSettings:
 
 def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
     """``count`` evenly spaced windows of the val split (the same for every optimizer)."""
-    tokens = corpus(task.config.vocab_size, "val")
+    tokens = corpus(task.config.vocab_size, "val", task.source)
     length = task.config.context_length + 1
     starts = np.linspace(0, tokens.shape[0] - length - 1, count).astype(np.int64)
     return jnp.asarray(np.stack([tokens[s : s + length] for s in starts]))

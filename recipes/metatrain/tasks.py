@@ -98,8 +98,8 @@ def reparameterized_loss(task: Task, log_scale: jax.Array):
 
 def build_task(family: FamilyConfig) -> Task:
     if family.kind == "image_mlp":
-        from recipes.metatrain.tasks_image import DigitsMLP
-        return DigitsMLP(family)
+        from recipes.metatrain.tasks_image import ImageMLP
+        return ImageMLP(family)
     if family.kind == "lm":
         from recipes.metatrain.tasks_lm import TinyLM
         return TinyLM(family)

@@ -1,44 +1,28 @@
-"""8x8 digit classification with an MLP, on scikit-learn's bundled digits (1,797 images)."""
+"""Image classification with an MLP on an 8x8 set from ``image_datasets`` (digits by default)."""
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from recipes.metatrain import image_datasets
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks import Task, whole_window
 
-NUM_CLASSES = 10
-TRAIN_IMAGES = 1500  # the rest is held out for validation
+
+def image_split(dataset: str, part: str) -> dict:
+    x, y = image_datasets.split(dataset, part)
+    return whole_window({"x": jnp.asarray(x), "y": jnp.asarray(y)})
 
 
-@functools.lru_cache(maxsize=1)
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """Images scaled to [0, 1] as float32 (n, 64) and labels int32 (n,)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("the image_mlp task family needs scikit-learn (pip install scikit-learn)") from None
-    bunch = load_digits()
-    return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int32)
-
-
-def digits_split(split: str) -> dict:
-    x, y = digits()
-    part = slice(0, TRAIN_IMAGES) if split == "train" else slice(TRAIN_IMAGES, None)
-    return whole_window({"x": jnp.asarray(x[part]), "y": jnp.asarray(y[part])})
-
-
-class DigitsMLP(Task):
-    def __init__(self, family: FamilyConfig):
+class ImageMLP(Task):
+    def __init__(self, family: FamilyConfig, split: str = "train"):
         self.name = family.name
         self.batch = family.batch
-        self.widths = (64, *family.hidden, NUM_CLASSES)
-        self.init_loss = math.log(NUM_CLASSES)
-        self.data = digits_split("train")
+        self.widths = (64, *family.hidden, image_datasets.OUTPUTS)
+        self.init_loss = math.log(image_datasets.OUTPUTS)
+        self.data = image_split(family.dataset, split)
 
     def fusion_key(self) -> tuple:
         return ("image_mlp", self.widths, self.batch)

@@ -1,4 +1,8 @@
-"""Small GPTs on the bundled Shakespeare corpus, re-tokenized to a small vocabulary.
+"""Small GPTs on a token corpus, re-tokenized to a small vocabulary.
+
+The corpus is the bundled Shakespeare by default, or any directory of shards
+that ``python -m data.prepare`` wrote (``families[].corpus``): a user's own
+text, for fine-tuning Celo2 on it.
 
 GPT-2's 50,257-token output layer would dwarf a width-32 model, so each
 token keeps its id if it is among the ``vocab - 1`` commonest of the train
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +26,25 @@ from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks import Task, whole_window
 
 
-def _split_tokens(split: str) -> np.ndarray:
-    shards = TokenShards.open(ensure_shakespeare(progress=False), split)
+def _split_tokens(split: str, source: str = "") -> np.ndarray:
+    directory = source or ensure_shakespeare(progress=False)
+    if source and not Path(source).is_dir():
+        raise FileNotFoundError(
+            f"families[].corpus {source!r} is not a directory; prepare one with "
+            "'python -m data.prepare' (see data/README.md) or leave it empty for the bundled corpus")
+    shards = TokenShards.open(directory, split)
     return np.concatenate([shards.read(i, 0, int(n)) for i, n in enumerate(shards.lengths)])
 
 
 @functools.lru_cache(maxsize=8)
-def corpus(vocab: int, split: str = "train") -> np.ndarray:
-    """The split's tokens mapped to ids in [0, vocab), int32."""
-    train = _split_tokens("train")
+def corpus(vocab: int, split: str = "train", source: str = "") -> np.ndarray:
+    """The split's tokens of ``source`` (a shard directory; '' is the bundled corpus) mapped to ids in [0, vocab)."""
+    train = _split_tokens("train", source)
     counts = np.bincount(train.astype(np.int64))
     common = np.argsort(-counts, kind="stable")[: vocab - 1]
     table = np.full(max(counts.shape[0], 65536), vocab - 1, np.int32)
     table[common] = np.arange(vocab - 1, dtype=np.int32)
-    tokens = train if split == "train" else _split_tokens(split)
+    tokens = train if split == "train" else _split_tokens(split, source)
     return table[tokens.astype(np.int64)]
 
 
@@ -59,7 +69,8 @@ class TinyLM(Task):
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(self.config, rngs=nnx.Rngs(0))))
         self._loss = make_loss_fn(self.graphdef)
         self.init_loss = math.log(family.vocab)
-        self.data = whole_window({"tokens": jnp.asarray(corpus(family.vocab, split))})
+        self.source = family.corpus
+        self.data = whole_window({"tokens": jnp.asarray(corpus(family.vocab, split, family.corpus))})
 
     def fusion_key(self) -> tuple:
         return ("lm", self.config, self.batch)
