@@ -52,3 +52,24 @@ def test_ship_refuses_when_every_snapshot_diverged(run_dir, tmp_path):
     rows = [{"outer_step": 10, "lr": 1e-3, "mean": np.inf, "std": np.nan}]
     with pytest.raises(ValueError, match="diverged"):
         ship(run_dir, "tiny", rows, snapshots(run_dir), "a test", weights_dir=tmp_path / "weights")
+
+
+def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_path):
+    from recipes.metatrain.progress import plot, update_scores
+
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "outer_step": s, "meta_loss": 1.0 - 0.01 * s}) + "\n" for s in range(1, 26)))
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    settings = EvalSettings(steps=3, seeds=1, val_windows=8)
+    grids = {"adamw": (1e-2,), "muon": (1e-2,)}
+    seen = []
+    record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+    assert sorted(int(k) for k in record["snapshots"]) == [0, 10, 20, 25]  # 0: the starting theta
+    assert set(record["references"]) == {"normalized_momentum", "adamw", "muon"}
+    assert len(seen) == 7
+    save_checkpoint(normalized_momentum_theta(), run_dir / "thetas" / "theta_0000030.state")
+    seen.clear()
+    record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+    assert len(seen) == 1 and "30" in record["snapshots"]  # only the new snapshot was trained
+    out = plot(run_dir, record, tmp_path / "curve.png")
+    assert out.stat().st_size > 10_000

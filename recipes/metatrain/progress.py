@@ -1,0 +1,113 @@
+"""What meta-training buys: meta-loss and the validation task's loss against outer step.
+
+Snapshot scores are kept in ``RUN/validation.json`` and only new snapshots
+are trained, so the curve can be refreshed while a run goes on. The
+reference lines are the hand-made ``normalized_momentum`` theta, AdamW and
+Muon on the same task, each at the best of its learning-rate grid.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from recipes.celo2 import load_checkpoint, theta_from_source
+from recipes.metatrain.checkpoint import write_json
+from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
+from recipes.metatrain.ship import snapshots
+from recipes.metatrain.tasks_lm import TinyLM
+
+SCORES_FILE = "validation.json"
+CELO2_LRS = (1e-3, 3e-3, 1e-2)
+REFERENCE_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2, 3e-2), "muon": (3e-3, 1e-2, 3e-2, 1e-1)}
+
+
+def _best(rows: list[dict]) -> dict:
+    finite = [r for r in rows if math.isfinite(r["mean"])]
+    return min(finite, key=lambda r: r["mean"]) if finite else rows[0]
+
+
+def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_mult: float = 20.0,
+                  every: int = 1, log: Callable[[str], None] = print, celo2_lrs=CELO2_LRS,
+                  reference_grids=REFERENCE_GRIDS) -> dict:
+    """Scores the snapshots (and the starting theta, as step 0) not scored yet; returns the whole record."""
+    path = run_dir / SCORES_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {"snapshots": {}, "references": {}}
+    key = f"{task.name}/{settings.steps}x{settings.seeds}"
+    if record.get("task") not in (None, key):
+        raise ValueError(f"{path} holds scores for {record['task']}, not {key}: move it aside to rescore")
+    record["task"] = key
+    config = json.loads((run_dir / "config.json").read_text())["metatrain"]
+    thetas = {0: theta_from_source(config["init_theta"], config.get("theta_seed", 0))}
+    thetas.update({step: p for step, p in snapshots(run_dir, every).items()})
+    todo = {step: t for step, t in thetas.items() if str(step) not in record["snapshots"]}
+    for step, theta in sorted(todo.items()):
+        theta = load_checkpoint(theta) if isinstance(theta, Path) else theta
+        rows = evaluate([Candidate(f"step {step}", "celo2", lr, theta, adamw_lr_mult) for lr in celo2_lrs],
+                        settings, task, log=log)
+        record["snapshots"][str(step)] = _summary(_best(rows))
+        write_json(path, record)  # after each snapshot: an interrupted refresh keeps its work
+    references = {"normalized_momentum": [Candidate("normalized_momentum", "celo2", lr,
+                                                    theta_from_source("normalized_momentum"), adamw_lr_mult)
+                                          for lr in celo2_lrs]}
+    references.update({name: [Candidate(name, name, lr, None, 1.0) for lr in grid]
+                       for name, grid in reference_grids.items()})
+    for name, candidates in references.items():
+        if name not in record["references"]:
+            record["references"][name] = _summary(_best(evaluate(candidates, settings, task, log=log)))
+            write_json(path, record)
+    return record
+
+
+def _summary(row: dict) -> dict:
+    return {"mean": row["mean"], "std": row["std"], "lr": row["lr"], "grid": row.get("grid")}
+
+
+def meta_losses(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    steps, losses = [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind", "train") == "train" and "meta_loss" in row:
+            steps.append(row["outer_step"])
+            losses.append(row["meta_loss"])
+    return np.asarray(steps), np.asarray(losses)
+
+
+def plot(run_dir: Path, record: dict, out: Path, smooth: int = 20) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    steps, losses = meta_losses(run_dir)
+    top.plot(steps, losses, color="0.75", lw=0.6, label="meta-loss (logged)")
+    if len(losses) >= smooth:
+        kernel = np.ones(smooth) / smooth
+        top.plot(steps[smooth - 1:], np.convolve(losses, kernel, mode="valid"), color="C0",
+                 label=f"mean of {smooth} logs")
+    top.set_ylabel("meta-loss (loss / initial loss)")
+    top.legend(loc="upper right", fontsize=8)
+    scored = sorted((int(k), v) for k, v in record["snapshots"].items())
+    xs = [k for k, _ in scored]
+    ys = [v["mean"] if math.isfinite(v["mean"]) else np.nan for _, v in scored]
+    errs = [v["std"] if math.isfinite(v["std"]) else 0.0 for _, v in scored]
+    bottom.errorbar(xs, ys, yerr=errs, marker="o", color="C0", label="Celo2, snapshot theta")
+    for i, (name, ref) in enumerate(sorted(record["references"].items())):
+        bottom.axhline(ref["mean"], color=f"C{i + 1}", ls="--", label=f"{name} (lr {ref['lr']:g}) {ref['mean']:.3f}")
+    finite = [y for y in ys if np.isfinite(y)] + [r["mean"] for r in record["references"].values()]
+    if finite:
+        low = min(finite)
+        bottom.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
+    bottom.set_xlabel("outer step")
+    bottom.set_ylabel(f"validation loss\n({record['task']})")
+    bottom.legend(fontsize=8)
+    fig.suptitle(f"meta-training {run_dir.name}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
