@@ -2,23 +2,31 @@
 
     python scripts/eval_optimizer.py --theta runs/metatrain_lm --theta normalized_momentum
     python scripts/eval_optimizer.py --task validation --no-baselines --theta runs/metatrain_lm/thetas/theta_0000100.state ...
+    python scripts/eval_optimizer.py --task default --adamw-mults 1,3,10,20 --theta celo2_lm --corpus my_shards
 
 Each --theta (a theta.state, a run directory, hf://OWNER/REPO, or a built-in name
 such as normalized_momentum or celo2_lm) trains the task with Celo2; AdamW and Muon each get the best of
-their learning-rate grid. Prints a Markdown table of final validation losses
-(mean, spread and range over seeds). Choose among meta-training snapshots
-on ``--task validation``, and report the chosen one on the held-out task.
+their learning-rate grid; Celo2 and Muon also search the AdamW-side (embeddings,
+biases, LayerNorm) learning-rate multiplier over --adamw-mults. Prints a Markdown
+table of final validation losses (mean, spread and range over seeds), flagging a
+best point on an edge of its grid. Choose among meta-training snapshots on
+``--task validation``, and report the chosen one on the held-out task; ``--task
+default`` is the default recipe's model, batch, schedule and GPT-2 vocabulary,
+on the bundled corpus or on a shard directory from data.prepare (--corpus).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.metatrain.evaluate import EVAL_TASKS, Candidate, EvalSettings, evaluate, format_table  # noqa: E402
+import yaml  # noqa: E402
+
+from recipes.metatrain.evaluate import EVAL_TASKS, TASK_SETTINGS, Candidate, EvalSettings, evaluate, format_table  # noqa: E402
 from recipes.metatrain.loop import resolve_theta  # noqa: E402
 from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
 
@@ -32,15 +40,17 @@ def main(argv=None) -> int:
     p.add_argument("--theta", action="append", default=None,
                    help="repeatable; default: normalized_momentum")
     p.add_argument("--celo2-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2], help="comma-separated grid")
-    p.add_argument("--celo2-adamw-mult", type=float, default=20.0,
-                   help="AdamW side LR (embeddings, biases) as a multiple of Celo2's; 20 as in meta-training")
+    p.add_argument("--adamw-mults", type=_floats, default=[1.0, 20.0],
+                   help="AdamW-side LR (embeddings, biases) multipliers tried for Celo2 and Muon, e.g. 1,3,10,20")
     p.add_argument("--adamw-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--muon-lrs", type=_floats, default=[3e-3, 1e-2, 3e-2])
-    p.add_argument("--muon-adamw-mult", type=float, default=0.3)
+    p.add_argument("--muon", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Muon setting for an extra Muon row, e.g. consistent_rms=1.0 or beta=0.9 (repeatable)")
+    p.add_argument("--corpus", default="", help="a shard directory from data.prepare (default: the bundled corpus)")
     p.add_argument("--no-baselines", action="store_true", help="evaluate the thetas only")
     p.add_argument("--task", choices=sorted(EVAL_TASKS), default="heldout",
                    help="heldout reports; validation selects among snapshots")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="default: 150 for --task default, else 300")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--val-windows", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -52,18 +62,34 @@ def main(argv=None) -> int:
 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
 
-    settings = EvalSettings(steps=args.steps, seeds=args.seeds, val_windows=args.val_windows)
+    task_settings = {"steps": 300, **TASK_SETTINGS.get(args.task, {})}
+    if args.steps is not None:
+        task_settings["steps"] = args.steps
+    settings = EvalSettings(seeds=args.seeds, val_windows=args.val_windows, **task_settings)
+    muon_variant = []
+    for item in args.muon:
+        key, _, value = item.partition("=")
+        muon_variant.append((key, yaml.safe_load(value)))
     candidates = []
     for source in args.theta or ["normalized_momentum"]:
         theta = resolve_theta(source)
-        candidates += [Candidate(f"celo2 ({source})", "celo2", lr, theta, args.celo2_adamw_mult) for lr in args.celo2_lrs]
+        candidates += [Candidate(f"celo2 ({source})", "celo2", lr, theta, mult)
+                       for mult in args.adamw_mults for lr in args.celo2_lrs]
     if not args.no_baselines:
         candidates += [Candidate("adamw", "adamw", lr) for lr in args.adamw_lrs]
-        candidates += [Candidate("muon", "muon", lr, None, args.muon_adamw_mult) for lr in args.muon_lrs]
+        candidates += [Candidate("muon", "muon", lr, None, mult) for mult in args.adamw_mults for lr in args.muon_lrs]
+    if muon_variant:
+        label = "muon (" + ", ".join(f"{k}={v}" for k, v in muon_variant) + ")"
+        candidates += [Candidate(label, "muon", lr, None, mult, tuple(muon_variant))
+                       for mult in args.adamw_mults for lr in args.muon_lrs]
 
-    family = EVAL_TASKS[args.task]
-    task = TinyLM(family)
-    print(f"{args.task} task {family.name}: {args.steps} steps, batch {family.batch}, {args.seeds} seeds", flush=True)
+    family = dataclasses.replace(EVAL_TASKS[args.task], corpus=args.corpus)
+    try:
+        task = TinyLM(family)
+    except FileNotFoundError as error:
+        p.error(str(error))
+    print(f"{args.task} task {family.name} on {args.corpus or 'the bundled corpus'}: {settings.steps} steps, "
+          f"batch {family.batch}, {args.seeds} seeds", flush=True)
     rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True))
     print(format_table(rows, settings))
     if args.json is not None:

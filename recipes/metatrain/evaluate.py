@@ -4,7 +4,8 @@ Every optimizer trains the same GPT (a shape none of the meta-training
 families has) on the bundled corpus, once per seed, all seeds vmapped in one
 compiled program per (optimizer, learning rate); the validation loss is the
 mean over fixed windows of the val split. Baselines report their best
-learning rate of the grid, judged by mean validation loss over seeds.
+(learning rate, AdamW-side multiplier) point of the grid, judged by mean
+validation loss over seeds; a best point on an edge of its grid is flagged.
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_he
 # Picks among meta-training snapshots, so the held-out task stays unseen by every choice.
 VALIDATION = FamilyConfig(kind="lm", name="validation_lm_l3_d40_c40", n_layer=3, n_head=2, d_model=40,
                           context_length=40, batch=16, vocab=512)
-EVAL_TASKS = {"heldout": HELD_OUT, "validation": VALIDATION}
+# The default recipe's model and batch (configs/shakespeare_celo2.yaml) with the GPT-2 vocabulary: what users run.
+DEFAULT_RECIPE = FamilyConfig(kind="lm", name="default_recipe_l4_d64_c64", n_layer=4, n_head=4, d_model=64,
+                              context_length=64, batch=16, vocab=50257)
+EVAL_TASKS = {"heldout": HELD_OUT, "validation": VALIDATION, "default": DEFAULT_RECIPE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Candidate:
     lr: float
     theta: dict | None = None
     adamw_lr_mult: float = 1.0
+    muon: tuple = ()  # MuonConfig overrides as (key, value) pairs, e.g. (("consistent_rms", 1.0),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,11 @@ class EvalSettings:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
     val_windows: int = 256
+    min_lr_ratio: float = 0.0
+
+
+# The default recipe's own schedule and decay (150 steps, 20 warmup, cosine to 0.1x, weight decay 0.1).
+TASK_SETTINGS = {"default": {"steps": 150, "warmup_fraction": 20 / 150, "min_lr_ratio": 0.1, "weight_decay": 0.1}}
 
 
 def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
@@ -58,14 +68,14 @@ def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
 
 def train_and_validate(task: TinyLM, candidate: Candidate, settings: EvalSettings) -> np.ndarray:
     """Final validation loss per seed."""
-    run = _compiled_run(task, candidate.name, candidate.lr, candidate.adamw_lr_mult, settings)
+    run = _compiled_run(task, candidate.name, candidate.lr, candidate.adamw_lr_mult, candidate.muon, settings)
     theta = None if candidate.theta is None else jax.tree.map(jnp.asarray, candidate.theta)
     keys = jax.random.split(jax.random.key(0), settings.seeds)
     return np.asarray(run(keys, task.data, val_windows(task, settings.val_windows), theta))
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_run(task: TinyLM, name: str, lr: float, adamw_lr_mult: float, settings: EvalSettings):
+def _compiled_run(task: TinyLM, name: str, lr: float, adamw_lr_mult: float, muon: tuple, settings: EvalSettings):
     """All seeds of one (optimizer, learning rate) as one jitted program.
 
     Theta is an argument, not a constant, so every snapshot of a meta-training
@@ -74,8 +84,9 @@ def _compiled_run(task: TinyLM, name: str, lr: float, adamw_lr_mult: float, sett
     config = OptimizerConfig(
         name=name, lr=lr, adamw_lr_mult=adamw_lr_mult,
         weight_decay=settings.weight_decay, theta="normalized_momentum",
-        schedule={"kind": "cosine", "warmup_steps": max(1, int(settings.warmup_fraction * settings.steps)),
-                  "total_steps": settings.steps},
+        schedule={"kind": "cosine", "warmup_steps": max(1, int(round(settings.warmup_fraction * settings.steps))),
+                  "total_steps": settings.steps, "min_lr_ratio": settings.min_lr_ratio},
+        muon=dict(muon),
     )
 
     def one_seed(key, data, windows, theta):
@@ -104,27 +115,40 @@ def summarize(losses: np.ndarray) -> dict:
 
 
 def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print) -> list[dict]:
-    """One row per label: its best learning rate and that rate's loss statistics."""
+    """One row per label: its best (learning rate, AdamW-side multiplier) and that point's loss statistics."""
     task = task or TinyLM(HELD_OUT, split="train")
     if settings.val_windows % task.batch:
         raise ValueError(f"val_windows ({settings.val_windows}) must be a multiple of the task's batch ({task.batch})")
     results: dict[str, list[dict]] = {}
     for c in candidates:
         stats = summarize(train_and_validate(task, c, settings))
-        log(f"  {c.label:<28} lr {c.lr:<8.3g} val loss {stats['mean']:.4f} +- {stats['std']:.4f}")
-        results.setdefault(c.label, []).append({"label": c.label, "lr": c.lr, **stats})
+        log(f"  {c.label:<28} lr {c.lr:<8.3g} side x{c.adamw_lr_mult:<4g} val loss {stats['mean']:.4f} "
+            f"+- {stats['std']:.4f}")
+        results.setdefault(c.label, []).append({"label": c.label, "lr": c.lr, "adamw_lr_mult": c.adamw_lr_mult,
+                                                **stats})
     rows = []
     for label, runs in results.items():
         best = min(runs, key=lambda r: (not math.isfinite(r["mean"]), r["mean"]))
-        rows.append({**best, "grid": [r["lr"] for r in runs]})
+        lrs = sorted({r["lr"] for r in runs})
+        mults = sorted({r["adamw_lr_mult"] for r in runs})
+        edges = []
+        if len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
+            edges.append(f"lr {best['lr']:g}")
+        if len(mults) > 1 and best["adamw_lr_mult"] in (mults[0], mults[-1]):
+            edges.append(f"x{best['adamw_lr_mult']:g}")
+        rows.append({**best, "grid": lrs, "mult_grid": mults, "at_edge": edges,
+                     "points": [{k: r[k] for k in ("lr", "adamw_lr_mult", "mean", "std")} for r in runs]})
     return rows
 
 
 def format_table(rows: list[dict], settings: EvalSettings) -> str:
-    head = f"| optimizer | best lr (grid) | val loss mean | std over {settings.seeds} seeds | min | max |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = (f"| optimizer | best lr (grid) | best side multiplier (grid) | val loss mean | std over {settings.seeds} "
+            "seeds | min | max |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["mean"]):
         grid = ", ".join(f"{lr:g}" for lr in r["grid"])
-        lines.append(f"| {r['label']} | {r['lr']:g} ({grid}) | {r['mean']:.4f} | {r['std']:.4f} | "
-                     f"{r['min']:.4f} | {r['max']:.4f} |")
+        mults = ", ".join(f"{m:g}" for m in r.get("mult_grid", [r.get("adamw_lr_mult", 1.0)]))
+        edge = f" (at the grid's edge: {', '.join(r['at_edge'])})" if r.get("at_edge") else ""
+        lines.append(f"| {r['label']}{edge} | {r['lr']:g} ({grid}) | {r.get('adamw_lr_mult', 1.0):g} ({mults}) | "
+                     f"{r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | {r['max']:.4f} |")
     return "\n".join(lines)
