@@ -1,6 +1,6 @@
-"""Train a GPT model: python train.py --config NAME.yaml [--section.key=value ...] [--dry-run]
+"""Train a GPT model: python train.py [--config NAME.yaml] [--section.key=value ...] [--dry-run]
 
-A bare NAME resolves in configs/. train.out_dir is the run directory: it receives the
+A bare NAME resolves in configs/; without --config the default recipe trains. train.out_dir is the run directory: it receives the
 resolved config, the optimizer's routing table, metrics.jsonl and the checkpoints, and
 rerunning into it resumes from its latest checkpoint. SIGTERM or Ctrl-C saves a
 checkpoint and exits cleanly.
@@ -23,8 +23,12 @@ from recipes.checkpoint import Checkpointer, StopRequest
 from recipes.dry_run import dry_run_report
 from recipes.metrics import MetricsLog, mfu, progress_bar
 from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
+from recipes.report import summary_lines
 from recipes.train_step import (abstract_model, abstract_state, init_state,
                                 make_eval_step, make_train_step, params_shardings, state_shardings)
+
+
+DEFAULT_RECIPE = "shakespeare_celo2.yaml"  # a small GPT on the bundled corpus, minutes on a CPU
 
 
 class NonFiniteError(RuntimeError):
@@ -34,7 +38,8 @@ class NonFiniteError(RuntimeError):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--config", help="YAML recipe: a path or a name in configs/")
+    parser.add_argument("--config", default=DEFAULT_RECIPE,
+                        help=f"YAML recipe: a path or a name in configs/ (default: {DEFAULT_RECIPE})")
     parser.add_argument("--dry-run", action="store_true",
                         help="build everything abstractly, print sizes as JSON (last line) and exit")
     args, overrides = parser.parse_known_args(argv)
@@ -54,8 +59,12 @@ def log0(*args) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    began = time.perf_counter()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    config = config_lib.load_config(args.config, overrides)
+    notes = []
+    config = config_lib.load_config(args.config, overrides, notes)
+    for note in notes:
+        log0(note)
     mesh_lib.init_distributed(config.mesh)
     mesh = mesh_lib.build_mesh(config.mesh)
     seq_len, accum = config.seq_len, config.data.accum_steps
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                              name=config.logging.wandb_name or run_dir.name, config=config_lib.to_dict(config))
     summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
                "skipped_steps": 0}
+    first_val_loss = []  # the first evaluation of this invocation, for the closing summary
     show_bar = config.logging.progress and jax.process_index() == 0
     streak = 0  # consecutive non-finite steps
     window = {"time": time.perf_counter(), "steps": 0, "losses": [], "paused": 0.0}  # since the last record
@@ -175,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     def run_eval(step: int) -> None:
         began = time.perf_counter()
         summary["val_loss"] = evaluate(state["params"])
+        if not first_val_loss:
+            first_val_loss.append(summary["val_loss"])
         metrics_log.log({"step": step, "val_loss": summary["val_loss"]})
         (bar.write if show_bar else log0)(f"step {step}: val loss {summary['val_loss']:.4f}")
         window["paused"] += time.perf_counter() - began
@@ -220,7 +232,26 @@ def main(argv: list[str] | None = None) -> dict:
     if jax.process_index() == 0:  # what sweeps and schedulers read to tell a finished run from a stopped one
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log0(json.dumps(summary))
+    if jax.process_index() == 0:
+        tokens = (step - start) * config.tokens_per_step
+        for line in summary_lines(summary, (first_val_loss or [None])[0], tokens, time.perf_counter() - began,
+                                  run_dir / "checkpoints", config.sample.prompt):
+            print(line, flush=True)
+        if config.sample.max_new_tokens and jax.process_count() == 1:
+            print(f"--- a sample ({config.sample.max_new_tokens} new tokens, temperature "
+                  f"{config.sample.temperature:g}) ---\n{sample_text(config, state['params'])}", flush=True)
     return summary
+
+
+def sample_text(config, params) -> str:
+    from data.tokenizer import gpt2_encoding
+    from model.sampling import generate
+
+    encoding = gpt2_encoding()
+    s = config.sample
+    prompt_ids = encoding.encode(s.prompt, allowed_special={"<|endoftext|>"})
+    ids = generate(config.model, params, prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.seed)
+    return encoding.decode(ids)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from model.config import SIZES, ModelConfig
-from recipes.optimizer_config import OptimizerConfig
+from recipes.optimizer_config import OptimizerConfig, ScheduleConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 WANDB_MODES = ("disabled", "offline", "online")
@@ -140,6 +140,27 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Text generated from the final model, printed after the run's summary (0 tokens: none)."""
+
+    prompt: str = "\n"
+    max_new_tokens: int = 0
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"sample.max_new_tokens={self.max_new_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise ConfigError(f"sample.temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k is not None:
+            _positive(self, "top_k")
+        if not self.prompt:
+            raise ConfigError("sample.prompt is empty: give at least one character")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.named("tiny"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -148,6 +169,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
     @property
     def seq_len(self) -> int:
@@ -176,7 +198,7 @@ def _positive(section, name: str) -> None:
 
 
 _SECTION_NAMES = {DataConfig: "data", TrainConfig: "train", MeshConfig: "mesh", EvalConfig: "eval",
-                  LoggingConfig: "logging"}
+                  LoggingConfig: "logging", SampleConfig: "sample"}
 
 
 # --- typed conversion of plain dicts -----------------------------------------------------------
@@ -358,7 +380,7 @@ def parse_overrides(args: list[str]) -> dict:
             i += 1
         else:
             raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
-        value = yaml.safe_load(text) if text.strip() else text
+        value = _override_value(text)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -368,6 +390,16 @@ def parse_overrides(args: list[str]) -> dict:
         node[parts[-1]] = value
         i += 1
     return out
+
+
+def _override_value(text: str):
+    """A YAML scalar (1e-3, true, null, [1, 2]); text YAML cannot read (**ROMEO**) stays a string."""
+    if not text.strip():
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def build_config(values: Mapping[str, Any]) -> Config:
@@ -382,7 +414,35 @@ def build_config(values: Mapping[str, Any]) -> Config:
     return from_dict(Config, values)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """The typed Config from a YAML file (or defaults when None) and command-line overrides."""
+def fit_warmup(values: dict) -> tuple[dict, str | None]:
+    """A warmup that does not fit in a short run (``--train.steps=10`` on a recipe with 20) is cut to a
+    tenth of the run, so quick tries need no second override; returns the values and a note saying so."""
+    schedule = dict((values.get("optimizer") or {}).get("schedule") or {})
+    warmup = schedule.get("warmup_steps")
+    total = schedule.get("total_steps") or (values.get("train") or {}).get("steps", TrainConfig.steps)
+    if not isinstance(warmup, int) or not isinstance(total, int) or total <= 0 or warmup < 0:
+        return values, None  # malformed values: the typed config says what is wrong
+    decay = 0
+    fraction = schedule.get("decay_fraction", ScheduleConfig.decay_fraction)
+    if schedule.get("kind") == "wsd" and isinstance(fraction, (int, float)):
+        decay = max(1, round(fraction * total))  # as ScheduleConfig.decay_steps
+    if warmup + decay <= total:
+        return values, None
+    fitted = min(total // 10, total - decay)
+    optimizer = {**values["optimizer"], "schedule": {**schedule, "warmup_steps": max(fitted, 0)}}
+    note = (f"note: optimizer.schedule.warmup_steps={warmup} does not fit in {total} steps; "
+            f"using {max(fitted, 0)} (a tenth of the run)")
+    return {**values, "optimizer": optimizer}, note
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                notes: list[str] | None = None) -> Config:
+    """The typed Config from a YAML file (or defaults when None) and command-line overrides.
+
+    Adjustments made on the way (a warmup cut to fit a short run) are appended to ``notes``.
+    """
     values = read_yaml(path) if path is not None else {}
-    return build_config(merge_configs(values, parse_overrides(list(overrides or []))))
+    values, note = fit_warmup(merge_configs(values, parse_overrides(list(overrides or []))))
+    if note and notes is not None:
+        notes.append(note)
+    return build_config(values)

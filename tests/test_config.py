@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import CONFIG_DIR, Config, ConfigError, load_config, parse_overrides, to_yaml
+from recipes.config import build_config, CONFIG_DIR, Config, ConfigError, load_config, parse_overrides, to_yaml
 
 RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -58,7 +58,20 @@ def test_bad_values_are_refused():
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_recipe.yaml")
     with pytest.raises(ConfigError, match="warmup_steps=20 exceeds total_steps=5"):
-        load_config(None, ["--train.steps=5", "--optimizer.schedule.warmup_steps=20"])
+        build_config({"train": {"steps": 5}, "optimizer": {"schedule": {"warmup_steps": 20}}})
+
+
+def test_a_warmup_longer_than_a_short_run_is_cut_with_a_note():
+    notes = []
+    config = load_config("shakespeare_celo2.yaml", ["--train.steps=5"], notes)
+    assert config.optimizer.schedule.warmup_steps == 0 and config.train.steps == 5
+    assert notes == ["note: optimizer.schedule.warmup_steps=20 does not fit in 5 steps; using 0 (a tenth of the run)"]
+    notes.clear()
+    config = load_config(None, ["--train.steps=50", "--optimizer.schedule.kind=wsd",
+                                "--optimizer.schedule.warmup_steps=45"], notes)
+    assert config.optimizer.schedule.warmup_steps == 5 and len(notes) == 1  # 5 + a 10-step decay fit in 50
+    notes.clear()
+    assert load_config("shakespeare_celo2.yaml", [], notes).optimizer.schedule.warmup_steps == 20 and not notes
 
 
 def test_base_include_and_anchors(tmp_path: Path):

@@ -141,3 +141,21 @@ def test_bad_config_is_refused_before_training(tmp_path):
         run(tmp_path, "--optimizer.lrate=1")
     with pytest.raises(ValueError, match="do not split over the 8 batch shards"):
         run(tmp_path, "--mesh.devices=8", "--data.global_batch=12")
+
+
+def test_run_ends_with_a_readable_summary_and_a_sample(tmp_path, capsys):
+    run(tmp_path, "--train.steps=3", "--sample.max_new_tokens=5", "--sample.prompt=**ROMEO**\n")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    json_line = next(i for i, line in enumerate(lines) if line.startswith('{"start_step"'))
+    assert json.loads(lines[json_line])["finished"]  # scripts still read the JSON line
+    tail = "\n".join(lines[json_line + 1:])
+    assert "run finished: 3 steps (1,536 tokens)" in tail and "validation loss" in tail and " -> " in tail
+    assert f"scripts/sample.py --checkpoint {tmp_path / 'run'} --prompt $'**ROMEO**\\n'" in tail
+    assert "scripts/export_hf.py --checkpoint" in tail
+    assert "--- a sample (5 new tokens, temperature 0.8) ---\n**ROMEO**\n" in tail
+
+
+def test_without_config_the_default_recipe_trains():
+    args, _ = train.parse_args([])
+    assert args.config == train.DEFAULT_RECIPE == "shakespeare_celo2.yaml"
