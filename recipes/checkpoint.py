@@ -118,7 +118,9 @@ def load_run_params(run_dir: str | Path, step: int | None = None):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): pass train.out_dir of a run")
     config = load_config(run_dir / "config.yaml")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints", item_names=("state", "meta")) as manager:
+    # Handlers named for both items: otherwise orbax warns that the one not restored "could not be".
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints", item_handlers=handlers) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet: train first")
