@@ -61,6 +61,26 @@ class Attention(nnx.Module):
         out_BxLxHxK = constrain(out_BxLxHxK, _ACT_BxLxHxK)
         return self.proj(out_BxLxHxK.reshape(B, L, D))
 
+    def decode(self, x_BxTxD: jax.Array, cache: tuple, pos: jax.Array) -> tuple[jax.Array, tuple]:
+        """Attention for T new positions starting at ``pos``, keys and values of earlier ones
+        read from ``cache`` = (k_BxCxHxK, v_BxCxHxK), C = context_length; returns (out, new cache)."""
+        B, T, D = x_BxTxD.shape
+        H, K = self.config.n_head, self.config.head_dim
+        q_BxTxD, k_BxTxD, v_BxTxD = jnp.split(self.qkv(x_BxTxD), 3, axis=-1)
+        k_BxCxHxK = jax.lax.dynamic_update_slice(cache[0], k_BxTxD.reshape(B, T, H, K).astype(cache[0].dtype),
+                                                 (0, pos, 0, 0))
+        v_BxCxHxK = jax.lax.dynamic_update_slice(cache[1], v_BxTxD.reshape(B, T, H, K).astype(cache[1].dtype),
+                                                 (0, pos, 0, 0))
+        C = k_BxCxHxK.shape[1]
+        q_BxTxHxK = q_BxTxD.reshape(B, T, H, K)
+        scores_BxHxTxC = jnp.einsum("bthk,bchk->bhtc", q_BxTxHxK, k_BxCxHxK.astype(q_BxTxHxK.dtype),
+                                    preferred_element_type=jnp.float32) / math.sqrt(K)
+        visible_TxC = jnp.arange(C)[None, :] <= pos + jnp.arange(T)[:, None]  # causal, and only written slots
+        scores_BxHxTxC = jnp.where(visible_TxC, scores_BxHxTxC, -jnp.inf)
+        weights_BxHxTxC = jax.nn.softmax(scores_BxHxTxC, axis=-1).astype(q_BxTxHxK.dtype)
+        out_BxTxHxK = jnp.einsum("bhtc,bchk->bthk", weights_BxHxTxC, v_BxCxHxK.astype(q_BxTxHxK.dtype))
+        return self.proj(out_BxTxHxK.reshape(B, T, D)), (k_BxCxHxK, v_BxCxHxK)
+
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack=(), stack_axes=()):
@@ -94,6 +114,20 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD, dtype)).astype(jnp.float32)
         x_BxLxD = x_BxLxD + self.mlp(self.ln_2(x_BxLxD, dtype)).astype(jnp.float32)
         return constrain(x_BxLxD, _ACT_BxLxD)
+
+    def decode(self, x_BxTxD: jax.Array, cache: tuple, pos: jax.Array) -> tuple[jax.Array, tuple]:
+        dtype = jnp.dtype(self.config.compute_dtype)
+        attended, cache = self.attn.decode(self.ln_1(x_BxTxD, dtype), cache, pos)
+        x_BxTxD = x_BxTxD + attended.astype(jnp.float32)
+        x_BxTxD = x_BxTxD + self.mlp(self.ln_2(x_BxTxD, dtype)).astype(jnp.float32)
+        return x_BxTxD, cache
+
+
+def empty_kv_cache(config: ModelConfig, batch: int) -> tuple:
+    """The key/value cache GPT.decode fills: (k, v), each (n_layer, batch, context_length, n_head, head_dim)."""
+    shape = (config.n_layer, batch, config.context_length, config.n_head, config.head_dim)
+    dtype = jnp.dtype(config.compute_dtype)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 class GPT(nnx.Module):
@@ -131,13 +165,32 @@ class GPT(nnx.Module):
         x_BxLxD = jnp.take(wte_VxD, tokens_BxL, axis=0) + self.wpe[...][:L]
         x_BxLxD = constrain(x_BxLxD, _ACT_BxLxD)
         x_BxLxD = self._run_blocks(x_BxLxD)
-        h_BxLxD = self.ln_f(x_BxLxD, dtype)
+        return self._logits(x_BxLxD)
 
+    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.compute_dtype)
+        h_BxLxD = self.ln_f(x_BxLxD, dtype)
         logits_BxLxV = jnp.einsum("bld,vd->blv", h_BxLxD, self.wte[...].astype(dtype),
                                   preferred_element_type=jnp.float32)
         logits_BxLxV = constrain(logits_BxLxV, ("batch", "seq", "act_vocab"))
         is_real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         return jnp.where(is_real_V, logits_BxLxV, PAD_LOGIT)
+
+    def decode(self, tokens_BxT: jax.Array, cache: tuple, pos: jax.Array) -> tuple[jax.Array, tuple]:
+        """Logits for T tokens placed at positions pos .. pos+T-1 (which must fit in the context),
+        attending to the cached keys and values of positions before pos; returns (logits, new cache)."""
+        wpe_TxD = jax.lax.dynamic_slice_in_dim(self.wpe[...], pos, tokens_BxT.shape[1])
+        x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0) + wpe_TxD
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer_step(x_BxTxD, layer):
+            layer_params, k, v = layer
+            x_BxTxD, (k, v) = nnx.merge(graphdef, layer_params).decode(x_BxTxD, (k, v), pos)
+            return x_BxTxD, (k, v)
+
+        x_BxTxD, cache = jax.lax.scan(layer_step, x_BxTxD, (stacked, *cache))
+        return self._logits(x_BxTxD), cache
 
     def _run_blocks(self, x_BxLxD: jax.Array) -> jax.Array:
         graphdef, stacked = nnx.split(self.blocks)

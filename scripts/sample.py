@@ -3,8 +3,9 @@
     python scripts/sample.py --checkpoint runs/shakespeare_celo2 --prompt $'**ROMEO**\n' \
         --max-new-tokens 100 --temperature 0.8 [--top-k 50] [--seed 0]
 
---temperature 0 is greedy decoding. Each token reruns the model on the last
-context_length tokens (no KV cache): simple, and fast enough for small models.
+--temperature 0 is greedy decoding. Each new token is one forward pass on the cached
+keys and values of the text so far, until the text fills the context; after that
+each token is predicted from the last context_length tokens.
 """
 from __future__ import annotations
 

@@ -207,6 +207,22 @@ def test_functional_apply_matches_module(tiny, run_tiny):
     jax.tree.map(np.testing.assert_array_equal, from_pure, params)
 
 
+def test_cached_decoding_gives_the_full_forward_logits(tiny, run_tiny):
+    """A 10-token prefill, then one token at a time on the key/value cache: the same logits."""
+    from model.gpt import empty_kv_cache
+
+    graphdef, params = tiny
+    (_, full), _ = run_tiny(params, TOKENS)  # logits of TOKENS[:, :32]
+    decode = jax.jit(lambda p, t, c, pos: nnx.merge(graphdef, p).decode(t, c, pos))
+    cache = empty_kv_cache(TINY, 2)
+    logits, cache = decode(params, TOKENS[:, :10], cache, 0)
+    steps = [logits]
+    for pos in range(10, 32):
+        logits, cache = decode(params, TOKENS[:, pos:pos + 1], cache, pos)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_causality(tiny, run_tiny):
     _, params = tiny
     t = 20

@@ -53,3 +53,26 @@ def test_sampling_is_seeded_and_bad_input_refused(trained_run, capsys):
     assert a == b and len(a) == len(np.atleast_1d(a))
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         sample.main(["--checkpoint", str(trained_run.parent / "missing")])
+
+
+def test_generation_past_the_context_equals_recomputing_every_window(trained_run):
+    """The cache serves the tokens that fit; past the context each token comes from the last window."""
+    import jax
+    import jax.numpy as jnp
+
+    from model import make_apply
+    from model.sampling import generate
+    from recipes.checkpoint import load_run_params
+    from recipes.train_step import abstract_model
+
+    config, params, _ = load_run_params(trained_run)
+    width = config.model.context_length
+    prompt = list(range(100, 100 + width - 5))
+    ours = generate(config.model, params, prompt, 12, temperature=0)  # crosses the context after 5 tokens
+    apply = jax.jit(make_apply(abstract_model(config.model)[0]))
+    reference = list(prompt)
+    for _ in range(12):
+        window = reference[-width:]
+        logits = apply(params, jnp.asarray([window]))[0, -1, :config.model.vocab_size]
+        reference.append(int(jnp.argmax(logits)))
+    assert ours == reference
