@@ -254,9 +254,20 @@ def sample_text(config, params) -> str:
     return encoding.decode(ids)
 
 
+def _ordinary_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes in a config, a path, data or weights: each says what to fix, so one line suffices."""
+    from data.shards import ShardError
+    from data.tokenizer import TokenizerUnavailableError
+    from recipes.celo2_theta import ThetaFormatError
+
+    return (config_lib.ConfigError, NonFiniteError, FileNotFoundError, ShardError, ThetaFormatError,
+            TokenizerUnavailableError)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (config_lib.ConfigError, NonFiniteError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except _ordinary_errors() as error:
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, nothing dropped
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)

@@ -353,7 +353,13 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     path = resolve_path(path).resolve()
     if path in _seen:
         raise ConfigError(f"config {path.name} includes itself through 'base:'")
-    loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file and rerun") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path.name} must be a mapping of sections, got {type(loaded).__name__}")
     # Keys starting with "_" hold YAML anchors only (e.g. `_common: &common ...`).

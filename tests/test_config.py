@@ -104,3 +104,29 @@ def test_every_recipe_loads(name):
 
 def test_expected_recipes_exist():
     assert "shakespeare_celo2.yaml" in RECIPES
+
+
+def test_yaml_syntax_error_names_file_line_and_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {size: tiny\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: YAML syntax error: did not find expected"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config", "{bad}", "--dry-run"], "error: {bad}:2:1: YAML syntax error"),
+    (["--optimizer.theta={theta}", "--train.steps=2"], "error: {theta}: not a readable theta.state"),
+])
+def test_ordinary_mistakes_end_in_one_error_line(tmp_path, args, expected):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    (tmp_path / "theta.state").write_bytes(b"not msgpack at all")
+    values = {"bad": tmp_path / "bad.yaml", "theta": tmp_path / "theta.state"}
+    args = [a.format(**values) for a in args] + [f"--train.out_dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=CONFIG_DIR.parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected.format(**values)), result.stderr
