@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
                               seed=config.train.seed if config.data.seed is None else config.data.seed,
                               val_global_batch=eval_batch, vocab_size=config.model.vocab_size)
     eval_batches = min(config.eval.batches, loader.num_val_batches)
-    if eval_batches < config.eval.batches:
+    if eval_batches == 0:
+        log0(f"note: the val split holds no full batch of {eval_batch} x {seq_len + 1} tokens, so this run "
+             "reports no validation loss; lower eval.batch_size or data.seq_len, or prepare more val data")
+    elif eval_batches < config.eval.batches:
         log0(f"note: the val split holds {eval_batches} batches of {eval_batch}; evaluating on those")
 
     # The run directory records what this run is: config, routing, then metrics and checkpoints.
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         window.update(time=time.perf_counter(), steps=0, losses=[], paused=0.0)
 
     def run_eval(step: int) -> None:
+        if eval_batches == 0:
+            return
         began = time.perf_counter()
         summary["val_loss"] = evaluate(state["params"])
         if not first_val_loss:
@@ -230,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
             metrics_log.close()
     summary.update(step=step, total_steps=total_steps, finished=step >= total_steps, run_dir=str(run_dir))
     if jax.process_index() == 0:  # what sweeps and schedulers read to tell a finished run from a stopped one
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log0(json.dumps(summary))
+        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+    log0(json.dumps(json_safe(summary)))
     if jax.process_index() == 0:
         tokens = (step - start) * config.tokens_per_step
         for line in summary_lines(summary, (first_val_loss or [None])[0], tokens, time.perf_counter() - began,
@@ -241,6 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"--- a sample ({config.sample.max_new_tokens} new tokens, temperature "
                   f"{config.sample.temperature:g}) ---\n{sample_text(config, state['params'])}", flush=True)
     return summary
+
+
+def json_safe(record: dict) -> dict:
+    """Non-finite floats as null: JSON has no NaN, and summary.json must parse anywhere."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
 
 
 def sample_text(config, params) -> str:

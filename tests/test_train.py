@@ -159,3 +159,12 @@ def test_run_ends_with_a_readable_summary_and_a_sample(tmp_path, capsys):
 def test_without_config_the_default_recipe_trains():
     args, _ = train.parse_args([])
     assert args.config == train.DEFAULT_RECIPE == "shakespeare_celo2.yaml"
+
+
+def test_a_val_split_too_small_for_one_batch_is_said_and_summary_stays_json(tmp_path, capsys):
+    summary = run(tmp_path, "--train.steps=2", "--eval.batch_size=4096")  # more tokens than the val split holds
+    out = capsys.readouterr().out
+    assert "the val split holds no full batch of 4096" in out
+    assert summary["val_loss"] is None and "val loss nan" not in out
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert saved["val_loss"] is None and saved["finished"]
