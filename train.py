@@ -126,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
         state = init_state(config.model, tx, config.train.seed, mesh, shardings)
     start = int(jax.device_get(state["step"]))
     stop = config.train.stop_at_step or total_steps
+    if start >= stop and (run_dir / "summary.json").is_file():
+        finished = json.loads((run_dir / "summary.json").read_text())
+        log0(f"{run_dir} is already at step {start} of {stop}: nothing to train (its summary.json is kept)")
+        log0(json.dumps(finished))
+        return finished
 
     loss_fn = make_loss_fn(graphdef)
     batch_sh = mesh_lib.batch_sharding(mesh)
@@ -140,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         return float(np.mean(jax.device_get(losses)))
 
     metrics_log = MetricsLog(run_dir, wandb_mode=config.logging.wandb, project=config.logging.wandb_project,
-                             name=config.logging.wandb_name or run_dir.name, config=config_lib.to_dict(config))
+                             name=config.logging.wandb_name or run_dir.name, config=config_lib.to_dict(config),
+                             resume_step=start)
     summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
                "skipped_steps": 0}
     first_val_loss = []  # the first evaluation of this invocation, for the closing summary
@@ -276,7 +282,10 @@ def _ordinary_errors() -> tuple[type[BaseException], ...]:
 
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
+        if result.get("stopped_by"):  # saved, but unfinished: exit as the signal would, for schedulers
+            import signal
+            sys.exit(128 + int(getattr(signal, result["stopped_by"], signal.SIGTERM)))
     except _ordinary_errors() as error:
         message = " ".join(str(error).split()) or type(error).__name__  # one line, nothing dropped
         print(f"error: {message}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -50,11 +51,27 @@ def mfu(tokens_per_s: float, config: ModelConfig, seq_len: int, devices) -> floa
     return tokens_per_s * flops_per_token(config, seq_len) / (peak * len(devices))
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 class MetricsLog:
     """Appends one JSON record per call to metrics.jsonl and mirrors it to W&B (process 0 only)."""
 
-    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict):
+    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict,
+                 resume_step: int = 0):
+        """``resume_step``: the step training restarts from; records past it (written after the
+        checkpoint a killed run resumes from) are dropped, so replayed steps are not counted twice."""
         self.enabled = jax.process_index() == 0
+        if self.enabled:
+            _drop_records_after(run_dir / "metrics.jsonl", resume_step)
         self._file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         self._wandb = None
         if self.enabled and wandb_mode != "disabled":

@@ -76,8 +76,9 @@ def test_resume_is_exact(tmp_path):
     step_b, resumed = final_params(tmp_path / "resumed")
     assert step_a == step_b == 6
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
-    losses = [r["loss"] for r in records(tmp_path / "resumed") if "loss" in r]
-    assert losses[3:6] == losses[6:]  # steps 4-6, logged by both runs
+    resumed_losses = [r["loss"] for r in records(tmp_path / "resumed") if "loss" in r]
+    straight_losses = [r["loss"] for r in records(tmp_path / "straight") if "loss" in r]
+    assert resumed_losses == straight_losses and len(resumed_losses) == 6  # steps 4-6 replayed exactly, once
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
@@ -168,3 +169,21 @@ def test_a_val_split_too_small_for_one_batch_is_said_and_summary_stays_json(tmp_
     assert summary["val_loss"] is None and "val loss nan" not in out
     saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert saved["val_loss"] is None and saved["finished"]
+
+
+def test_replayed_steps_are_logged_once_and_a_finished_run_keeps_its_summary(tmp_path, capsys):
+    import shutil
+
+    args = ("--train.steps=4", "--train.checkpoint_every=2", "--train.keep_checkpoints=3")
+    run(tmp_path, *args)
+    run_dir = tmp_path / "run"
+    shutil.rmtree(run_dir / "checkpoints" / "4")  # as if killed after logging steps 3-4 but before saving
+    resumed = run(tmp_path, *args)
+    assert resumed["start_step"] == 2 and resumed["finished"]
+    steps = [r["step"] for r in records(run_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # 3 and 4 replayed, each logged once
+    before = (run_dir / "summary.json").read_text()
+    capsys.readouterr()
+    again = run(tmp_path, *args)
+    assert "nothing to train" in capsys.readouterr().out
+    assert (run_dir / "summary.json").read_text() == before and again["val_loss"] is not None
