@@ -8,7 +8,9 @@ checkpoint and exits cleanly.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -152,6 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
     first_val_loss = []  # the first evaluation of this invocation, for the closing summary
     show_bar = config.logging.progress and jax.process_index() == 0
     streak = 0  # consecutive non-finite steps
+    recent_losses = collections.deque(maxlen=50)  # for the spike guard
+
+    def loss_reference() -> float:
+        """Recent typical loss: the median of the last 50, or a fresh model's ln(vocab) before there are 5."""
+        return float(np.median(recent_losses)) if len(recent_losses) >= 5 else math.log(config.model.vocab_size)
+
+    health = {"clean": True, "trusted_step": latest}  # clean: every step since the last checkpoint was healthy
     window = {"time": time.perf_counter(), "steps": 0, "losses": [], "paused": 0.0}  # since the last record
     devices = list(mesh.devices.flat)
 
@@ -161,17 +170,29 @@ def main(argv: list[str] | None = None) -> dict:
         m = jax.device_get(metrics)
         if not m["finite"]:
             streak += 1
+            health["clean"] = False
             summary["skipped_steps"] += 1
             log0(f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
                  f"{float(m['grad_norm'])}; skipped ({streak} in a row)")
             if streak >= config.train.max_nonfinite_steps:
+                trusted = health["trusted_step"]
+                summary.update(step=step, stopped_by="nonfinite", trusted_step=trusted)
                 raise NonFiniteError(
                     f"{streak} consecutive non-finite steps (train.max_nonfinite_steps="
-                    f"{config.train.max_nonfinite_steps}), last at step {step}. The run stopped; its last "
-                    f"checkpoint in {run_dir / 'checkpoints'} holds the last good state. Lower "
-                    "optimizer.lr, add optimizer.grad_clip_norm, or check the data")
+                    f"{config.train.max_nonfinite_steps}), last at step {step}. The run stopped; "
+                    + (f"its checkpoint at step {trusted} holds the last trusted state, and rerunning resumes "
+                       "from it: " if trusted is not None else "no trusted checkpoint was written: ")
+                    + "lower optimizer.lr, add optimizer.grad_clip_norm, or check the data")
             return
         streak = 0
+        loss_value = float(m["loss"])
+        factor = config.train.spike_factor
+        if factor is not None and loss_value > factor * loss_reference():
+            health["clean"] = False
+            log0(f"step {step}: loss {loss_value:.4g} is over {factor:g}x the recent median "
+                 f"{loss_reference():.4g}; no checkpoint until the steps are healthy again")
+        else:
+            recent_losses.append(loss_value)
         window["steps"] += 1
         window["losses"].append(float(m["loss"]))
         summary["train_loss"] = float(m["loss"])
@@ -202,8 +223,28 @@ def main(argv: list[str] | None = None) -> dict:
         (bar.write if show_bar else log0)(f"step {step}: val loss {summary['val_loss']:.4f}")
         window["paused"] += time.perf_counter() - began
 
+    probe_batch = []  # the first validation batch, read once when the first checkpoint is judged
+
     def save(step: int) -> None:
+        """Saves only a state the run trusts: every step since the last checkpoint was finite and
+        spike-free, and the saved parameters' own loss (on the first validation batch) is too: a
+        step's loss is measured before its update, so this catches an update that blew up."""
+        probe = 0.0
+        if eval_batches > 0:
+            if not probe_batch:
+                probe_batch.append(mesh_lib.global_batch_array(next(iter(loader.val_batches(1))), mesh))
+            probe = float(eval_step(state["params"], probe_batch[0]))
+        factor = config.train.spike_factor
+        blown = not np.isfinite(probe) or (factor is not None and probe > factor * loss_reference())
+        if not health["clean"] or blown:
+            reason = (f"its loss after the update is {probe:.4g}" if blown
+                      else "a non-finite step or a loss spike since the last checkpoint")
+            log0(f"step {step}: not saving a checkpoint: {reason} "
+                 f"(the newest trusted checkpoint is step {health['trusted_step']})")
+            health["clean"] = not blown  # a blown state stays untrusted; otherwise judge the next interval afresh
+            return
         checkpointer.save(step, state, {"step": step, "config": config_lib.to_dict(config)})
+        health["trusted_step"] = step
 
     with jax.set_mesh(mesh), StopRequest() as stop_request, \
             loader.iter_from(start, stop_step=stop, prefetch=config.data.prefetch) as batches, \
@@ -226,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
                     pending = None
                     run_eval(step)
                 stopping = stop_request.agreed(check_others=step % config.logging.every == 0)
+                if (step % config.train.checkpoint_every == 0 or stopping) and pending is not None:
+                    record(*pending)  # the guard must see the step it would save
+                    pending = None
                 if step % config.train.checkpoint_every == 0 and step != stop and not stopping:
                     save(step)
                 if stopping:
@@ -236,12 +280,16 @@ def main(argv: list[str] | None = None) -> dict:
                 record(*pending)
             if step > start or latest is None:
                 save(step)
+        except NonFiniteError:
+            summary.update(total_steps=total_steps, finished=False, run_dir=str(run_dir))
+            write_summary(run_dir, summary)
+            raise
         finally:
             checkpointer.close()
             metrics_log.close()
-    summary.update(step=step, total_steps=total_steps, finished=step >= total_steps, run_dir=str(run_dir))
-    if jax.process_index() == 0:  # what sweeps and schedulers read to tell a finished run from a stopped one
-        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+    summary.update(step=step, total_steps=total_steps, finished=step >= total_steps, run_dir=str(run_dir),
+                   trusted_step=health["trusted_step"])
+    write_summary(run_dir, summary)
     log0(json.dumps(json_safe(summary)))
     if jax.process_index() == 0:
         tokens = (step - start) * config.tokens_per_step
@@ -252,6 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"--- a sample ({config.sample.max_new_tokens} new tokens, temperature "
                   f"{config.sample.temperature:g}) ---\n{sample_text(config, state['params'])}", flush=True)
     return summary
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json: what sweeps and schedulers read to tell a finished run from a stopped one."""
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
 
 
 def json_safe(record: dict) -> dict:

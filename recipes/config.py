@@ -73,9 +73,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Stop after this many consecutive non-finite steps (each is skipped).
     max_nonfinite_steps: int = 5
+    # A step whose loss exceeds this many times the median of the last 50 is a spike. A checkpoint
+    # is written only when every step since the previous one was finite and spike-free, so the
+    # checkpoints always hold a state the run trusts. null: no spike guard.
+    spike_factor: float | None = 10.0
 
     def __post_init__(self):
         _positive(self, "steps")
+        if self.spike_factor is not None and self.spike_factor <= 1:
+            raise ConfigError(f"train.spike_factor={self.spike_factor} must be > 1 (or null: no guard)")
         _positive(self, "checkpoint_every")
         _positive(self, "keep_checkpoints")
         _positive(self, "max_nonfinite_steps")

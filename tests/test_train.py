@@ -95,6 +95,24 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     step, after = final_params(tmp_path / "good")
     assert step == 2  # no checkpoint of the failed steps
     jax.tree.map(np.testing.assert_array_equal, before, after)
+    summary = json.loads((tmp_path / "good" / "summary.json").read_text())
+    assert summary["stopped_by"] == "nonfinite" and summary["trusted_step"] == 2 and not summary["finished"]
+
+
+def test_a_diverging_run_never_checkpoints_its_poisoned_state_and_resumes_from_a_trusted_one(tmp_path):
+    """A huge lr: a finite loss spike poisons the parameters, NaNs follow; no checkpoint after the
+    spike is written, so the good ones are never rotated out, and a saner rerun resumes from one."""
+    args = ("--train.steps=40", "--train.checkpoint_every=4", "--train.keep_checkpoints=2",
+            "--train.max_nonfinite_steps=3", "--optimizer.schedule.warmup_steps=0")
+    run(tmp_path, *args, "--train.stop_at_step=8", name="d")  # healthy checkpoints at 4 and 8
+    with pytest.raises(train.NonFiniteError, match="holds the last trusted state"):
+        run(tmp_path, *args, "--optimizer.lr=1e6", name="d")
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["stopped_by"] == "nonfinite" and summary["trusted_step"] == 8
+    step, params = final_params(tmp_path / "d")
+    assert step == 8 and max(float(np.abs(x).max()) for x in jax.tree.leaves(params)) < 100
+    resumed = run(tmp_path, *args, "--train.stop_at_step=12", name="d")
+    assert resumed["start_step"] == 8 and resumed["step"] == 12 and np.isfinite(resumed["train_loss"])
 
 
 def test_skipped_step_leaves_state_unchanged():
@@ -187,3 +205,15 @@ def test_replayed_steps_are_logged_once_and_a_finished_run_keeps_its_summary(tmp
     again = run(tmp_path, *args)
     assert "nothing to train" in capsys.readouterr().out
     assert (run_dir / "summary.json").read_text() == before and again["val_loss"] is not None
+
+
+def test_an_update_that_blows_up_the_parameters_is_not_checkpointed(tmp_path, monkeypatch):
+    """The loss of step s is measured before update s; a checkpoint of step s is judged by the
+    updated parameters' own loss, so a finite blow-up in the very last update is caught too."""
+    args = ("--train.steps=12", "--train.checkpoint_every=4", "--train.keep_checkpoints=3",
+            "--optimizer.schedule.warmup_steps=0")
+    run(tmp_path, *args, "--train.stop_at_step=4", name="b")
+    summary = run(tmp_path, *args, "--train.stop_at_step=5", "--optimizer.lr=1e4", "--train.max_nonfinite_steps=100",
+                  name="b")
+    assert summary["trusted_step"] == 4
+    assert final_params(tmp_path / "b")[0] == 4  # step 5's blown-up state was not saved
