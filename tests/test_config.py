@@ -65,13 +65,13 @@ def test_a_warmup_longer_than_a_short_run_is_cut_with_a_note():
     notes = []
     config = load_config("shakespeare_celo2.yaml", ["--train.steps=5"], notes)
     assert config.optimizer.schedule.warmup_steps == 0 and config.train.steps == 5
-    assert notes == ["note: optimizer.schedule.warmup_steps=20 does not fit in 5 steps; using 0 (a tenth of the run)"]
+    assert notes == ["note: optimizer.schedule.warmup_steps=30 does not fit in 5 steps; using 0 (a tenth of the run)"]
     notes.clear()
     config = load_config(None, ["--train.steps=50", "--optimizer.schedule.kind=wsd",
                                 "--optimizer.schedule.warmup_steps=45"], notes)
     assert config.optimizer.schedule.warmup_steps == 5 and len(notes) == 1  # 5 + a 10-step decay fit in 50
     notes.clear()
-    assert load_config("shakespeare_celo2.yaml", [], notes).optimizer.schedule.warmup_steps == 20 and not notes
+    assert load_config("shakespeare_celo2.yaml", [], notes).optimizer.schedule.warmup_steps == 30 and not notes
 
 
 def test_base_include_and_anchors(tmp_path: Path):
