@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The run directory records what this run is: config, routing, then metrics and checkpoints.
     run_dir = Path(config.train.out_dir).absolute()
+    check_resumable(run_dir, config, state_abstract)  # before anything in it is rewritten
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
@@ -300,6 +301,50 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"--- a sample ({config.sample.max_new_tokens} new tokens, temperature "
                   f"{config.sample.temperature:g}) ---\n{sample_text(config, state['params'])}", flush=True)
     return summary
+
+
+def _flat_keys(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(run_dir: Path, config, state_abstract) -> None:
+    """Refuses to rerun into a run directory whose checkpoints another parameter or optimizer-state
+    layout wrote; other changes (learning rate, steps, data) are allowed, with a note."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
+        return
+    old = config_lib.load_config(saved)
+    old_values, new_values = _flat_keys(config_lib.to_dict(old)), _flat_keys(config_lib.to_dict(config))
+    changed = sorted(k for k in set(old_values) | set(new_values)
+                     if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
+    graphdef, params_abstract = abstract_model(old.model)
+    theta = None
+    if old.optimizer.name.startswith("celo2"):
+        from recipes.celo2 import normalized_momentum_theta
+        theta = normalized_momentum_theta()  # only the state's layout matters here
+    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=theta, total_steps=old.train.steps)
+    old_state = jax.eval_shape(lambda: {"params": params_abstract, "opt_state": old_tx.init(params_abstract)})
+    new_state = {"params": state_abstract["params"], "opt_state": state_abstract["opt_state"]}
+
+    def layout(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+    if layout(old_state) != layout(new_state):
+        shaping = [k for k in changed if k.startswith(("model.", "optimizer."))] or changed
+        details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
+        raise config_lib.ConfigError(
+            f"{run_dir} holds checkpoints of another model or optimizer layout ({details}); nothing was "
+            "changed in it. Rerun with its settings to resume, or pick a new train.out_dir")
+    if changed:
+        log0(f"note: resuming {run_dir} with changed settings: "
+             + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

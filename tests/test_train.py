@@ -217,3 +217,16 @@ def test_an_update_that_blows_up_the_parameters_is_not_checkpointed(tmp_path, mo
                   name="b")
     assert summary["trusted_step"] == 4
     assert final_params(tmp_path / "b")[0] == 4  # step 5's blown-up state was not saved
+
+
+def test_a_rerun_with_another_layout_is_refused_before_the_run_directory_changes(tmp_path, capsys):
+    run(tmp_path, "--train.steps=2", name="r")
+    run_dir = tmp_path / "r"
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "routing.json", "summary.json")}
+    with pytest.raises(ConfigError, match=r"another model or optimizer layout \(model.d_model 64 -> 128\)"):
+        run(tmp_path, "--train.steps=2", "--model.d_model=128", name="r")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    capsys.readouterr()
+    resumed = run(tmp_path, "--train.steps=3", "--optimizer.lr=1e-3", name="r")  # a layout-preserving change
+    assert resumed["start_step"] == 2 and resumed["step"] == 3
+    assert "resuming" in capsys.readouterr().out
