@@ -121,9 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # State: the latest checkpoint of the run directory, else fresh.
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.train.keep_checkpoints)
-    latest = checkpointer.latest_step()
+    latest, state = checkpointer.restore_newest(state_abstract, log=log0)
     if latest is not None:
-        state, _ = checkpointer.restore(latest, state_abstract)
         log0(f"resumed {run_dir} at step {latest}")
     else:
         state = init_state(config.model, tx, config.train.seed, mesh, shardings)

@@ -49,8 +49,27 @@ class Checkpointer:
         state["opt_state"] = jax.tree.unflatten(treedef, opt_leaves)
         return state, dict(restored["meta"])
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def restore_newest(self, abstract: dict, log=print) -> tuple[int | None, dict | None]:
+        """(step, state) of the newest checkpoint that restores completely, or (None, None).
+
+        A checkpoint that fails to restore (truncated file, missing item, garbled metadata) is
+        moved aside to ``<directory>.damaged/<step>``, never deleted, and the next older one is tried.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, _ = self.restore(step, abstract)
+                jax.block_until_ready(state)
+                return step, state
+            except Exception as error:  # orbax raises many types for a damaged directory
+                aside = self.directory.with_name(self.directory.name + ".damaged") / str(step)
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                if aside.exists():
+                    aside = aside.with_name(f"{step}.{len(list(aside.parent.iterdir()))}")
+                (self.directory / str(step)).rename(aside)
+                self._manager.reload()
+                reason = " ".join(str(error).split())[:200] or type(error).__name__
+                log(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")
+        return None, None
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -230,3 +230,32 @@ def test_a_rerun_with_another_layout_is_refused_before_the_run_directory_changes
     resumed = run(tmp_path, "--train.steps=3", "--optimizer.lr=1e-3", name="r")  # a layout-preserving change
     assert resumed["start_step"] == 2 and resumed["step"] == 3
     assert "resuming" in capsys.readouterr().out
+
+
+def _truncate_arrays(step_dir: Path) -> None:
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+
+
+def _drop_state(step_dir: Path) -> None:
+    import shutil
+    shutil.rmtree(step_dir / "state")
+
+
+def _garble_metadata(step_dir: Path) -> None:
+    (step_dir / "state" / "_METADATA").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [_truncate_arrays, _drop_state, _garble_metadata],
+                         ids=["truncated", "no_state", "garbled_metadata"])
+def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path, capsys, damage):
+    args = ("--train.steps=4", "--train.checkpoint_every=2", "--train.keep_checkpoints=3")
+    run(tmp_path, *args, "--train.stop_at_step=4", name="f")
+    checkpoints = tmp_path / "f" / "checkpoints"
+    damage(checkpoints / "4")
+    capsys.readouterr()
+    resumed = run(tmp_path, *args, "--train.steps=6", name="f")
+    out = capsys.readouterr().out
+    assert "checkpoint 4 does not restore" in out and resumed["start_step"] == 2 and resumed["finished"]
+    assert (tmp_path / "f" / "checkpoints.damaged" / "4").is_dir()  # kept for inspection, not deleted
