@@ -21,7 +21,7 @@ import numpy as np
 from model import make_loss_fn
 from recipes import config as config_lib
 from recipes import mesh as mesh_lib
-from recipes.checkpoint import Checkpointer, StopRequest
+from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
 from recipes.dry_run import dry_run_report
 from recipes.metrics import MetricsLog, mfu, progress_bar
 from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
@@ -61,6 +61,15 @@ def log0(*args) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    held_locks: list[RunDirLock] = []
+    try:
+        return _main(argv, held_locks)
+    finally:
+        for lock in held_locks:
+            lock.release()
+
+
+def _main(argv: list[str] | None, held_locks: list) -> dict:
     began = time.perf_counter()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     notes = []
@@ -110,6 +119,13 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(config.train.out_dir).absolute()
     check_resumable(run_dir, config, state_abstract)  # before anything in it is rewritten
     run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # one trainer per run directory
+        lock = RunDirLock(run_dir)
+        try:
+            lock.acquire()
+        except RuntimeError as error:
+            raise config_lib.ConfigError(str(error)) from None
+        held_locks.append(lock)
     if jax.process_index() == 0:
         (run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
         table.save(run_dir / "routing.json")

@@ -76,6 +76,44 @@ class Checkpointer:
         self._manager.close()
 
 
+class RunDirLock:
+    """An exclusive lock on a run directory for as long as a process trains into it.
+
+    Two trainers writing one directory would double every metrics row and race their
+    checkpoints; the second is refused. The lock is an OS file lock, released when the
+    process ends however it ends, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(f"{self.path.parent} is in use by {holder}: wait for it to finish or stop it, "
+                               "or train into another train.out_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save and exit.
 

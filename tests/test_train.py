@@ -259,3 +259,19 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path
     out = capsys.readouterr().out
     assert "checkpoint 4 does not restore" in out and resumed["start_step"] == 2 and resumed["finished"]
     assert (tmp_path / "f" / "checkpoints.damaged" / "4").is_dir()  # kept for inspection, not deleted
+
+
+def test_a_second_trainer_into_the_same_run_directory_is_refused(tmp_path):
+    from recipes.checkpoint import RunDirLock
+
+    (tmp_path / "l").mkdir()
+    holder = RunDirLock(tmp_path / "l")
+    holder.acquire()  # as another live trainer would hold it
+    try:
+        with pytest.raises(ConfigError, match=r"is in use by pid \d+"):
+            run(tmp_path, "--train.steps=2", name="l")
+        assert not (tmp_path / "l" / "metrics.jsonl").exists()
+    finally:
+        holder.release()
+    assert run(tmp_path, "--train.steps=2", name="l")["finished"]  # released: trains
+    assert run(tmp_path, "--train.steps=3", name="l")["step"] == 3  # and its own lock was released too
