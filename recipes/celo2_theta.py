@@ -162,6 +162,21 @@ def save_checkpoint(theta, path: str | os.PathLike) -> Path:
     return path
 
 
+def _check_hub_reachable(timeout_s: float = 3.0) -> None:
+    """One quick connection attempt, so an offline machine fails in seconds, not after the
+    Hub client's retries (about half a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set")
+    with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+        pass
+
+
 def _resolve_hub(reference: str, local_only: bool, cache_dir: str | os.PathLike | None) -> Path:
     """hf://OWNER/REPO[/FILE] -> a local file from the Hugging Face cache, or the Hub."""
     from huggingface_hub import hf_hub_download
@@ -180,6 +195,7 @@ def _resolve_hub(reference: str, local_only: bool, cache_dir: str | os.PathLike 
                 f"network access with `{command}` (and copy the cache), or pass a local path to theta.state."
             ) from None
     try:
+        _check_hub_reachable()
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
     except Exception as error:
         raise FileNotFoundError(

@@ -123,3 +123,17 @@ def test_hub_reference_missing_everywhere_names_the_download_command(tmp_path, n
         load_checkpoint("hf://amoudgl/celo2-base", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="hf://OWNER/REPO"):
         load_checkpoint("hf://celo2")
+
+
+def test_unreachable_hub_is_tried_once_not_retried(tmp_path, monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with pytest.raises(FileNotFoundError, match="Hub is not reachable"):
+        load_checkpoint("hf://amoudgl/celo2-base", cache_dir=tmp_path)
+    assert len(attempts) == 1  # one quick probe; the Hub client's retries never start
