@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--theta", action="append", default=None,
                    help="repeatable; default: normalized_momentum")
     p.add_argument("--celo2-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2], help="comma-separated grid")
-    p.add_argument("--adamw-mults", type=_floats, default=[1.0, 20.0],
+    p.add_argument("--adamw-mults", type=_floats, default=[1.0, 3.0, 10.0],
                    help="AdamW-side LR (embeddings, biases) multipliers tried for Celo2 and Muon, e.g. 1,3,10,20")
     p.add_argument("--adamw-lrs", type=_floats, default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--muon-lrs", type=_floats, default=[3e-3, 1e-2, 3e-2])
