@@ -11,6 +11,7 @@ import argparse
 import collections
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
             raise config_lib.ConfigError(str(error)) from None
         held_locks.append(lock)
     if jax.process_index() == 0:
-        (run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
+        keep_config_history(run_dir, config_lib.to_yaml(config))
         table.save(run_dir / "routing.json")
         (run_dir / "routing.txt").write_text(table.format() + "\n")
     log0(table.format())
@@ -352,7 +353,9 @@ def check_resumable(run_dir: Path, config, state_abstract) -> None:
         return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
 
     if layout(old_state) != layout(new_state):
-        shaping = [k for k in changed if k.startswith(("model.", "optimizer."))] or changed
+        layout_keys = ("model.", "optimizer.name", "optimizer.routing", "optimizer.grad_accum_steps",
+                       "optimizer.grad_clip_norm", "optimizer.decay_rank1", "data.micro_batch")
+        shaping = [k for k in changed if k.startswith(layout_keys)] or changed
         details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
         raise config_lib.ConfigError(
             f"{run_dir} holds checkpoints of another model or optimizer layout ({details}); nothing was "
@@ -360,6 +363,16 @@ def check_resumable(run_dir: Path, config, state_abstract) -> None:
     if changed:
         log0(f"note: resuming {run_dir} with changed settings: "
              + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
+
+
+def keep_config_history(run_dir: Path, new_yaml: str) -> None:
+    """config.yaml is the settings now; settings a rerun changed go to config_history/, never lost."""
+    current = run_dir / "config.yaml"
+    if current.is_file() and current.read_text() != new_yaml:
+        history = run_dir / "config_history"
+        history.mkdir(exist_ok=True)
+        current.rename(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml")
+    current.write_text(new_yaml)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -394,6 +407,9 @@ def _ordinary_errors() -> tuple[type[BaseException], ...]:
             TokenizerUnavailableError)
 
 
+EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal: 128 + its number
+
+
 if __name__ == "__main__":
     try:
         result = main()
@@ -401,6 +417,8 @@ if __name__ == "__main__":
             import signal
             sys.exit(128 + int(getattr(signal, result["stopped_by"], signal.SIGTERM)))
     except _ordinary_errors() as error:
+        if os.environ.get("CELO2_DEBUG"):
+            raise
         message = " ".join(str(error).split()) or type(error).__name__  # one line, nothing dropped
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_CODES["nonfinite"] if isinstance(error, NonFiniteError) else EXIT_CODES["error"])

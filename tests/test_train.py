@@ -230,6 +230,8 @@ def test_a_rerun_with_another_layout_is_refused_before_the_run_directory_changes
     resumed = run(tmp_path, "--train.steps=3", "--optimizer.lr=1e-3", name="r")  # a layout-preserving change
     assert resumed["start_step"] == 2 and resumed["step"] == 3
     assert "resuming" in capsys.readouterr().out
+    assert (run_dir / "config_history" / "config.1.yaml").read_bytes() == before["config.yaml"]  # kept, not lost
+    assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
 
 
 def _truncate_arrays(step_dir: Path) -> None:
