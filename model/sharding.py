@@ -121,8 +121,10 @@ def param_shardings(params, mesh: Mesh):
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation; a no-op unless a mesh is set (jax.set_mesh)."""
+    """Sharding constraint on an activation; a no-op unless a mesh is set (jax.set_mesh) with
+    axes not under shard_map's manual control."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    # Inside shard_map every axis is Manual: each shard is already placed, nothing to constrain.
+    if mesh.empty or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))

@@ -81,3 +81,17 @@ def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
     assert any("resumed" in line and "outer step 2" in line for line in lines)
     assert int(state.step) == 3
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.theta))
+
+
+def test_language_model_families_unroll_with_particles_split_over_devices(tmp_path):
+    """The GPT's sharding constraints must stand aside inside the particle shard_map."""
+    lm = {"kind": "lm", "name": "lm", "n_layer": 1, "n_head": 2, "d_model": 16, "context_length": 8,
+          "batch": 2, "vocab": 64}
+    trainer = MetaTrainer(_config(tmp_path, [lm]), log=lambda line: None)
+    group = FusedFamilies(trainer.populations)
+    assert group._mesh() is not None and group._mesh().size > 1  # tests see 8 CPU devices
+    state = trainer.fresh_state(resolve_theta("normalized_momentum"))
+    (result,) = group.truncation(state.theta, (state.populations["lm"],), (jax.random.key(0),), group.data)
+    _, grad, losses, _ = result
+    assert np.isfinite(np.asarray(losses)).all()
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
