@@ -86,10 +86,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
 
     # Everything below is built from shapes first; parameters are allocated only when training.
     graphdef, params_abstract = abstract_model(config.model)
-    theta = None
-    if args.dry_run and config.optimizer.name.startswith("celo2"):
-        from recipes.celo2 import normalized_momentum_theta
-        theta = normalized_momentum_theta()  # a placeholder of the right shapes: weights need not exist
+    theta = layout_theta(config) if args.dry_run else None  # weights need not exist for a dry run
     tx, table = build_optimizer(config.optimizer, params_abstract, theta=theta, total_steps=total_steps)
     param_sh = params_shardings(config.model, mesh)
     shardings = state_shardings(tx, params_abstract, param_sh, mesh)
@@ -319,6 +316,14 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     return summary
 
 
+def layout_theta(config):
+    """A Celo2 theta of the right shapes where only the optimizer's layout matters (None otherwise)."""
+    if not config.optimizer.name.startswith("celo2"):
+        return None
+    from recipes.celo2 import normalized_momentum_theta
+    return normalized_momentum_theta()
+
+
 def _flat_keys(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():
@@ -340,11 +345,7 @@ def check_resumable(run_dir: Path, config, state_abstract) -> None:
     changed = sorted(k for k in set(old_values) | set(new_values)
                      if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
     graphdef, params_abstract = abstract_model(old.model)
-    theta = None
-    if old.optimizer.name.startswith("celo2"):
-        from recipes.celo2 import normalized_momentum_theta
-        theta = normalized_momentum_theta()  # only the state's layout matters here
-    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=theta, total_steps=old.train.steps)
+    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=layout_theta(old), total_steps=old.train.steps)
     old_state = jax.eval_shape(lambda: {"params": params_abstract, "opt_state": old_tx.init(params_abstract)})
     new_state = {"params": state_abstract["params"], "opt_state": state_abstract["opt_state"]}
 

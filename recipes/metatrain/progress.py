@@ -25,11 +25,6 @@ CELO2_LRS = (1e-3, 3e-3, 1e-2)
 REFERENCE_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2, 3e-2), "muon": (3e-3, 1e-2, 3e-2, 1e-1)}
 
 
-def _best(rows: list[dict]) -> dict:
-    finite = [r for r in rows if math.isfinite(r["mean"])]
-    return min(finite, key=lambda r: r["mean"]) if finite else rows[0]
-
-
 def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_mult: float = 20.0,
                   every: int = 1, log: Callable[[str], None] = print, celo2_lrs=CELO2_LRS,
                   reference_grids=REFERENCE_GRIDS) -> dict:
@@ -48,7 +43,8 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
         theta = load_checkpoint(theta) if isinstance(theta, Path) else theta
         rows = evaluate([Candidate(f"step {step}", "celo2", lr, theta, adamw_lr_mult) for lr in celo2_lrs],
                         settings, task, log=log)
-        record["snapshots"][str(step)] = _summary(_best(rows))
+        (best,) = rows  # one label: evaluate already picked its best learning rate
+        record["snapshots"][str(step)] = _summary(best)
         write_json(path, record)  # after each snapshot: an interrupted refresh keeps its work
     references = {"normalized_momentum": [Candidate("normalized_momentum", "celo2", lr,
                                                     theta_from_source("normalized_momentum"), adamw_lr_mult)
@@ -57,7 +53,8 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
                        for name, grid in reference_grids.items()})
     for name, candidates in references.items():
         if name not in record["references"]:
-            record["references"][name] = _summary(_best(evaluate(candidates, settings, task, log=log)))
+            (best,) = evaluate(candidates, settings, task, log=log)
+            record["references"][name] = _summary(best)
             write_json(path, record)
     return record
 
