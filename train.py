@@ -24,7 +24,7 @@ from recipes import config as config_lib
 from recipes import mesh as mesh_lib
 from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
 from recipes.dry_run import dry_run_report
-from recipes.metrics import MetricsLog, mfu, progress_bar
+from recipes.metrics import MetricsLog, mfu, progress_bar, read_records
 from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
 from recipes.report import summary_lines
 from recipes.train_step import (abstract_model, abstract_state, init_state,
@@ -165,6 +165,25 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
                              resume_step=start)
     summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
                "skipped_steps": 0}
+    earlier = read_records(run_dir) if jax.process_index() == 0 else []  # what survived up to `start`
+    clock = {"start": time.perf_counter(), "paused": 0.0,  # training wall time, evaluation excluded
+             "before": max((r.get("wall_time_s") or 0.0 for r in earlier), default=0.0)}
+
+    def wall_time() -> float:
+        return clock["before"] + time.perf_counter() - clock["start"] - clock["paused"]
+
+    target = config.train.target_val_loss
+    if target is not None:
+        summary.update(target_val_loss=target, target_step=None, target_tokens=None, target_wall_time_s=None)
+        reached = [r for r in earlier if r.get("target_step") is not None]
+        if reached:
+            summary.update({k: reached[0][k] for k in ("target_step", "target_tokens", "target_wall_time_s")})
+            if config.train.stop_at_target:
+                log0(f"{run_dir} reached val loss {target} at step {summary['target_step']} "
+                     "(train.stop_at_target): nothing to train")
+                metrics_log.close()
+                checkpointer.close()
+                return summary
     first_val_loss = []  # the first evaluation of this invocation, for the closing summary
     show_bar = config.logging.progress and jax.process_index() == 0
     streak = 0  # consecutive non-finite steps
@@ -217,7 +236,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         entry = {"step": step, "loss": float(np.mean(window["losses"])), "grad_norm": float(m["grad_norm"]),
                  "lr": float(lr_main(step - 1)), "tokens": step * config.tokens_per_step,
                  "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, config.model, seq_len, devices),
-                 "skipped_steps": summary["skipped_steps"]}
+                 "skipped_steps": summary["skipped_steps"], "wall_time_s": round(wall_time(), 3)}
         entry.update({k: float(v) for k, v in m.items() if "/" in k})  # optimizer diagnostics
         metrics_log.log(entry)
         postfix = {"loss": f"{entry['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
@@ -236,6 +255,16 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         metrics_log.log({"step": step, "val_loss": summary["val_loss"]})
         (bar.write if show_bar else log0)(f"step {step}: val loss {summary['val_loss']:.4f}")
         window["paused"] += time.perf_counter() - began
+        clock["paused"] += time.perf_counter() - began
+        if target is not None and summary["target_step"] is None and summary["val_loss"] <= target:
+            summary.update(target_step=step, target_tokens=step * config.tokens_per_step,
+                           target_wall_time_s=round(wall_time(), 3))
+            metrics_log.log({"step": step, "target_val_loss": target, "target_step": step,
+                             "target_tokens": summary["target_tokens"],
+                             "target_wall_time_s": summary["target_wall_time_s"]})
+            (bar.write if show_bar else log0)(
+                f"step {step}: reached the target val loss {target} ({summary['target_tokens']:,} tokens, "
+                f"{summary['target_wall_time_s']:.1f} s of training)")
 
     probe_batch = []  # the first validation batch, read once when the first checkpoint is judged
 
@@ -280,6 +309,9 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
                     record(*pending)
                     pending = None
                     run_eval(step)
+                    if config.train.stop_at_target and summary.get("target_step") == step:
+                        summary["ended_at_target"] = True
+                        break
                 stopping = stop_request.agreed(check_others=step % config.logging.every == 0)
                 if (step % config.train.checkpoint_every == 0 or stopping) and pending is not None:
                     record(*pending)  # the guard must see the step it would save
@@ -301,8 +333,9 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         finally:
             checkpointer.close()
             metrics_log.close()
-    summary.update(step=step, total_steps=total_steps, finished=step >= total_steps, run_dir=str(run_dir),
-                   trusted_step=health["trusted_step"])
+    summary.update(step=step, total_steps=total_steps, run_dir=str(run_dir), trusted_step=health["trusted_step"],
+                   finished=step >= total_steps or bool(summary.get("ended_at_target")),
+                   wall_time_s=round(wall_time(), 3))
     write_summary(run_dir, summary)
     log0(json.dumps(json_safe(summary)))
     if jax.process_index() == 0:

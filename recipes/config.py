@@ -77,9 +77,17 @@ class TrainConfig:
     # is written only when every step since the previous one was finite and spike-free, so the
     # checkpoints always hold a state the run trusts. null: no spike guard.
     spike_factor: float | None = 10.0
+    # Steps to a target: the first evaluation at or below this validation loss records its step,
+    # tokens and training wall time (metrics.jsonl and summary.json). null: no target.
+    target_val_loss: float | None = None
+    stop_at_target: bool = False  # end the run (with a checkpoint) once the target is reached
 
     def __post_init__(self):
         _positive(self, "steps")
+        if self.stop_at_target and self.target_val_loss is None:
+            raise ConfigError("train.stop_at_target needs train.target_val_loss (the validation loss to reach)")
+        if self.target_val_loss is not None and not self.target_val_loss > 0:
+            raise ConfigError(f"train.target_val_loss={self.target_val_loss} must be a loss > 0 (or null)")
         if self.spike_factor is not None and self.spike_factor <= 1:
             raise ConfigError(f"train.spike_factor={self.spike_factor} must be > 1 (or null: no guard)")
         _positive(self, "checkpoint_every")

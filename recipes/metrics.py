@@ -62,6 +62,20 @@ def _drop_records_after(path: Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir``/metrics.jsonl (a line cut short by a crash is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 class MetricsLog:
     """Appends one JSON record per call to metrics.jsonl and mirrors it to W&B (process 0 only)."""
 

@@ -37,19 +37,36 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(str(row.get(OPTIMIZER, "run")), []).append(row)
+    with_target = any(_steps_to_target(r) is not None for r in rows)
+    target_head = " fewest steps to target (at lr, wd) |" if with_target else ""
     lines = [f"| optimizer | best final val loss | at lr | at weight decay | points within {NEAR_BEST} of best "
-             "| diverged |", "|---|---|---|---|---|---|"]
+             f"| diverged |{target_head}", "|---|---|---|---|---|---|" + ("---|" if with_target else "")]
     for name, members in groups.items():
         scored = [r for r in members if not math.isnan(final_loss(r))]
         diverged = sum(is_diverged(r) for r in members)
+        target_cell = f" {_fewest_steps(members)} |" if with_target else ""
         if not scored:
-            lines.append(f"| {name} | n/a | | | 0 of {len(members)} | {diverged} |")
+            lines.append(f"| {name} | n/a | | | 0 of {len(members)} | {diverged} |{target_cell}")
             continue
         best = min(scored, key=final_loss)
         near = sum(final_loss(r) <= final_loss(best) + NEAR_BEST for r in scored)
         lines.append(f"| {name} | {final_loss(best):.3f} | {best.get(LR, '')} | {best.get(WD, '')} | "
-                     f"{near} of {len(members)} | {diverged} |")
+                     f"{near} of {len(members)} | {diverged} |{target_cell}")
     return "\n".join(lines)
+
+
+def _steps_to_target(row: dict) -> int | None:
+    value = row.get("target_step")
+    return None if value in (None, "") else int(float(value))
+
+
+def _fewest_steps(rows: list[dict]) -> str:
+    """The point that reached train.target_val_loss first, or "not reached"."""
+    reached = [r for r in rows if _steps_to_target(r) is not None]
+    if not reached:
+        return "not reached"
+    best = min(reached, key=_steps_to_target)
+    return f"{_steps_to_target(best):,} ({best.get(LR, '')}, {best.get(WD, '')})"
 
 
 def grid_table(rows: list[dict]) -> str:

@@ -26,13 +26,14 @@ from typing import Callable
 
 import yaml
 
+from recipes.metrics import read_records
 from recipes.sweep_tables import markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
 POINT_FILE = "point.json"
 RESULT_COLUMNS = ("point", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens", "steps",
-                  "wall_time_s", "diverged", "status")
+                  "wall_time_s", "target_step", "target_tokens", "target_wall_time_s", "diverged", "status")
 
 
 class SweepError(ValueError):
@@ -167,23 +168,10 @@ def wandb_sweep_yaml(spec: SweepSpec) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return records
-
-
 def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     """One results row from a run directory's metrics and the sweep's point record."""
     record = _read_point(run_dir)
-    metrics = read_metrics(run_dir)
+    metrics = read_records(run_dir)
     vals = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     trains = [m for m in metrics if "loss" in m]
     losses = [v for _, v in vals]
@@ -192,6 +180,7 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     final = losses[-1] if losses else None
     nonfinite = any(v is None or not math.isfinite(v) for v in losses) or any(
         m["loss"] is None for m in trains) or record.get("status") == "diverged"
+    reached = next((m for m in metrics if m.get("target_step") is not None), {})  # train.target_val_loss
     above_start = final is not None and initial is not None and math.isfinite(final) and final > initial
     return {
         "point": point_name(point),
@@ -202,6 +191,9 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
         "tokens": max((m.get("tokens") or 0 for m in trains), default=0),
         "steps": max((m["step"] for m in metrics), default=0),
         "wall_time_s": round(record.get("wall_time_s", 0.0), 2),
+        "target_step": reached.get("target_step"),
+        "target_tokens": reached.get("target_tokens"),
+        "target_wall_time_s": reached.get("target_wall_time_s"),
         "diverged": bool(nonfinite or above_start),
         "status": record.get("status", "pending"),
     }
@@ -247,7 +239,7 @@ def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Calla
     status = "finished" if code == 0 else ("interrupted" if code < 0 or code in (130, 143) else "failed")
     if code == 0 and not _read_json(run_dir / "summary.json").get("finished", False):
         status = "interrupted"  # stopped by a signal with a checkpoint: the next sweep resumes it
-    metrics_nonfinite = any(m.get("val_loss", 0.0) is None or m.get("loss", 0.0) is None for m in read_metrics(run_dir))
+    metrics_nonfinite = any(m.get("val_loss", 0.0) is None or m.get("loss", 0.0) is None for m in read_records(run_dir))
     if code != 0 and (metrics_nonfinite or "non-finite" in _tail(run_dir / "train.log")):
         status = "diverged"
     record = {"point": point, "status": status, "exit_code": code, "runs": record.get("runs", 0) + 1,

@@ -77,10 +77,11 @@ def in_process_runner(calls):
 
 def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
     out = tmp_path / "sweep"
+    sets = [*TINY, "train.target_val_loss=20"]  # above a fresh model's loss: reached at step 0
     args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3,1e3", "--grid", "optimizer.name=adamw",
-            "--grid", "optimizer.weight_decay=0.1", "--out", str(out), *[f"--set={s}" for s in TINY]]
+            "--grid", "optimizer.weight_decay=0.1", "--out", str(out), *[f"--set={s}" for s in sets]]
     spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=3e-3,1e3", "optimizer.name=adamw", "optimizer.weight_decay=0.1"],
-                     sets=TINY, out=str(out), workers=None)
+                     sets=sets, out=str(out), workers=None)
     good, bad = [out / point_name(p) for p in spec.points()]
 
     # An interrupted point: its run stopped at step 2 with a checkpoint, before the sweep ran.
@@ -102,6 +103,8 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
     table = (out / "results.md").read_text()
     assert f"| adamw | {float(rows[good.name]['final_val_loss']):.3f} |" in table  # adamw's best: its finite point
     assert "| div |" in table  # the diverged learning rate's cell
+    assert rows[good.name]["target_step"] == "0" and rows[good.name]["target_tokens"] == "0"
+    assert "fewest steps to target" in table and "| 0 (" in table
 
     # Rerunning skips finished points.
     calls.clear()

@@ -155,6 +155,22 @@ def test_dry_run_gpt2_small_and_gpt3_xl(capsys):
     assert report["tokens_per_step"] == 512 * 2048
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "celo2"])
+def test_track3_recipes_have_the_published_sizes(optimizer):
+    """modded-nanogpt's optimization track: GPT-2 small, 50,304 vocabulary rows, 524,288 tokens
+    per step of 1,024, 10,485,760 validation tokens, target 3.28."""
+    import model
+    from recipes import config as config_lib
+
+    report = train.main(["--config", f"gpt2_small_track3_{optimizer}", "--dry-run"])
+    config = config_lib.load_config(f"gpt2_small_track3_{optimizer}")
+    assert report["n_params"] == 124_439_808 and config.model.padded_vocab_size == 50_304
+    assert report["tokens_per_step"] == 524_288 and config.data.seq_len == 1024
+    assert config.eval.batches * config.eval.batch_size * config.data.seq_len == 10_485_760
+    assert config.train.target_val_loss == 3.28
+    assert model.count_params(config.model).padded_total == report["n_params_padded"]
+
+
 def test_bad_config_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'optimizer.lr'"):
         run(tmp_path, "--optimizer.lrate=1")
@@ -277,3 +293,24 @@ def test_a_second_trainer_into_the_same_run_directory_is_refused(tmp_path):
         holder.release()
     assert run(tmp_path, "--train.steps=2", name="l")["finished"]  # released: trains
     assert run(tmp_path, "--train.steps=3", name="l")["step"] == 3  # and its own lock was released too
+
+
+def test_steps_to_target_are_recorded_and_stop_the_run_when_asked(tmp_path):
+    """The first evaluation at or below train.target_val_loss is recorded; stop_at_target ends there,
+    and a rerun finds the target already reached."""
+    plain = run(tmp_path, "--train.steps=12", "--eval.every=3", name="plain")
+    vals = [r for r in records(tmp_path / "plain") if "val_loss" in r]
+    target = (vals[1]["val_loss"] + vals[2]["val_loss"]) / 2  # reached at step 6, not at 3
+    assert plain.get("target_step") is None
+    summary = run(tmp_path, "--train.steps=12", "--eval.every=3", f"--train.target_val_loss={target}",
+                  "--train.stop_at_target=true", "--train.checkpoint_every=100", name="target")
+    assert summary["target_step"] == 6 and summary["step"] == 6 and summary["finished"] is True
+    assert summary["target_tokens"] == 6 * 16 * 32 and summary["target_wall_time_s"] > 0
+    saved = json.loads((tmp_path / "target" / "summary.json").read_text())
+    assert saved["target_step"] == 6 and saved["ended_at_target"] is True
+    (row,) = [r for r in records(tmp_path / "target") if "target_step" in r]
+    assert row["target_val_loss"] == pytest.approx(target) and row["step"] == 6
+    assert final_params(tmp_path / "target")[0] == 6  # a checkpoint where it stopped
+    again = run(tmp_path, "--train.steps=12", "--eval.every=3", f"--train.target_val_loss={target}",
+                "--train.stop_at_target=true", name="target")
+    assert again["target_step"] == 6 and final_params(tmp_path / "target")[0] == 6
