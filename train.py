@@ -120,7 +120,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     if jax.process_index() == 0:  # one trainer per run directory
         lock = RunDirLock(run_dir)
         try:
-            lock.acquire()
+            lock.acquire(log=log0)
         except RuntimeError as error:
             raise config_lib.ConfigError(str(error)) from None
         held_locks.append(lock)
@@ -431,28 +431,16 @@ def sample_text(config, params) -> str:
     return encoding.decode(ids)
 
 
-def _ordinary_errors() -> tuple[type[BaseException], ...]:
-    """Mistakes in a config, a path, data or weights: each says what to fix, so one line suffices."""
-    from data.shards import ShardError
-    from data.tokenizer import TokenizerUnavailableError
-    from recipes.celo2_theta import ThetaFormatError
-
-    return (config_lib.ConfigError, NonFiniteError, FileNotFoundError, ShardError, ThetaFormatError,
-            TokenizerUnavailableError)
-
-
-EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal: 128 + its number
-
-
 if __name__ == "__main__":
+    from recipes.cli import EXIT_CODES, one_line, ordinary_errors
+
     try:
         result = main()
         if result.get("stopped_by"):  # saved, but unfinished: exit as the signal would, for schedulers
             import signal
             sys.exit(128 + int(getattr(signal, result["stopped_by"], signal.SIGTERM)))
-    except _ordinary_errors() as error:
+    except (*ordinary_errors(), NonFiniteError) as error:
         if os.environ.get("CELO2_DEBUG"):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, nothing dropped
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_CODES["nonfinite"] if isinstance(error, NonFiniteError) else EXIT_CODES["error"])

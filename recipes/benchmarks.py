@@ -108,7 +108,6 @@ def time_training(setup: TrainingSetup, repeats: int) -> dict:
             "fwd_bwd": median_seconds(lambda: grads_fn(state["params"], tokens), repeats),
             "optimizer": median_seconds(lambda: optimizer_step(state["params"], state["opt_state"], grads), repeats),
         }
-        del grads
         holder = {"state": state}
 
         def full_step():

@@ -88,7 +88,9 @@ class RunDirLock:
         self.path = Path(run_dir) / ".lock"
         self._file = None
 
-    def acquire(self) -> None:
+    def acquire(self, log=print) -> None:
+        """Takes the lock, or raises RuntimeError naming the live process that holds it. A lock
+        file left by a process that died is taken over with a note."""
         import fcntl
         import os
 
@@ -103,6 +105,10 @@ class RunDirLock:
             raise RuntimeError(f"{self.path.parent} is in use by {holder}: wait for it to finish or stop it, "
                                "or train into another train.out_dir") from None
         handle.seek(0)
+        left = handle.read().strip()
+        if left and left != f"pid {os.getpid()}":
+            log(f"note: {self.path} was left by {left}, which ended without releasing it; taking it over")
+        handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
         handle.flush()
@@ -110,6 +116,7 @@ class RunDirLock:
 
     def release(self) -> None:
         if self._file is not None:
+            self._file.truncate(0)  # a clean end leaves no holder named
             self._file.close()  # closing releases the lock
             self._file = None
 

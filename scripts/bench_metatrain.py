@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "metatrain" / "bench_authors_shape.yaml"
 
@@ -87,10 +88,7 @@ def main(argv=None) -> int:
     from recipes.metatrain.config import load_config
     from recipes.metatrain.loop import MetaTrainer
 
-    try:
-        config = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        p.error(str(error))
+    config = load_config(args.config, overrides)
     families = config.all_families()
     inner_per_outer = len(families) * config.pes.particles * config.pes.truncation
     print(f"{args.config}: {len(families)} families x {config.pes.particles} particles x "
@@ -137,4 +135,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -84,10 +85,7 @@ def main(argv=None) -> int:
                        for mult in args.adamw_mults for lr in args.muon_lrs]
 
     family = dataclasses.replace(EVAL_TASKS[args.task], corpus=args.corpus)
-    try:
-        task = TinyLM(family)
-    except FileNotFoundError as error:
-        p.error(str(error))
+    task = TinyLM(family)
     print(f"{args.task} task {family.name} on {args.corpus or 'the bundled corpus'}: {settings.steps} steps, "
           f"batch {family.batch}, {args.seeds} seeds", flush=True)
     rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True))
@@ -98,4 +96,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 from model import export_hf  # noqa: E402
 from recipes.checkpoint import load_run_params  # noqa: E402
 
@@ -49,4 +50,4 @@ def push(folder: Path, repo: str, description: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

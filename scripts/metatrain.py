@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes.cli import run_main  # noqa: E402
+from recipes.config import ConfigError  # noqa: E402
 from recipes.metatrain.config import load_config  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer  # noqa: E402
 
@@ -27,11 +29,8 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
-            parser.error(f"unexpected argument {item!r}: overrides look like --metatrain.outer_steps=10")
-    try:
-        config = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+            raise ConfigError(f"unexpected argument {item!r}: overrides look like --metatrain.outer_steps=10")
+    config = load_config(args.config, overrides)
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -39,9 +38,11 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     trainer = MetaTrainer(config, log=lambda line: print(line, flush=True))
     state = trainer.run()
+    if trainer.stopped_by is not None:  # saved and resumable: exit as the signal would, for schedulers
+        return 128 + int(trainer.stopped_by)
     print(f"done: outer step {int(state.step)}; theta at {Path(config.metatrain.out_dir) / 'theta.state'}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

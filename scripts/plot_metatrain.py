@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings  # noqa: E402
 from recipes.metatrain.progress import plot, update_scores  # noqa: E402
@@ -45,4 +46,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 from data.tokenizer import gpt2_encoding  # noqa: E402
 from model.sampling import generate  # noqa: E402
 from recipes.checkpoint import load_run_params  # noqa: E402
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> list[int]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

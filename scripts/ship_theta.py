@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table  # noqa: E402
 from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots  # noqa: E402
@@ -37,10 +38,7 @@ def main(argv=None) -> int:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-    try:
-        paths = snapshots(args.run, args.every)
-    except FileNotFoundError as error:
-        p.error(str(error))
+    paths = snapshots(args.run, args.every)
     lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     settings = EvalSettings(steps=args.steps, seeds=args.seeds)
     task = TinyLM(VALIDATION)
@@ -53,4 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.cli import run_main  # noqa: E402
 from recipes.sweep_plots import plot_sweep  # noqa: E402
 from recipes.sweeps import SweepError, commands, make_spec, run_sweep, wandb_sweep_yaml  # noqa: E402
 
@@ -34,11 +35,8 @@ def main(argv=None, runner=None) -> int:
     parser.add_argument("--print-commands", action="store_true", help="print train.py commands and exit")
     parser.add_argument("--wandb-sweep", type=Path, metavar="FILE", help="write a W&B sweep YAML and exit")
     args = parser.parse_args(argv)
-    try:
-        spec = make_spec(config=args.config, grids=args.grid, sets=args.set, out=args.out,
-                         workers=args.workers, sweep_file=args.sweep)
-    except SweepError as error:
-        parser.error(str(error))
+    spec = make_spec(config=args.config, grids=args.grid, sets=args.set, out=args.out,
+                     workers=args.workers, sweep_file=args.sweep)
     if args.print_commands or args.wandb_sweep:
         if args.wandb_sweep:
             args.wandb_sweep.write_text(wandb_sweep_yaml(spec))
@@ -46,10 +44,7 @@ def main(argv=None, runner=None) -> int:
         if args.print_commands:
             print("\n".join(commands(spec)))
         return 0
-    try:
-        rows = run_sweep(spec, runner=runner)
-    except SweepError as error:
-        parser.error(str(error))
+    rows = run_sweep(spec, runner=runner)
     for path in plot_sweep(rows, spec.out):
         print(f"wrote {path}")
     failed = [r["point"] for r in rows if r["status"] == "failed"]
@@ -59,4 +54,4 @@ def main(argv=None, runner=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, extra=(SweepError,)))

@@ -57,8 +57,9 @@ def _script():
 
 def test_cli_refuses_bad_overrides(capsys):
     config = str(Path(__file__).parents[1] / "configs" / "metatrain" / "smoke.yaml")
-    with pytest.raises(SystemExit):
-        _script().main(["--config", config, "--metatrain.outer_stepz=3"])
-    assert "did you mean 'metatrain.outer_steps'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        _script().main(["--config", config, "stray"])
+    from recipes.cli import run_main
+
+    assert run_main(_script().main, ["--config", config, "--metatrain.outer_stepz=3"]) == 1
+    err = capsys.readouterr().err
+    assert "did you mean 'metatrain.outer_steps'" in err and len(err.strip().splitlines()) == 1
+    assert run_main(_script().main, ["--config", config, "stray"]) == 1

@@ -65,7 +65,7 @@ def test_state_round_trip(trainer, trained, tmp_path):
     other = trainer.retarget(out_dir=str(tmp_path))
     ckpt.save(tmp_path, state, other.config)
     target = jax.eval_shape(lambda: state)
-    restored = ckpt.restore(tmp_path, target, other.config)
+    restored = ckpt.restore(tmp_path / ckpt.CHECKPOINT_DIR, target, other.config)
     for a, b in zip(_leaves(state), _leaves(restored)):
         np.testing.assert_array_equal(a, b)
 
@@ -86,7 +86,7 @@ def test_resume_refuses_changed_problem(trainer, tmp_path):
     changed = from_dict({**TINY, "pes": {**TINY["pes"], "sigma": 0.02},
                          "metatrain": {**TINY["metatrain"], "out_dir": str(tmp_path)}})
     with pytest.raises(ValueError, match="different"):
-        ckpt.restore(tmp_path, jax.eval_shape(lambda: trainer.fresh_state(_theta())), changed)
+        ckpt.restore(tmp_path / ckpt.CHECKPOINT_DIR, jax.eval_shape(lambda: trainer.fresh_state(_theta())), changed)
 
 
 def _theta():

@@ -112,7 +112,7 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
     assert calls == []
 
     # The same directory with other fixed settings is refused rather than mixed.
-    with pytest.raises(SystemExit):
+    with pytest.raises(SweepError, match="choose another --out"):
         sweep.main([*args, "--set=train.seed=1"], runner=in_process_runner(calls))
     assert calls == []
 

@@ -8,26 +8,33 @@ An output directory holds:
                           state, step, PES populations, RNG), as the leaves of
                           one pytree whose structure the config determines
   checkpoint/meta.json    step, leaf count and the settings it was written under
+  checkpoint.previous/    the checkpoint before it, the fallback if the newest is damaged
   metrics.jsonl           one JSON record per logged outer step
 
-Writes go to a temporary name first and are renamed into place, so a run
-killed mid-write leaves the previous checkpoint intact.
+A checkpoint is written whole into checkpoint.new/ and then renamed into place,
+so a run killed at any moment leaves at least one complete checkpoint. Resume
+takes the newest that restores; a damaged one is moved to checkpoint.damaged/,
+never deleted.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from recipes.celo2 import save_checkpoint
+from recipes.config import ConfigError
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
+NEW_DIR, PREVIOUS_DIR, DAMAGED_DIR = "checkpoint.new", "checkpoint.previous", "checkpoint.damaged"
 STATE_FILE = "state.npz"
 META_FILE = "meta.json"
 # Changing these changes the state's structure or the problem being optimized.
@@ -61,22 +68,70 @@ def config_record(config: MetaTrainConfig) -> dict:
     return json.loads(json.dumps(record, default=list))
 
 
+def _candidates(out_dir: Path) -> list[Path]:
+    """Checkpoint directories that hold a meta.json (a save cut short may leave any of them)."""
+    return [out_dir / name for name in (CHECKPOINT_DIR, NEW_DIR, PREVIOUS_DIR)
+            if (out_dir / name / META_FILE).is_file()]
+
+
 def has_checkpoint(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / CHECKPOINT_DIR / META_FILE).is_file()
+    return bool(_candidates(Path(out_dir)))
 
 
 def save(out_dir: str | Path, state: MetaState, config: MetaTrainConfig) -> Path:
-    """Writes the resumable state and the official-format theta; returns the checkpoint dir."""
+    """Writes the resumable state and the official-format theta; returns the checkpoint dir.
+
+    The new checkpoint is complete in checkpoint.new/ before checkpoint/ becomes
+    checkpoint.previous/ and checkpoint.new/ becomes checkpoint/.
+    """
     out = Path(out_dir)
-    ckpt = out / CHECKPOINT_DIR
-    ckpt.mkdir(parents=True, exist_ok=True)
+    ckpt, new, previous = out / CHECKPOINT_DIR, out / NEW_DIR, out / PREVIOUS_DIR
+    if new.exists():
+        shutil.rmtree(new)  # an unfinished save: the complete checkpoints are the others
+    new.mkdir(parents=True)
     leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
-    _atomic_write(ckpt / STATE_FILE, lambda f: np.savez(f, *leaves))
+    _atomic_write(new / STATE_FILE, lambda f: np.savez(f, *leaves))
     record = config_record(config)
-    write_json(ckpt / META_FILE, {"step": int(state.step), "num_leaves": len(leaves),
-                                  **{k: record[k] for k in _MUST_MATCH}, "resolved_families": record["resolved_families"]})
+    write_json(new / META_FILE, {"step": int(state.step), "num_leaves": len(leaves),
+                                 **{k: record[k] for k in _MUST_MATCH}, "resolved_families": record["resolved_families"]})
+    if ckpt.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
+        ckpt.rename(previous)
+    new.rename(ckpt)
     save_checkpoint(jax.device_get(state.theta), out / "theta.state")
     return ckpt
+
+
+def restore_newest(out_dir: str | Path, target: MetaState, config: MetaTrainConfig,
+                   log: Callable[[str], None] = print) -> MetaState | None:
+    """The newest checkpoint that restores completely, or None when there is none.
+
+    One that fails to load (a truncated or missing file, garbled metadata) is moved to
+    checkpoint.damaged/ with a note and the next older one is tried; one written under
+    other settings is refused (ConfigError), since resuming it would change the problem.
+    """
+    out = Path(out_dir)
+
+    def step_of(path: Path) -> int:
+        try:
+            return int(json.loads((path / META_FILE).read_text())["step"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return -1  # unreadable: tried last, and found damaged
+
+    for path in sorted(_candidates(out), key=step_of, reverse=True):
+        try:
+            return restore(path, target, config)
+        except ConfigError:
+            raise
+        except Exception as error:  # numpy, zipfile and json raise many types for a damaged file
+            damaged = out / DAMAGED_DIR
+            damaged.mkdir(exist_ok=True)
+            aside = damaged / f"{path.name}.{len(list(damaged.iterdir()))}"
+            path.rename(aside)
+            log(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
+    return None
 
 
 def _with_new_defaults(section: str, saved):
@@ -91,14 +146,15 @@ def _with_new_defaults(section: str, saved):
     return saved
 
 
-def restore(out_dir: str | Path, target: MetaState, config: MetaTrainConfig) -> MetaState:
-    """The saved state, checked leaf by leaf against ``target`` (arrays or shape structs)."""
-    ckpt = Path(out_dir) / CHECKPOINT_DIR
+def restore(ckpt: str | Path, target: MetaState, config: MetaTrainConfig) -> MetaState:
+    """The state saved in the checkpoint directory ``ckpt``, checked leaf by leaf against ``target``
+    (arrays or shape structs)."""
+    ckpt = Path(ckpt)
     meta = json.loads((ckpt / META_FILE).read_text())
     record = config_record(config)
     changed = [k for k in _MUST_MATCH if _with_new_defaults(k, meta.get(k)) != record[k]]
     if changed:
-        raise ValueError(
+        raise ConfigError(
             f"{ckpt} was written with different {changed} settings than this config; these fix the "
             "problem and the state's layout, so resume with the original settings or pick a new metatrain.out_dir")
     target_leaves, treedef = jax.tree.flatten(target)

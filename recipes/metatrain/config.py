@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from recipes.celo2_theta import THETA_NAMES
 from recipes.config import from_dict as build_config
-from recipes.config import merge_configs, parse_overrides, read_yaml
+from recipes.config import ConfigError, merge_configs, parse_overrides, read_yaml
 from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 
 FAMILY_KINDS = ("image_mlp", "lm")
@@ -32,7 +32,7 @@ def _number(where: str, value, *, positive=False, non_negative=False, integer=Fa
     if not ok:
         kind = "an int" if integer else "a number"
         bound = " > 0" if positive else (" >= 0" if non_negative else "")
-        raise ValueError(f"{where} must be {kind}{bound}, got {value!r}")
+        raise ConfigError(f"{where} must be {kind}{bound}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +65,9 @@ class OuterConfig:
     def __post_init__(self):
         _number("metatrain.outer_steps", self.outer_steps, non_negative=True, integer=True)
         if not isinstance(self.out_dir, str) or not self.out_dir:
-            raise ValueError(f"metatrain.out_dir must be a non-empty path, got {self.out_dir!r}")
+            raise ConfigError(f"metatrain.out_dir must be a non-empty path, got {self.out_dir!r}")
         if not isinstance(self.init_theta, str) or not self.init_theta:
-            raise ValueError(
+            raise ConfigError(
                 f"metatrain.init_theta must be a path, hf://OWNER/REPO or one of {list(THETA_NAMES)}, got {self.init_theta!r}")
         for name in ("theta_seed", "seed"):
             _number(f"metatrain.{name}", getattr(self, name), integer=True)
@@ -76,7 +76,7 @@ class OuterConfig:
             value = getattr(self, name)
             _number(f"metatrain.{name}", value, non_negative=True)
             if value >= 1:
-                raise ValueError(f"metatrain.{name} must be in [0, 1), got {value!r}")
+                raise ConfigError(f"metatrain.{name} must be in [0, 1), got {value!r}")
         _number("metatrain.outer_weight_decay", self.outer_weight_decay, non_negative=True)
         if self.outer_grad_clip is not None:
             _number("metatrain.outer_grad_clip", self.outer_grad_clip, positive=True)
@@ -85,9 +85,9 @@ class OuterConfig:
             _number(f"metatrain.{name}", getattr(self, name), non_negative=True, integer=True)
         _number("metatrain.log_every", self.log_every, positive=True, integer=True)
         if not isinstance(self.profile, bool):
-            raise ValueError(f"metatrain.profile must be a bool, got {self.profile!r}")
+            raise ConfigError(f"metatrain.profile must be a bool, got {self.profile!r}")
         if self.wandb not in ("disabled", "online", "offline"):
-            raise ValueError(f"metatrain.wandb must be disabled, online or offline, got {self.wandb!r}")
+            raise ConfigError(f"metatrain.wandb must be disabled, online or offline, got {self.wandb!r}")
         if self.families_per_step is not None:
             _number("metatrain.families_per_step", self.families_per_step, positive=True, integer=True)
 
@@ -105,13 +105,13 @@ class PESConfig:
     def __post_init__(self):
         _number("pes.particles", self.particles, positive=True, integer=True)
         if self.particles % 2:
-            raise ValueError(f"pes.particles must be even (antithetic pairs), got {self.particles}")
+            raise ConfigError(f"pes.particles must be even (antithetic pairs), got {self.particles}")
         _number("pes.sigma", self.sigma, positive=True)
         _number("pes.truncation", self.truncation, positive=True, integer=True)
         _number("pes.min_length", self.min_length, positive=True, integer=True)
         _number("pes.max_length", self.max_length, positive=True, integer=True)
         if self.min_length > self.max_length:
-            raise ValueError(f"pes.min_length ({self.min_length}) exceeds pes.max_length ({self.max_length})")
+            raise ConfigError(f"pes.min_length ({self.min_length}) exceeds pes.max_length ({self.max_length})")
         _number("pes.loss_cap", self.loss_cap, positive=True)
 
 
@@ -136,13 +136,13 @@ class InnerConfig:
             value = getattr(self, name)
             _number(f"inner.{name}", value, non_negative=True)
             if value >= 1:
-                raise ValueError(f"inner.{name} must be in [0, 1), got {value!r}")
+                raise ConfigError(f"inner.{name} must be in [0, 1), got {value!r}")
         if not isinstance(self.orthogonalize, bool):
-            raise ValueError(f"inner.orthogonalize must be a bool, got {self.orthogonalize!r}")
+            raise ConfigError(f"inner.orthogonalize must be a bool, got {self.orthogonalize!r}")
         _number("inner.scale_min", self.scale_min, positive=True)
         _number("inner.scale_max", self.scale_max, positive=True)
         if self.scale_min > self.scale_max:
-            raise ValueError(f"inner.scale_min ({self.scale_min}) exceeds inner.scale_max ({self.scale_max})")
+            raise ConfigError(f"inner.scale_min ({self.scale_min}) exceeds inner.scale_max ({self.scale_max})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +166,7 @@ class FamilyConfig:
 
     def __post_init__(self):
         if self.kind not in FAMILY_KINDS:
-            raise ValueError(f"family kind {self.kind!r} unknown; valid: {list(FAMILY_KINDS)}")
+            raise ConfigError(f"family kind {self.kind!r} unknown; valid: {list(FAMILY_KINDS)}")
         if isinstance(self.hidden, list):
             object.__setattr__(self, "hidden", tuple(self.hidden))
         for h in self.hidden:
@@ -175,11 +175,11 @@ class FamilyConfig:
             _number(f"families[].{name}", getattr(self, name), positive=True, integer=True)
         _number("families[].weight", self.weight, positive=True)
         if self.d_model % self.n_head:
-            raise ValueError(f"families[].d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+            raise ConfigError(f"families[].d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.kind == "image_mlp" and self.dataset not in IMAGE_DATASETS:
-            raise ValueError(f"families[].dataset {self.dataset!r} unknown; valid: {list(IMAGE_DATASETS)}")
+            raise ConfigError(f"families[].dataset {self.dataset!r} unknown; valid: {list(IMAGE_DATASETS)}")
         if self.vocab < 2:
-            raise ValueError(f"families[].vocab must be >= 2, got {self.vocab}")
+            raise ConfigError(f"families[].vocab must be >= 2, got {self.vocab}")
         if self.name is None:
             if self.kind == "image_mlp":
                 label = f"{self.dataset}_mlp_" + "_".join(map(str, self.hidden))
@@ -207,7 +207,7 @@ class LMSamplerConfig:
             value = getattr(self, name)
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
             if not value:
-                raise ValueError(f"lm_sampler.{name} needs at least one choice")
+                raise ConfigError(f"lm_sampler.{name} needs at least one choice")
             object.__setattr__(self, name, value)
 
     def families(self) -> list[FamilyConfig]:
@@ -241,11 +241,11 @@ class MetaTrainConfig:
 
     def __post_init__(self):
         if not self.all_families():
-            raise ValueError("no task families: list some under 'families' or set lm_sampler.count > 0")
+            raise ConfigError("no task families: list some under 'families' or set lm_sampler.count > 0")
         names = [f.name for f in self.all_families()]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"task family names must be unique; repeated: {duplicates} (set families[].name)")
+            raise ConfigError(f"task family names must be unique; repeated: {duplicates} (set families[].name)")
 
     def all_families(self) -> list[FamilyConfig]:
         return list(self.families) + self.lm_sampler.families()

@@ -19,6 +19,8 @@ import numpy as np
 import optax
 
 from recipes.celo2 import theta_from_source
+from recipes.checkpoint import RunDirLock
+from recipes.config import ConfigError
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups
@@ -47,6 +49,7 @@ class MetaTrainer:
         baseline); ``devices``: where particles are split (default: every local device)."""
         self.config, self.log = config, log
         self.fuse, self.devices = fuse, devices
+        self.stopped_by: int | None = None  # the signal that ended the last run(), if one did
         self.out_dir = Path(config.metatrain.out_dir)
         self.families = config.all_families()
         self.tasks = [build_task(f) for f in self.families]
@@ -87,11 +90,12 @@ class MetaTrainer:
     def initial_state(self) -> ckpt.MetaState:
         m = self.config.metatrain
         if ckpt.has_checkpoint(self.out_dir):
-            theta_shape = resolve_theta("normalized_momentum")
-            target = jax.eval_shape(self.fresh_state, theta_shape)
-            state = ckpt.restore(self.out_dir, target, self.config)
-            self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
-            return state
+            target = jax.eval_shape(self.fresh_state, resolve_theta("normalized_momentum"))
+            state = ckpt.restore_newest(self.out_dir, target, self.config, log=self.log)
+            if state is not None:
+                self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
+                return state
+            self.log(f"no checkpoint of {self.out_dir} restores (they are kept in {ckpt.DAMAGED_DIR}/)")
         self.log(f"starting from theta {m.init_theta!r}")
         return self.fresh_state(self.initial_theta())
 
@@ -156,7 +160,17 @@ class MetaTrainer:
     # -- the run ----------------------------------------------------------------------
     def run(self) -> ckpt.MetaState:
         m = self.config.metatrain
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunDirLock(self.out_dir)  # one meta-trainer per directory
+        try:
+            lock.acquire(log=self.log)
+        except RuntimeError as error:
+            raise ConfigError(str(error).replace("train.out_dir", "metatrain.out_dir")) from None
+        try:
+            return self._run(m)
+        finally:
+            lock.release()
+
+    def _run(self, m) -> ckpt.MetaState:
         state = self.initial_state()
         ckpt.write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
         wandb_run = self._wandb()
@@ -169,6 +183,7 @@ class MetaTrainer:
         metrics_file = open(self.out_dir / "metrics.jsonl", "a")
         try:
             last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
+            saved_step = None
             if m.profile and int(state.step) < m.outer_steps:
                 self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
             while int(state.step) < m.outer_steps and stop["signal"] is None:
@@ -188,8 +203,10 @@ class MetaTrainer:
                     window_start = time.perf_counter()
                 if time.time() - last_save >= m.checkpoint_every_s:
                     ckpt.save(self.out_dir, state, self.config)
-                    last_save = time.time()
-            ckpt.save(self.out_dir, state, self.config)
+                    last_save, saved_step = time.time(), step
+            if saved_step != int(state.step):  # saving a step twice would rotate out the fallback
+                ckpt.save(self.out_dir, state, self.config)
+            self.stopped_by = stop["signal"]
             if stop["signal"] is not None:
                 self.log(f"stopped by signal {stop['signal']} at outer step {int(state.step)}; checkpoint saved")
         finally:
