@@ -4,7 +4,8 @@
 
 Trains the validation task (scripts/eval_optimizer.py --task validation) with
 every snapshot under RUN/thetas/ (one compilation per learning rate serves them
-all), then writes recipes/weights/NAME/ with theta.state, the run's config.json
+all; snapshots scripts/plot_metatrain.py already scored with the same settings
+are taken from RUN/validation.json), then writes recipes/weights/NAME/ with theta.state, the run's config.json
 and provenance.json. The held-out task stays unseen by the choice: report the
 shipped theta with scripts/eval_optimizer.py --theta NAME.
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.cli import run_main  # noqa: E402
-
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table  # noqa: E402
+from recipes.metatrain.progress import scored_snapshots  # noqa: E402
 from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots  # noqa: E402
 from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
 
@@ -42,8 +43,14 @@ def main(argv=None) -> int:
     lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     settings = EvalSettings(steps=args.steps, seeds=args.seeds)
     task = TinyLM(VALIDATION)
-    print(f"scoring {len(paths)} snapshots of {args.run} on {task.name}", flush=True)
-    rows = score_snapshots(paths, task, settings, lrs, args.adamw_mult, log=lambda line: print(line, flush=True))
+    known = {step: row for step, row in scored_snapshots(args.run, task, settings, lrs, args.adamw_mult).items()
+             if step in paths}
+    todo = {step: path for step, path in paths.items() if step not in known}
+    print(f"scoring {len(todo)} snapshots of {args.run} on {task.name}"
+          + (f" ({len(known)} more already scored in {args.run / 'validation.json'})" if known else ""), flush=True)
+    rows = list(known.values())
+    if todo:
+        rows += score_snapshots(todo, task, settings, lrs, args.adamw_mult, log=lambda line: print(line, flush=True))
     print(format_table(rows, settings))
     path = ship(args.run, args.name, rows, paths, describe(settings, task, lrs), args.weights_dir)
     print(f"shipped {path}")

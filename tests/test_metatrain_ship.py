@@ -73,3 +73,12 @@ def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_pat
     assert len(seen) == 1 and "30" in record["snapshots"]  # only the new snapshot was trained
     out = plot(run_dir, record, tmp_path / "curve.png")
     assert out.stat().st_size > 10_000
+    from recipes.metatrain.progress import scored_snapshots
+
+    known = scored_snapshots(run_dir, task, settings, (1e-2,), 1.0)
+    assert sorted(known) == [10, 20, 25, 30]  # the starting theta is no snapshot
+    assert known[10]["mean"] == record["snapshots"]["10"]["mean"] and known[10]["outer_step"] == 10
+    assert scored_snapshots(run_dir, task, settings, (3e-3,), 1.0) == {}  # other settings: score again
+    assert scored_snapshots(run_dir, task, EvalSettings(steps=4, seeds=1, val_windows=8), (1e-2,), 1.0) == {}
+    shipped = ship(run_dir, "reused", list(known.values()), snapshots(run_dir), "test", tmp_path / "weights")
+    assert shipped.is_file()

@@ -35,6 +35,7 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
     if record.get("task") not in (None, key):
         raise ValueError(f"{path} holds scores for {record['task']}, not {key}: move it aside to rescore")
     record["task"] = key
+    record.update(celo2_lrs=list(celo2_lrs), adamw_lr_mult=adamw_lr_mult)
     config = json.loads((run_dir / "config.json").read_text())["metatrain"]
     thetas = {0: theta_from_source(config["init_theta"], config.get("theta_seed", 0))}
     thetas.update({step: p for step, p in snapshots(run_dir, every).items()})
@@ -60,7 +61,28 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
 
 
 def _summary(row: dict) -> dict:
-    return {"mean": row["mean"], "std": row["std"], "lr": row["lr"], "grid": row.get("grid")}
+    return {k: row.get(k) for k in ("mean", "std", "min", "max", "lr", "grid")}
+
+
+def scored_snapshots(run_dir: Path, task: TinyLM, settings: EvalSettings, celo2_lrs, adamw_lr_mult: float) -> dict:
+    """Outer step -> validation row of the snapshots ``RUN/validation.json`` already scored with these
+    exact settings (empty when it holds other settings), so shipping need not train them again."""
+    path = run_dir / SCORES_FILE
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    same = (record.get("task") == f"{task.name}/{settings.steps}x{settings.seeds}"
+            and record.get("celo2_lrs", list(CELO2_LRS)) == list(celo2_lrs)
+            and record.get("adamw_lr_mult", 20.0) == adamw_lr_mult)
+    if not same:
+        return {}
+    rows = {}
+    for step, row in record["snapshots"].items():
+        if int(step) > 0:  # step 0 is the starting theta, not a snapshot
+            rows[int(step)] = {"label": f"step {step}", "outer_step": int(step), "adamw_lr_mult": adamw_lr_mult,
+                               "at_edge": [], **{k: row.get(k, row["mean"]) for k in ("min", "max")},
+                               **{k: v for k, v in row.items() if k not in ("min", "max")}}
+    return rows
 
 
 def meta_losses(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
