@@ -73,13 +73,19 @@ class TrainingSetup:
     def init(self) -> dict:
         return init_state(self.config.model, self.tx, self.config.train.seed, self.mesh, self.shardings)
 
+    def compiled_step(self):
+        """The train step compiled ahead of time (once), callable as train_step(state, tokens)."""
+        if getattr(self, "_compiled", None) is None:
+            state = abstract_state(self.tx, self.params_abstract, self.shardings)
+            tokens = jax.ShapeDtypeStruct((self.config.data.global_batch, self.seq_len + 1), np.int32,
+                                          sharding=self.batch_sharding)
+            with jax.set_mesh(self.mesh):
+                self._compiled = self.train_step.lower(state, tokens).compile()
+        return self._compiled
+
     def compiled_bytes(self) -> dict:
         """XLA's memory analysis of the train step: arguments, outputs and temporaries, per device."""
-        state = abstract_state(self.tx, self.params_abstract, self.shardings)
-        tokens = jax.ShapeDtypeStruct((self.config.data.global_batch, self.seq_len + 1), np.int32,
-                                      sharding=self.batch_sharding)
-        with jax.set_mesh(self.mesh):
-            analysis = self.train_step.lower(state, tokens).compile().memory_analysis()
+        analysis = self.compiled_step().memory_analysis()
         if analysis is None:
             return {}
         return {"argument": int(analysis.argument_size_in_bytes), "output": int(analysis.output_size_in_bytes),

@@ -21,7 +21,7 @@ THETA_FILENAME = "theta.state"
 # Thetas built in code, and thetas meta-trained by this project and shipped as
 # recipes/weights/NAME/theta.state (with the meta-training config beside it).
 BUILT_THETAS = ("normalized_momentum", "random")
-SHIPPED_THETAS = ("celo2_lm",)
+SHIPPED_THETAS = ("celo2_lm", "celo2_repro")
 THETA_NAMES = BUILT_THETAS + SHIPPED_THETAS
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FEATURE_CHANNELS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)  # groups 0..13 of the input features

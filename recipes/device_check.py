@@ -28,12 +28,12 @@ import numpy as np
 from recipes import config as config_lib
 from recipes.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, TrainingSetup, time_training, time_updates, \
     training_losses
-from recipes.celo2_theta import SHIPPED_THETAS, theta_from_source
+from recipes.celo2_theta import theta_from_source
 from recipes.dry_run import dry_run_report
 from recipes.optimizers import build_optimizer
 from recipes.train_step import abstract_state, bytes_per_device
 
-THETA = SHIPPED_THETAS[-1]  # the project's own weights: the authors' cannot be fetched offline
+THETA = "celo2_lm"  # the default recipe's shipped weights: the authors' cannot be fetched offline
 TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer share
 NUMERICS_TOLERANCE = 1e-3  # largest |loss difference| over the steps compared, fp32 with full-precision matmuls
 MEMORY_HEADROOM = 0.92  # a micro-batch fits when XLA's estimate is under this share of device memory
@@ -96,13 +96,14 @@ def _config(name: str, overrides, micro_batch: int):
     return config_lib.load_config(name, args)
 
 
-def largest_fitting(configs: Callable[[int], list], micro_batches, log, estimate: bool = True) -> tuple[int, int]:
+def largest_fitting(configs: Callable[[int], list], micro_batches, log,
+                    estimate: bool = True) -> tuple[int, int, TrainingSetup | None]:
     """The largest micro-batch whose every config's compiled train step fits device memory, and
     XLA's estimate of its bytes. Without memory statistics (CPUs) the first candidate is taken,
-    and compiled for its estimate only if ``estimate``."""
+    and compiled for its estimate only if ``estimate``. Also returns the setup that was compiled."""
     limit = device_memory_limit()
     if limit is None and not estimate:
-        return micro_batches[0], 0
+        return micro_batches[0], 0, None
     for micro in micro_batches:
         # Compiling is the slow part: judge by the config whose optimizer state is largest.
         setups = [TrainingSetup(config) for config in configs(micro)]
@@ -112,16 +113,15 @@ def largest_fitting(configs: Callable[[int], list], micro_batches, log, estimate
         if limit is None or worst <= MEMORY_HEADROOM * limit:
             log(f"  micro-batch {micro}: XLA estimates {worst / 2**30:.2f} GiB for {largest.config.optimizer.name}"
                 + ("" if limit is None else f" of {limit / 2**30:.1f} GiB"))
-            return micro, worst
+            return micro, worst, largest
         log(f"  micro-batch {micro} does not fit ({worst / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB)")
     raise RuntimeError(f"none of the micro-batches {micro_batches} fits device memory")
 
 
 def check_memory(sizes: Sizes, log) -> dict:
-    micro, estimate = largest_fitting(lambda m: [_config("gpt3xl_celo2", sizes.memory_overrides, m)],
-                                       sizes.memory_micro_batches, log)
-    config = _config("gpt3xl_celo2", sizes.memory_overrides, micro)
-    setup = TrainingSetup(config)
+    micro, estimate, setup = largest_fitting(lambda m: [_config("gpt3xl_celo2", sizes.memory_overrides, m)],
+                                              sizes.memory_micro_batches, log)
+    config = setup.config
     _, table = build_optimizer(config.optimizer, setup.params_abstract, total_steps=config.train.steps)
     report = dry_run_report(config, table, abstract_state(setup.tx, setup.params_abstract, setup.shardings),
                             setup.mesh)
@@ -129,7 +129,7 @@ def check_memory(sizes: Sizes, log) -> dict:
     began = time.perf_counter()
     with jax.set_mesh(setup.mesh):
         for step in range(sizes.memory_steps):
-            state, metrics = setup.train_step(state, setup.batch(step))
+            state, metrics = setup.compiled_step()(state, setup.batch(step))  # the step just measured
         loss = float(metrics["loss"])
     seconds = time.perf_counter() - began
     del state
@@ -145,8 +145,8 @@ def check_memory(sizes: Sizes, log) -> dict:
 
 def check_training(sizes: Sizes, log) -> dict:
     names = ("adamw", "muon", "celo2")
-    micro, _ = largest_fitting(lambda m: [_config(f"gpt2_small_{n}", sizes.train_overrides, m) for n in names],
-                               sizes.train_micro_batches, log, estimate=False)
+    micro, _, _ = largest_fitting(lambda m: [_config(f"gpt2_small_{n}", sizes.train_overrides, m) for n in names],
+                                  sizes.train_micro_batches, log, estimate=False)
     rows = {}
     for name in names:
         config = _config(f"gpt2_small_{name}", sizes.train_overrides, micro)
@@ -182,7 +182,9 @@ def check_numerics(sizes: Sizes, log) -> dict:
     config = config_lib.load_config("shakespeare_celo2", overrides)
     with jax.default_matmul_precision("highest"):
         host = training_losses(config, sizes.numerics_steps, jax.devices("cpu")[0])
-        device = training_losses(config, sizes.numerics_steps, jax.devices()[0])
+        # On a CPU-only machine the "device" is the host itself: the same losses, not trained twice.
+        same = jax.devices()[0] == jax.devices("cpu")[0]
+        device = list(host) if same else training_losses(config, sizes.numerics_steps, jax.devices()[0])
     worst = float(np.max(np.abs(np.subtract(host, device))))
     return {"recipe": "shakespeare_celo2", "steps": sizes.numerics_steps, "cpu_losses": host,
             "device_losses": device, "device": jax.devices()[0].device_kind, "max_abs_difference": worst,

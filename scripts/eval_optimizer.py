@@ -22,11 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.cli import run_main  # noqa: E402
-
-import yaml  # noqa: E402
-
 from recipes.metatrain.evaluate import EVAL_TASKS, TASK_SETTINGS, Candidate, EvalSettings, evaluate, format_table  # noqa: E402
 from recipes.metatrain.loop import resolve_theta  # noqa: E402
 from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402

@@ -29,9 +29,9 @@ def start(tmp_path: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
     config.write_text(yaml.safe_dump({**TINY, "metatrain": {**TINY["metatrain"], "out_dir": str(out_dir)}}))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("CELO2_DEBUG", None)
-    return subprocess.Popen([sys.executable, "scripts/metatrain.py", "--config", str(config), "--cpu-devices=1",
-                             "--compilation-cache=", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cache = f"--compilation-cache={tmp_path / 'jax_cache'}"  # later processes skip compiling
+    return subprocess.Popen([sys.executable, "scripts/metatrain.py", "--config", str(config), "--cpu-devices=1", cache,
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
