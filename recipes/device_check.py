@@ -147,10 +147,11 @@ def check_training(sizes: Sizes, log) -> dict:
     names = ("adamw", "muon", "celo2")
     micro, _, _ = largest_fitting(lambda m: [_config(f"gpt2_small_{n}", sizes.train_overrides, m) for n in names],
                                   sizes.train_micro_batches, log, estimate=False)
-    rows = {}
+    rows, fwd_bwd = {}, None
     for name in names:
         config = _config(f"gpt2_small_{name}", sizes.train_overrides, micro)
-        timed = time_training(TrainingSetup(config), sizes.repeats)
+        timed = time_training(TrainingSetup(config), sizes.repeats, fwd_bwd)
+        fwd_bwd = timed["seconds"]["fwd_bwd"]  # the same model and batch for every optimizer
         s = timed["seconds"]
         # The optimizer's share of a 0.5M-token step: forward+backward scale with tokens, the update does not.
         fwd_bwd_at_target = s["fwd_bwd"] * TOKENS_PER_STEP / config.tokens_per_step

@@ -40,7 +40,8 @@ def test_families_group_by_shape(tmp_path):
 
 
 def test_fused_truncation_equals_each_family_alone(tmp_path):
-    trainer = MetaTrainer(_config(tmp_path, FAMILIES[:2]), log=lambda line: None)
+    one_layer = [{**family, "hidden": []} for family in FAMILIES[:2]]  # compiles fastest
+    trainer = MetaTrainer(_config(tmp_path, one_layer), log=lambda line: None)
     theta = resolve_theta("normalized_momentum")
     state = trainer.fresh_state(theta)
     keys = (jax.random.key(5), jax.random.key(6))

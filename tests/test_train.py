@@ -196,15 +196,6 @@ def test_without_config_the_default_recipe_trains():
     assert args.config == train.DEFAULT_RECIPE == "shakespeare_celo2.yaml"
 
 
-def test_a_val_split_too_small_for_one_batch_is_said_and_summary_stays_json(tmp_path, capsys):
-    summary = run(tmp_path, "--train.steps=2", "--eval.batch_size=4096")  # more tokens than the val split holds
-    out = capsys.readouterr().out
-    assert "the val split holds no full batch of 4096" in out
-    assert summary["val_loss"] is None and "val loss nan" not in out
-    saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert saved["val_loss"] is None and saved["finished"]
-
-
 def test_replayed_steps_are_logged_once_and_a_finished_run_keeps_its_summary(tmp_path, capsys):
     import shutil
 
@@ -250,28 +241,16 @@ def test_a_rerun_with_another_layout_is_refused_before_the_run_directory_changes
     assert "lr: 0.001" in (run_dir / "config.yaml").read_text()
 
 
-def _truncate_arrays(step_dir: Path) -> None:
-    for f in (step_dir / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(f.read_bytes()[:10])
-
-
-def _drop_state(step_dir: Path) -> None:
-    import shutil
-    shutil.rmtree(step_dir / "state")
-
-
 def _garble_metadata(step_dir: Path) -> None:
     (step_dir / "state" / "_METADATA").write_text("{not json")
 
 
-@pytest.mark.parametrize("damage", [_truncate_arrays, _drop_state, _garble_metadata],
-                         ids=["truncated", "no_state", "garbled_metadata"])
-def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path, capsys, damage):
+# Truncated and deleted arrays are met by real processes in test_train_faults.py.
+def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path, capsys):
     args = ("--train.steps=4", "--train.checkpoint_every=2", "--train.keep_checkpoints=3")
     run(tmp_path, *args, "--train.stop_at_step=4", name="f")
     checkpoints = tmp_path / "f" / "checkpoints"
-    damage(checkpoints / "4")
+    _garble_metadata(checkpoints / "4")
     capsys.readouterr()
     resumed = run(tmp_path, *args, "--train.steps=6", name="f")
     out = capsys.readouterr().out

@@ -4,6 +4,7 @@ exit code and, where it fails, one `error:` line without a traceback, and leaves
 resumes, to the same loss as an undisturbed run where that is possible."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,12 @@ def test_signal_second_process_and_damaged_checkpoint_then_the_same_loss_as_an_u
     assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
     losses = [json.loads((d / "summary.json").read_text())["val_loss"] for d in (run_dir, tmp_path / "undisturbed")]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+    # The newest checkpoint's arrays deleted: the next older one resumes.
+    shutil.rmtree(run_dir / "checkpoints" / str(stopped_at + 4) / "state")
+    again = train_process(run_dir, *long, f"--train.stop_at_step={stopped_at + 6}")
+    assert again.returncode == 0 and f"checkpoint {stopped_at + 4} does not restore" in again.stdout
+    assert final_params(run_dir)[0] == stopped_at + 6
 
     # A validation split too small for one batch: said, and the summary stays strict JSON.
     small = train_process(tmp_path / "small", "--train.steps=2", "--eval.batch_size=4096")
