@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--val-windows", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--results", type=Path, default=None,
+                   help="a JSON file keeping every finished point: rerunning skips them (a long table resumes)")
     p.add_argument("--compilation-cache", default="cache/jax",
                    help="JAX's persistent compilation cache (reruns and resumes skip most compiling); '' disables")
     args = p.parse_args(argv)
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     task = TinyLM(family)
     print(f"{args.task} task {family.name} on {args.corpus or 'the bundled corpus'}: {settings.steps} steps, "
           f"batch {family.batch}, {args.seeds} seeds", flush=True)
-    rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True))
+    rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True), results_file=args.results)
     print(format_table(rows, settings))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,4 +1,6 @@
 """The held-out evaluation runs and tabulates (a tiny task, two steps)."""
+import json
+
 import numpy as np
 
 from recipes.celo2 import normalized_momentum_theta
@@ -7,15 +9,23 @@ from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate, format
 from recipes.metatrain.tasks_lm import TinyLM
 
 
-def test_evaluate_tabulates_best_lr():
+def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     settings = EvalSettings(steps=2, seeds=2, val_windows=8)
     theta = normalized_momentum_theta()
-    rows = evaluate([Candidate("celo2", "celo2", 1e-3, theta, 20.0)], settings, task, log=lambda line: None)
+    results = tmp_path / "points.json"
+    candidate = Candidate("celo2", "celo2", 1e-3, theta, 20.0)
+    rows = evaluate([candidate], settings, task, log=lambda line: None, results_file=results)
     assert len(rows) == 1 and rows[0]["grid"] == [1e-3]
     assert len(rows[0]["per_seed"]) == 2 and np.isfinite(rows[0]["mean"])
     assert abs(rows[0]["mean"] - np.log(64)) < 1.0  # two steps from a fresh model: near uniform
     assert "| celo2 | 0.001" in format_table(rows, settings)
+    lines = []
+    again = evaluate([candidate, Candidate("celo2", "celo2", 3e-3, theta, 20.0)], settings, task, log=lines.append,
+                     results_file=results)
+    assert "(done before)" in lines[0] and "(done before)" not in lines[1]  # only the new point trained
+    assert {p["lr"]: p["mean"] for p in again[0]["points"]}[1e-3] == rows[0]["mean"]
+    assert len(json.loads(results.read_text())) == 2
 
 
 def test_best_point_searches_the_side_multiplier_and_flags_grid_edges():

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -114,16 +117,38 @@ def summarize(losses: np.ndarray) -> dict:
             "min": float(np.min(losses)), "max": float(np.max(losses)), "per_seed": losses.tolist()}
 
 
-def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print) -> list[dict]:
-    """One row per label: its best (learning rate, AdamW-side multiplier) and that point's loss statistics."""
+def point_key(task: TinyLM, settings: EvalSettings, c: Candidate) -> str:
+    """What determines a point's result: the task (and its corpus), the settings, the optimizer and theta."""
+    theta = "none"
+    if c.theta is not None:
+        leaves = jax.tree.leaves(c.theta)
+        theta = hashlib.sha256(b"".join(np.asarray(x, np.float32).tobytes() for x in leaves)).hexdigest()[:16]
+    return json.dumps([task.name, task.source, dataclasses.asdict(settings), c.name, c.lr, c.adamw_lr_mult,
+                       [list(m) for m in c.muon], theta])
+
+
+def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print,
+             results_file: Path | None = None) -> list[dict]:
+    """One row per label: its best (learning rate, AdamW-side multiplier) and that point's loss statistics.
+
+    ``results_file`` (JSON) keeps every finished point, so an interrupted table resumes where it stopped.
+    """
     task = task or TinyLM(HELD_OUT, split="train")
     if settings.val_windows % task.batch:
         raise ValueError(f"val_windows ({settings.val_windows}) must be a multiple of the task's batch ({task.batch})")
+    done = json.loads(results_file.read_text()) if results_file is not None and results_file.is_file() else {}
     results: dict[str, list[dict]] = {}
     for c in candidates:
-        stats = summarize(train_and_validate(task, c, settings))
+        key = point_key(task, settings, c)
+        cached = key in done
+        stats = done[key] if cached else summarize(train_and_validate(task, c, settings))
+        if results_file is not None and not cached:
+            done[key] = stats
+            tmp = results_file.with_name(results_file.name + ".tmp")
+            tmp.write_text(json.dumps(done, indent=1, allow_nan=True))
+            tmp.replace(results_file)
         log(f"  {c.label:<28} lr {c.lr:<8.3g} side x{c.adamw_lr_mult:<4g} val loss {stats['mean']:.4f} "
-            f"+- {stats['std']:.4f}")
+            f"+- {stats['std']:.4f}" + (" (done before)" if cached else ""))
         results.setdefault(c.label, []).append({"label": c.label, "lr": c.lr, "adamw_lr_mult": c.adamw_lr_mult,
                                                 **stats})
     rows = []
