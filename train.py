@@ -165,19 +165,18 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
                              resume_step=start)
     summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
                "skipped_steps": 0}
-    earlier = read_records(run_dir) if jax.process_index() == 0 else []  # what survived up to `start`
-    clock = {"start": time.perf_counter(), "paused": 0.0,  # training wall time, evaluation excluded
-             "before": max((r.get("wall_time_s") or 0.0 for r in earlier), default=0.0)}
+    target = config.train.target_val_loss
+    before_resume, reached = resume_records(run_dir, target)
+    # Training wall time: evaluation and each invocation's first (compiling) step excluded.
+    clock = {"start": time.perf_counter(), "paused": 0.0, "before_resume": before_resume}
 
     def wall_time() -> float:
-        return clock["before"] + time.perf_counter() - clock["start"] - clock["paused"]
+        return clock["before_resume"] + time.perf_counter() - clock["start"] - clock["paused"]
 
-    target = config.train.target_val_loss
     if target is not None:
         summary.update(target_val_loss=target, target_step=None, target_tokens=None, target_wall_time_s=None)
-        reached = [r for r in earlier if r.get("target_step") is not None]
-        if reached:
-            summary.update({k: reached[0][k] for k in ("target_step", "target_tokens", "target_wall_time_s")})
+        if reached is not None:
+            summary.update(reached)
             if config.train.stop_at_target:
                 log0(f"{run_dir} reached val loss {target} at step {summary['target_step']} "
                      "(train.stop_at_target): nothing to train")
@@ -301,6 +300,9 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
                 # Dispatch this step before reading the last one's metrics, so the device never idles.
                 state, metrics = train_step(state, mesh_lib.global_batch_array(tokens_local, mesh))
                 step = index + 1
+                if step == start + 1:  # compilation is not training time
+                    jax.block_until_ready(metrics)
+                    clock.update(start=time.perf_counter(), paused=0.0)
                 if pending is not None:
                     record(*pending)
                 pending = (step, metrics)
@@ -347,6 +349,29 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
             print(f"--- a sample ({config.sample.max_new_tokens} new tokens, temperature "
                   f"{config.sample.temperature:g}) ---\n{sample_text(config, state['params'])}", flush=True)
     return summary
+
+
+def resume_records(run_dir: Path, target: float | None) -> tuple[float, dict | None]:
+    """From metrics.jsonl as kept for a resume: the training wall time so far, and where this
+    target (the same value) was reached, if it was. Read on process 0 and shared with the others,
+    so every process takes the same decisions."""
+    before, reached = 0.0, None
+    if jax.process_index() == 0:
+        records = read_records(run_dir)
+        before = max((r.get("wall_time_s") or 0.0 for r in records), default=0.0)
+        hits = [r for r in records if r.get("target_step") is not None and r.get("target_val_loss") == target]
+        if hits:
+            reached = {k: hits[0][k] for k in ("target_step", "target_tokens", "target_wall_time_s")}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        values = np.asarray([before, -1.0 if reached is None else reached["target_step"],
+                             -1.0 if reached is None else reached["target_tokens"],
+                             -1.0 if reached is None else reached["target_wall_time_s"]], np.float64)
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+        before = float(values[0])
+        reached = None if values[1] < 0 else {"target_step": int(values[1]), "target_tokens": int(values[2]),
+                                              "target_wall_time_s": float(values[3])}
+    return before, reached
 
 
 def layout_theta(config):

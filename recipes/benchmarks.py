@@ -168,7 +168,8 @@ def _compiled_update(tx, shapes, grads, key) -> dict:
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    compiled = jax.jit(apply, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile()
+    # Lowered from shapes: a second optimizer state would only cost device memory.
+    compiled = jax.jit(apply, donate_argnums=(0, 1)).lower(params, jax.eval_shape(tx.init, params), grads).compile()
     memory = compiled.memory_analysis()
     largest = max(int(np.prod(s)) for s in shapes)
     holder = {"carry": (params, tx.init(params))}

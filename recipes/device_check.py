@@ -139,7 +139,7 @@ def check_memory(sizes: Sizes, log) -> dict:
             "seq_len": config.seq_len, "n_params": report["n_params"], "steps": sizes.memory_steps,
             "seconds": round(seconds, 3), "last_loss": loss, "peak_bytes": peak,
             "dry_run_params_and_opt_state_bytes": dry, "xla_estimate_bytes": estimate,
-            "peak_over_dry_run": None if peak is None else peak / dry,
+            "peak_over_params_and_opt_state": None if peak is None else peak / dry,
             "peak_over_xla_estimate": None if peak is None else peak / estimate}
 
 
@@ -181,10 +181,12 @@ def check_numerics(sizes: Sizes, log) -> dict:
     overrides = [*sizes.numerics_overrides, "--model.compute_dtype=float32", f"--optimizer.theta={THETA}",
                  "--mesh.devices=1"]
     config = config_lib.load_config("shakespeare_celo2", overrides)
+    cpu = jax.devices("cpu")[0]
     with jax.default_matmul_precision("highest"):
-        host = training_losses(config, sizes.numerics_steps, jax.devices("cpu")[0])
+        with jax.default_device(cpu):  # everything of the host run, constants included, on the CPU
+            host = training_losses(config, sizes.numerics_steps, cpu)
         # On a CPU-only machine the "device" is the host itself: the same losses, not trained twice.
-        same = jax.devices()[0] == jax.devices("cpu")[0]
+        same = jax.devices()[0] == cpu
         device = list(host) if same else training_losses(config, sizes.numerics_steps, jax.devices()[0])
     worst = float(np.max(np.abs(np.subtract(host, device))))
     return {"recipe": "shakespeare_celo2", "steps": sizes.numerics_steps, "cpu_losses": host,
@@ -219,8 +221,19 @@ def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
     return report
 
 
+def _finite(value):
+    """JSON has no NaN: a non-finite measurement is written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    return value
+
+
 def write(out_dir: Path, report: dict) -> None:
-    (out_dir / "device_check.json").write_text(json.dumps(report, indent=2, allow_nan=False, default=float))
+    (out_dir / "device_check.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=float))
     (out_dir / "device_check.md").write_text(markdown(report))
 
 
@@ -265,10 +278,12 @@ def markdown(report: dict) -> str:
     if "memory" in s and "error" not in s["memory"]:
         m = s["memory"]
         lines += [f"gpt3xl_celo2 ({m['n_params']:,} parameters, remat {m['remat']}), micro-batch {m['micro_batch']} x "
-                  f"{m['seq_len']}, {m['steps']} steps: peak device memory {_gib(m['peak_bytes'])}; dry run "
-                  f"(parameters + optimizer state) {_gib(m['dry_run_params_and_opt_state_bytes'])}, XLA's estimate "
-                  f"of the step {_gib(m['xla_estimate_bytes'])}; peak/dry run "
-                  f"{_ratio(m['peak_over_dry_run'])}, peak/XLA estimate {_ratio(m['peak_over_xla_estimate'])}.", ""]
+                  f"{m['seq_len']}, {m['steps']} steps: peak device memory {_gib(m['peak_bytes'])} (since the "
+                  f"process started); the dry run's parameters + optimizer state "
+                  f"{_gib(m['dry_run_params_and_opt_state_bytes'])}, XLA's estimate of the whole step "
+                  f"{_gib(m['xla_estimate_bytes'])}; peak/(parameters + optimizer state) "
+                  f"{_ratio(m['peak_over_params_and_opt_state'])}, peak/XLA estimate "
+                  f"{_ratio(m['peak_over_xla_estimate'])}.", ""]
     if "numerics" in s and "error" not in s["numerics"]:
         n = s["numerics"]
         verdict = "within" if n["within_tolerance"] else "OUTSIDE"

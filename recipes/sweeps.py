@@ -180,7 +180,10 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     final = losses[-1] if losses else None
     nonfinite = any(v is None or not math.isfinite(v) for v in losses) or any(
         m["loss"] is None for m in trains) or record.get("status") == "diverged"
-    reached = next((m for m in metrics if m.get("target_step") is not None), {})  # train.target_val_loss
+    # The first evaluation at or below train.target_val_loss (the latest target, if it was changed).
+    targets = [m for m in metrics if m.get("target_step") is not None]
+    reached = next((m for m in targets if m.get("target_val_loss") == targets[-1].get("target_val_loss")), {}) \
+        if targets else {}
     above_start = final is not None and initial is not None and math.isfinite(final) and final > initial
     return {
         "point": point_name(point),

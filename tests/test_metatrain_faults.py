@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from recipes.celo2 import load_checkpoint
@@ -52,17 +53,23 @@ def theta_leaves(path: Path):
 def test_signal_lock_damage_and_bad_settings(tmp_path):
     run = tmp_path / "run"
     first = start(tmp_path, run, "--metatrain.outer_steps=100000")
-    deadline = time.time() + 300
-    while not (run / "checkpoint.previous" / "meta.json").is_file():  # two checkpoints written
-        assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
-        time.sleep(0.5)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoint.previous" / "meta.json").is_file():  # two checkpoints written
+            if first.poll() is not None or time.time() > deadline:
+                first.kill()
+                pytest.fail(f"no second checkpoint: {first.communicate()[1][-3000:]}")
+            time.sleep(0.5)
 
-    second = start(tmp_path, run)  # a second process on a live run directory is refused
-    code, _, err = finish(second)
-    assert code == 1 and f"is in use by pid {first.pid}" in one_error_line(err)
+        second = start(tmp_path, run)  # a second process on a live run directory is refused
+        code, _, err = finish(second)
+        assert code == 1 and f"is in use by pid {first.pid}" in one_error_line(err)
 
-    first.send_signal(signal.SIGTERM)
-    code, out, err = finish(first)
+        first.send_signal(signal.SIGTERM)
+        code, out, err = finish(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "checkpoint saved" in out
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta, save_checkpoint
+from recipes.config import ConfigError
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import EvalSettings
 from recipes.metatrain.ship import score_snapshots, ship, snapshots
@@ -82,3 +83,5 @@ def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_pat
     assert scored_snapshots(run_dir, task, EvalSettings(steps=4, seeds=1, val_windows=8), (1e-2,), 1.0) == {}
     shipped = ship(run_dir, "reused", list(known.values()), snapshots(run_dir), "test", tmp_path / "weights")
     assert shipped.is_file()
+    with pytest.raises(ConfigError, match="other settings"):  # never mixes scores of two settings
+        update_scores(run_dir, task, settings, 3.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)

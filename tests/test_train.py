@@ -293,3 +293,5 @@ def test_steps_to_target_are_recorded_and_stop_the_run_when_asked(tmp_path):
     again = run(tmp_path, "--train.steps=12", "--eval.every=3", f"--train.target_val_loss={target}",
                 "--train.stop_at_target=true", name="target")
     assert again["target_step"] == 6 and final_params(tmp_path / "target")[0] == 6
+    other = run(tmp_path, "--train.steps=12", "--eval.every=3", "--train.target_val_loss=0.5", name="target")
+    assert other["target_step"] is None and other["step"] == 12  # another target is not the one reached

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable
 from typing import Any, NamedTuple
@@ -122,12 +123,15 @@ def restore_newest(out_dir: str | Path, target: MetaState, config: MetaTrainConf
     for path in sorted(_candidates(out), key=step_of, reverse=True):
         try:
             return restore(path, target, config)
-        except ConfigError:
+        except ConfigError:  # readable, but another problem or layout: not damage
             raise
-        except Exception as error:  # numpy, zipfile and json raise many types for a damaged file
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            # what numpy, zipfile and json raise for a truncated, missing or garbled file
             damaged = out / DAMAGED_DIR
             damaged.mkdir(exist_ok=True)
-            aside = damaged / f"{path.name}.{len(list(damaged.iterdir()))}"
+            aside = damaged / f"{path.name}.{step_of(path)}"
+            while aside.exists():
+                aside = aside.with_name(aside.name + "+")
             path.rename(aside)
             log(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
                 f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
@@ -161,10 +165,11 @@ def restore(ckpt: str | Path, target: MetaState, config: MetaTrainConfig) -> Met
     with np.load(ckpt / STATE_FILE) as data:
         saved = [data[f"arr_{i}"] for i in range(len(data.files))]
     if len(saved) != len(target_leaves):
-        raise ValueError(f"{ckpt}: {len(saved)} saved arrays, but this config's state has {len(target_leaves)}")
+        raise ConfigError(f"{ckpt}: {len(saved)} saved arrays, but this config's state has {len(target_leaves)}")
     for i, (a, t) in enumerate(zip(saved, target_leaves)):
         if tuple(a.shape) != tuple(t.shape) or np.dtype(a.dtype) != np.dtype(t.dtype):
-            raise ValueError(f"{ckpt}: array {i} is {a.dtype}{list(a.shape)}, expected {np.dtype(t.dtype)}{list(t.shape)}")
+            raise ConfigError(f"{ckpt}: array {i} is {a.dtype}{list(a.shape)}, expected "
+                              f"{np.dtype(t.dtype)}{list(t.shape)}")
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in saved])
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from recipes.config import ConfigError
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks_lm import TinyLM, corpus
 from recipes.optimizer_config import OptimizerConfig
@@ -123,8 +124,8 @@ def point_key(task: TinyLM, settings: EvalSettings, c: Candidate) -> str:
     if c.theta is not None:
         leaves = jax.tree.leaves(c.theta)
         theta = hashlib.sha256(b"".join(np.asarray(x, np.float32).tobytes() for x in leaves)).hexdigest()[:16]
-    return json.dumps([task.name, task.source, dataclasses.asdict(settings), c.name, c.lr, c.adamw_lr_mult,
-                       [list(m) for m in c.muon], theta])
+    return json.dumps([task.name, task.source, repr(task.config), task.batch, dataclasses.asdict(settings), c.name,
+                       c.lr, c.adamw_lr_mult, [list(m) for m in c.muon], theta])
 
 
 def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print,
@@ -135,8 +136,10 @@ def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM |
     """
     task = task or TinyLM(HELD_OUT, split="train")
     if settings.val_windows % task.batch:
-        raise ValueError(f"val_windows ({settings.val_windows}) must be a multiple of the task's batch ({task.batch})")
+        raise ConfigError(f"val_windows ({settings.val_windows}) must be a multiple of the task's batch ({task.batch})")
     done = json.loads(results_file.read_text()) if results_file is not None and results_file.is_file() else {}
+    if results_file is not None:
+        results_file.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for c in candidates:
         key = point_key(task, settings, c)

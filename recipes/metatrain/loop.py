@@ -92,10 +92,12 @@ class MetaTrainer:
         if ckpt.has_checkpoint(self.out_dir):
             target = jax.eval_shape(self.fresh_state, resolve_theta("normalized_momentum"))
             state = ckpt.restore_newest(self.out_dir, target, self.config, log=self.log)
-            if state is not None:
-                self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
-                return state
-            self.log(f"no checkpoint of {self.out_dir} restores (they are kept in {ckpt.DAMAGED_DIR}/)")
+            if state is None:  # starting over would overwrite theta.state and the snapshots
+                raise ConfigError(
+                    f"no checkpoint of {self.out_dir} restores (each is kept in {ckpt.DAMAGED_DIR}/); to start "
+                    "over, move the directory aside or choose another metatrain.out_dir")
+            self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
+            return state
         self.log(f"starting from theta {m.init_theta!r}")
         return self.fresh_state(self.initial_theta())
 
@@ -183,7 +185,7 @@ class MetaTrainer:
         metrics_file = open(self.out_dir / "metrics.jsonl", "a")
         try:
             last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
-            saved_step = None
+            saved_step = int(state.step) if ckpt.has_checkpoint(self.out_dir) else None  # resumed: on disk
             if m.profile and int(state.step) < m.outer_steps:
                 self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
             while int(state.step) < m.outer_steps and stop["signal"] is None:

@@ -7,6 +7,7 @@ Muon on the same task, each at the best of its learning-rate grid.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from recipes.celo2 import load_checkpoint, theta_from_source
+from recipes.config import ConfigError
 from recipes.metatrain.checkpoint import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.ship import snapshots
@@ -32,10 +34,12 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
     path = run_dir / SCORES_FILE
     record = json.loads(path.read_text()) if path.is_file() else {"snapshots": {}, "references": {}}
     key = f"{task.name}/{settings.steps}x{settings.seeds}"
-    if record.get("task") not in (None, key):
-        raise ValueError(f"{path} holds scores for {record['task']}, not {key}: move it aside to rescore")
-    record["task"] = key
-    record.update(celo2_lrs=list(celo2_lrs), adamw_lr_mult=adamw_lr_mult)
+    scored_with = {"settings": dataclasses.asdict(settings), "celo2_lrs": list(celo2_lrs),
+                   "adamw_lr_mult": adamw_lr_mult}
+    if record.get("task") not in (None, key) or any(record.get(k, v) != v for k, v in scored_with.items()):
+        raise ConfigError(f"{path} holds scores made with other settings ({record.get('task')}, "
+                          f"{ {k: record.get(k) for k in scored_with} }): move it aside to rescore")
+    record.update(task=key, **scored_with)
     config = json.loads((run_dir / "config.json").read_text())["metatrain"]
     thetas = {0: theta_from_source(config["init_theta"], config.get("theta_seed", 0))}
     thetas.update({step: p for step, p in snapshots(run_dir, every).items()})
@@ -72,6 +76,7 @@ def scored_snapshots(run_dir: Path, task: TinyLM, settings: EvalSettings, celo2_
         return {}
     record = json.loads(path.read_text())
     same = (record.get("task") == f"{task.name}/{settings.steps}x{settings.seeds}"
+            and record.get("settings", dataclasses.asdict(settings)) == dataclasses.asdict(settings)
             and record.get("celo2_lrs", list(CELO2_LRS)) == list(celo2_lrs)
             and record.get("adamw_lr_mult", 20.0) == adamw_lr_mult)
     if not same:
