@@ -24,7 +24,7 @@ from recipes import config as config_lib
 from recipes import mesh as mesh_lib
 from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
 from recipes.dry_run import dry_run_report
-from recipes.metrics import MetricsLog, mfu, progress_bar, read_records
+from recipes.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
 from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
 from recipes.report import summary_lines
 from recipes.train_step import (abstract_model, abstract_state, init_state,
@@ -438,11 +438,6 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     """summary.json: what sweeps and schedulers read to tell a finished run from a stopped one."""
     if jax.process_index() == 0:
         (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
-
-
-def json_safe(record: dict) -> dict:
-    """Non-finite floats as null: JSON has no NaN, and summary.json must parse anywhere."""
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()}
 
 
 def sample_text(config, params) -> str:

@@ -30,6 +30,7 @@ from recipes.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, TrainingSetup, t
     training_losses
 from recipes.celo2_theta import theta_from_source
 from recipes.dry_run import dry_run_report
+from recipes.metrics import json_safe
 from recipes.optimizers import build_optimizer
 from recipes.train_step import abstract_state, bytes_per_device
 
@@ -221,19 +222,8 @@ def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
     return report
 
 
-def _finite(value):
-    """JSON has no NaN: a non-finite measurement is written as null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    return value
-
-
 def write(out_dir: Path, report: dict) -> None:
-    (out_dir / "device_check.json").write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=float))
+    (out_dir / "device_check.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False, default=float))
     (out_dir / "device_check.md").write_text(markdown(report))
 
 

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from model.config import ModelConfig
 
@@ -49,6 +50,20 @@ def mfu(tokens_per_s: float, config: ModelConfig, seq_len: int, devices) -> floa
     if peak is None:
         return None
     return tokens_per_s * flops_per_token(config, seq_len) / (peak * len(devices))
+
+
+def json_safe(value):
+    """Non-finite floats as null, in nested dicts and lists too: JSON has no NaN, and what the
+    project writes must parse anywhere."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):  # numpy scalars as their Python values
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _drop_records_after(path: Path, step: int) -> None:
@@ -97,7 +112,7 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record = json_safe(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from recipes.config import ConfigError
+from recipes.metatrain.checkpoint import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks_lm import TinyLM, corpus
 from recipes.optimizer_config import OptimizerConfig
@@ -147,9 +148,7 @@ def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM |
         stats = done[key] if cached else summarize(train_and_validate(task, c, settings))
         if results_file is not None and not cached:
             done[key] = stats
-            tmp = results_file.with_name(results_file.name + ".tmp")
-            tmp.write_text(json.dumps(done, indent=1, allow_nan=True))
-            tmp.replace(results_file)
+            write_json(results_file, done)  # after every point: an interrupted table keeps its work
         log(f"  {c.label:<28} lr {c.lr:<8.3g} side x{c.adamw_lr_mult:<4g} val loss {stats['mean']:.4f} "
             f"+- {stats['std']:.4f}" + (" (done before)" if cached else ""))
         results.setdefault(c.label, []).append({"label": c.label, "lr": c.lr, "adamw_lr_mult": c.adamw_lr_mult,
