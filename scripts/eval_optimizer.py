@@ -2,16 +2,16 @@
 
     python scripts/eval_optimizer.py --theta runs/metatrain_lm --theta normalized_momentum
     python scripts/eval_optimizer.py --task validation --no-baselines --theta runs/metatrain_lm/thetas/theta_0000100.state ...
-    python scripts/eval_optimizer.py --task default --adamw-mults 1,3,10,20 --theta celo2_lm --corpus my_shards
+    python scripts/eval_optimizer.py --task default --screen-seeds 1 --theta celo2_lm --corpus my_shards
 
 Each --theta (a theta.state, a run directory, hf://OWNER/REPO, or a built-in name
 such as normalized_momentum or celo2_lm) trains the task with Celo2; AdamW and Muon each get the best of
 their learning-rate grid; Celo2 and Muon also search the AdamW-side (embeddings,
 biases, LayerNorm) learning-rate multiplier over --adamw-mults. Prints a Markdown
 table of final validation losses (mean, spread and range over seeds), flagging a
-best point on an edge of its grid. Choose among meta-training snapshots on
+best point on an edge of its grid (--extend-edges steps past it first). Choose among meta-training snapshots on
 ``--task validation``, and report the chosen one on the held-out task; ``--task
-default`` is the default recipe's model, batch, schedule and GPT-2 vocabulary,
+default`` is the default recipe's model, batch, schedule and GPT-2 vocabulary (read from its YAML),
 on the bundled corpus or on a shard directory from data.prepare (--corpus).
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.cli import run_main  # noqa: E402
-from recipes.metatrain.evaluate import EVAL_TASKS, TASK_SETTINGS, Candidate, EvalSettings, evaluate, format_table  # noqa: E402
+from recipes.metatrain.evaluate import (  # noqa: E402
+    EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
+)
 from recipes.metatrain.loop import resolve_theta  # noqa: E402
 from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
 
@@ -50,8 +52,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-baselines", action="store_true", help="evaluate the thetas only")
     p.add_argument("--task", choices=sorted(EVAL_TASKS), default="heldout",
                    help="heldout reports; validation selects among snapshots")
-    p.add_argument("--steps", type=int, default=None, help="default: 150 for --task default, else 300")
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's steps for --task default, else 300")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--screen-seeds", type=int, default=None,
+                   help="search the grid with this many seeds, then train each best point with --seeds")
+    p.add_argument("--extend-edges", type=int, default=1,
+                   help="step a best point on a grid edge out by one grid ratio, up to this many times per axis")
     p.add_argument("--val-windows", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--results", type=Path, default=None,
@@ -64,7 +70,9 @@ def main(argv=None) -> int:
 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
 
-    task_settings = {"steps": 300, **TASK_SETTINGS.get(args.task, {})}
+    family, task_settings = EVAL_TASKS[args.task], {"steps": 300}
+    if args.task == "default":
+        family, task_settings = default_recipe_task()
     if args.steps is not None:
         task_settings["steps"] = args.steps
     settings = EvalSettings(seeds=args.seeds, val_windows=args.val_windows, **task_settings)
@@ -85,11 +93,13 @@ def main(argv=None) -> int:
         candidates += [Candidate(label, "muon", lr, None, mult, tuple(muon_variant))
                        for mult in args.adamw_mults for lr in args.muon_lrs]
 
-    family = dataclasses.replace(EVAL_TASKS[args.task], corpus=args.corpus)
+    family = dataclasses.replace(family, corpus=args.corpus)
     task = TinyLM(family)
     print(f"{args.task} task {family.name} on {args.corpus or 'the bundled corpus'}: {settings.steps} steps, "
-          f"batch {family.batch}, {args.seeds} seeds", flush=True)
-    rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True), results_file=args.results)
+          f"batch {family.batch}, {args.seeds} seeds" + (f" (grid searched with {args.screen_seeds})"
+                                                   if args.screen_seeds else ""), flush=True)
+    rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True), results_file=args.results,
+                    screen_seeds=args.screen_seeds, extend_edges=args.extend_edges)
     print(format_table(rows, settings))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

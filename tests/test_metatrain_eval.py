@@ -59,3 +59,33 @@ def test_eval_script_default_task_on_a_prepared_corpus(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "default task default_recipe_l4_d64_c64 on " + str(tmp_path / "shards") in run.stdout
     assert "| celo2 (normalized_momentum) | 0.001 (0.001) | 1 (1) |" in run.stdout
+
+
+def test_screened_search_extends_an_edge_and_retrains_the_best_point_with_every_seed(tmp_path):
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    settings = EvalSettings(steps=3, seeds=2, val_windows=8)
+    lines = []
+    # lr 1e-4 and 1e-3 are both far too small for 3 steps: the best is the upper edge, so 1e-2 is tried.
+    candidates = [Candidate("adamw", "adamw", lr) for lr in (1e-4, 1e-3)]
+    (row,) = evaluate(candidates, settings, task, log=lines.append, screen_seeds=1, extend_edges=1,
+                      results_file=tmp_path / "points.json")
+    assert row["grid"] == [1e-4, 1e-3, 1e-2] and len(row["points"]) == 3
+    assert row["lr"] == 1e-2 == min(row["points"], key=lambda p: p["mean"])["lr"]
+    assert row["search_seeds"] == 1 and len(row["per_seed"]) == 2  # the final run has every seed
+    assert sum("(1 seed, search)" in line for line in lines) == 3 and "search" not in lines[-1]
+    assert row["at_edge"] == ["lr 0.01"]  # one extension allowed, still the edge: said, not hidden
+    assert "Grids searched with 1 seed(s)" in format_table([row], settings)
+
+
+def test_default_task_is_read_from_the_default_recipe():
+    """The table's 'default recipe' cannot drift from the recipe users run."""
+    from recipes.config import load_config
+    from recipes.metatrain.evaluate import default_recipe_task
+
+    family, settings = default_recipe_task()
+    cfg = load_config("shakespeare_celo2.yaml")
+    assert (family.n_layer, family.n_head, family.d_model) == (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model)
+    assert (family.context_length, family.batch, family.vocab) == (cfg.data.seq_len, cfg.data.global_batch, 50257)
+    assert settings["steps"] == cfg.train.steps
+    assert round(settings["warmup_fraction"] * settings["steps"]) == cfg.optimizer.schedule.warmup_steps
+    assert (settings["min_lr_ratio"], settings["weight_decay"]) == (0.1, cfg.optimizer.weight_decay)

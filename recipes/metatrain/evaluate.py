@@ -33,11 +33,8 @@ HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_he
 # Picks among meta-training snapshots, so the held-out task stays unseen by every choice.
 VALIDATION = FamilyConfig(kind="lm", name="validation_lm_l3_d40_c40", n_layer=3, n_head=2, d_model=40,
                           context_length=40, batch=16, vocab=512)
-# The default recipe's model and batch (configs/shakespeare_celo2.yaml) with the GPT-2 vocabulary: what users run.
-DEFAULT_RECIPE = FamilyConfig(kind="lm", name="default_recipe_l4_d64_c64", n_layer=4, n_head=4, d_model=64,
-                              context_length=64, batch=16, vocab=50257)
-EVAL_TASKS = {"heldout": HELD_OUT, "validation": VALIDATION, "default": DEFAULT_RECIPE}
-
+EVAL_TASKS = {"heldout": HELD_OUT, "validation": VALIDATION, "default": None}  # default: read from the recipe
+DEFAULT_RECIPE_FILE = "shakespeare_celo2.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
@@ -59,9 +56,23 @@ class EvalSettings:
     min_lr_ratio: float = 0.0
 
 
-# The default recipe's own schedule and decay (150 steps, 20 warmup, cosine to 0.1x, weight decay 0.1).
-TASK_SETTINGS = {"default": {"steps": 150, "warmup_fraction": 20 / 150, "min_lr_ratio": 0.1, "weight_decay": 0.1}}
+def default_recipe_task(recipe: str = DEFAULT_RECIPE_FILE) -> tuple[FamilyConfig, dict]:
+    """The default recipe's model, batch, vocabulary, schedule and decay: what users run, read from its YAML.
 
+    Returns the task family and the EvalSettings fields that follow from the recipe.
+    """
+    from recipes.config import load_config  # the trainer's loader; only this task needs it
+
+    cfg = load_config(recipe)
+    m, sched = cfg.model, cfg.optimizer.schedule
+    if sched.kind != "cosine":
+        raise ConfigError(f"{recipe}: the default task mirrors a cosine schedule, got {sched.kind!r}")
+    family = FamilyConfig(kind="lm", name=f"default_recipe_l{m.n_layer}_d{m.d_model}_c{cfg.data.seq_len}",
+                          n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, context_length=cfg.data.seq_len,
+                          batch=cfg.data.global_batch, vocab=m.vocab_size)
+    settings = {"steps": cfg.train.steps, "warmup_fraction": sched.warmup_steps / cfg.train.steps,
+                "min_lr_ratio": sched.min_lr_ratio, "weight_decay": cfg.optimizer.weight_decay}
+    return family, settings
 
 def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
     """``count`` evenly spaced windows of the val split (the same for every optimizer)."""
@@ -130,42 +141,82 @@ def point_key(task: TinyLM, settings: EvalSettings, c: Candidate) -> str:
 
 
 def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print,
-             results_file: Path | None = None) -> list[dict]:
+             results_file: Path | None = None, screen_seeds: int | None = None, extend_edges: int = 0) -> list[dict]:
     """One row per label: its best (learning rate, AdamW-side multiplier) and that point's loss statistics.
 
+    ``screen_seeds`` (fewer than ``settings.seeds``) searches the grid with that many seeds and trains only
+    each label's best point with all of them: the row's statistics are that final run's.
+    ``extend_edges`` steps a best point on an edge of its grid out by one more grid ratio, up to that many
+    times per axis, so a reported best is inside its grid whenever the budget allows.
     ``results_file`` (JSON) keeps every finished point, so an interrupted table resumes where it stopped.
     """
     task = task or TinyLM(HELD_OUT, split="train")
     if settings.val_windows % task.batch:
         raise ConfigError(f"val_windows ({settings.val_windows}) must be a multiple of the task's batch ({task.batch})")
+    if screen_seeds is not None and not 1 <= screen_seeds <= settings.seeds:
+        raise ConfigError(f"screen_seeds must be in [1, seeds={settings.seeds}], got {screen_seeds}")
     done = json.loads(results_file.read_text()) if results_file is not None and results_file.is_file() else {}
     if results_file is not None:
         results_file.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {}
-    for c in candidates:
-        key = point_key(task, settings, c)
+    search = settings if screen_seeds is None else dataclasses.replace(settings, seeds=screen_seeds)
+
+    def run(c: Candidate, at: EvalSettings) -> dict:
+        key = point_key(task, at, c)
         cached = key in done
-        stats = done[key] if cached else summarize(train_and_validate(task, c, settings))
+        stats = done[key] if cached else summarize(train_and_validate(task, c, at))
         if results_file is not None and not cached:
             done[key] = stats
             write_json(results_file, done)  # after every point: an interrupted table keeps its work
+        seeds = "" if at is settings else f" ({at.seeds} seed{'s' * (at.seeds > 1)}, search)"
         log(f"  {c.label:<28} lr {c.lr:<8.3g} side x{c.adamw_lr_mult:<4g} val loss {stats['mean']:.4f} "
-            f"+- {stats['std']:.4f}" + (" (done before)" if cached else ""))
-        results.setdefault(c.label, []).append({"label": c.label, "lr": c.lr, "adamw_lr_mult": c.adamw_lr_mult,
-                                                **stats})
+            f"+- {stats['std']:.4f}{seeds}" + (" (done before)" if cached else ""))
+        return {"label": c.label, "lr": c.lr, "adamw_lr_mult": c.adamw_lr_mult, **stats}
+
+    by_label: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_label.setdefault(c.label, []).append(c)
     rows = []
-    for label, runs in results.items():
-        best = min(runs, key=lambda r: (not math.isfinite(r["mean"]), r["mean"]))
-        lrs = sorted({r["lr"] for r in runs})
-        mults = sorted({r["adamw_lr_mult"] for r in runs})
+    for label, group in by_label.items():
+        runs = [run(c, search) for c in group]
+        lrs = sorted({c.lr for c in group})
+        mults = sorted({c.adamw_lr_mult for c in group})
+        for axis, grid in (("lr", lrs), ("adamw_lr_mult", mults)):
+            for _ in range(extend_edges if len(grid) > 1 else 0):
+                best = _best(runs)
+                step = _beyond_edge(grid, best[axis])
+                if step is None:
+                    break
+                grid.append(step)
+                grid.sort()
+                point = {"lr": best["lr"], "adamw_lr_mult": best["adamw_lr_mult"], axis: step}
+                runs.append(run(dataclasses.replace(group[0], **point), search))
+        best = _best(runs)
+        final = best
+        if search is not settings:
+            point = dataclasses.replace(group[0], lr=best["lr"], adamw_lr_mult=best["adamw_lr_mult"])
+            final = run(point, settings)
         edges = []
         if len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
             edges.append(f"lr {best['lr']:g}")
         if len(mults) > 1 and best["adamw_lr_mult"] in (mults[0], mults[-1]):
             edges.append(f"x{best['adamw_lr_mult']:g}")
-        rows.append({**best, "grid": lrs, "mult_grid": mults, "at_edge": edges,
+        rows.append({**final, "grid": lrs, "mult_grid": mults, "at_edge": edges,
+                     "search_seeds": search.seeds,
                      "points": [{k: r[k] for k in ("lr", "adamw_lr_mult", "mean", "std")} for r in runs]})
     return rows
+
+
+def _best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: (not math.isfinite(r["mean"]), r["mean"]))
+
+
+def _beyond_edge(grid: list[float], value: float) -> float | None:
+    """The next grid point past ``value`` when it is an edge, at the ratio of the two nearest points."""
+    if value == grid[-1]:
+        return float(f"{grid[-1] * grid[-1] / grid[-2]:.2g}")
+    if value == grid[0]:
+        return float(f"{grid[0] * grid[0] / grid[1]:.2g}")
+    return None
 
 
 def format_table(rows: list[dict], settings: EvalSettings) -> str:
@@ -178,4 +229,7 @@ def format_table(rows: list[dict], settings: EvalSettings) -> str:
         edge = f" (at the grid's edge: {', '.join(r['at_edge'])})" if r.get("at_edge") else ""
         lines.append(f"| {r['label']}{edge} | {r['lr']:g} ({grid}) | {r.get('adamw_lr_mult', 1.0):g} ({mults}) | "
                      f"{r['mean']:.4f} | {r['std']:.4f} | {r['min']:.4f} | {r['max']:.4f} |")
+    searched = {r["search_seeds"] for r in rows if r.get("search_seeds", settings.seeds) < settings.seeds}
+    if searched:
+        lines.append(f"\nGrids searched with {min(searched)} seed(s); each best point then trained with {settings.seeds}.")
     return "\n".join(lines)
