@@ -24,6 +24,7 @@ from recipes import config as config_lib
 from recipes import mesh as mesh_lib
 from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
 from recipes.dry_run import dry_run_report
+from recipes.errors import ConfigError
 from recipes.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
 from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
 from recipes.report import summary_lines
@@ -122,7 +123,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         try:
             lock.acquire(log=log0)
         except RuntimeError as error:
-            raise config_lib.ConfigError(str(error)) from None
+            raise ConfigError(str(error)) from None
         held_locks.append(lock)
     if jax.process_index() == 0:
         keep_config_history(run_dir, config_lib.to_yaml(config))
@@ -416,7 +417,7 @@ def check_resumable(run_dir: Path, config, state_abstract) -> None:
                        "optimizer.grad_clip_norm", "optimizer.decay_rank1", "data.micro_batch")
         shaping = [k for k in changed if k.startswith(layout_keys)] or changed
         details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"{run_dir} holds checkpoints of another model or optimizer layout ({details}); nothing was "
             "changed in it. Rerun with its settings to resume, or pick a new train.out_dir")
     if changed:

@@ -16,7 +16,7 @@ def ordinary_errors() -> tuple[type[BaseException], ...]:
     from data.shards import ShardError
     from data.tokenizer import TokenizerUnavailableError
     from recipes.celo2_theta import ThetaFormatError
-    from recipes.config import ConfigError
+    from recipes.errors import ConfigError
 
     return (ConfigError, FileNotFoundError, NotADirectoryError, ShardError, ThetaFormatError,
             TokenizerUnavailableError)

@@ -23,14 +23,11 @@ import yaml
 from omegaconf import OmegaConf
 
 from model.config import SIZES, ModelConfig
+from recipes.errors import ConfigError
 from recipes.optimizer_config import OptimizerConfig, ScheduleConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 WANDB_MODES = ("disabled", "offline", "online")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)

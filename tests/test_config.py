@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.config import build_config, CONFIG_DIR, Config, ConfigError, load_config, parse_overrides, to_yaml
+from recipes.errors import ConfigError
+from recipes.config import build_config, CONFIG_DIR, Config, load_config, parse_overrides, to_yaml
 
 RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import train
-from recipes.config import ConfigError
+from recipes.errors import ConfigError
 
 # Tiny model, 16 x 32 tokens per step; AdamW compiles fastest. One device unless a test asks.
 TINY = ["--model.size=tiny", "--data.seq_len=32", "--data.global_batch=16", "--optimizer.name=adamw",

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from recipes.celo2 import save_checkpoint
-from recipes.config import ConfigError
+from recipes.errors import ConfigError
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 
 CHECKPOINT_DIR = "checkpoint"

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.config import ConfigError
+from recipes.errors import ConfigError
 from recipes.metatrain.checkpoint import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks_lm import TinyLM, corpus

@@ -20,7 +20,7 @@ import optax
 
 from recipes.celo2 import theta_from_source
 from recipes.checkpoint import RunDirLock
-from recipes.config import ConfigError
+from recipes.errors import ConfigError
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups
