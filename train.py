@@ -26,7 +26,7 @@ from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
 from recipes.dry_run import dry_run_report
 from recipes.errors import ConfigError
 from recipes.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
-from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
+from recipes.optim.optimizers import build_optimizer, learning_rate_schedules, param_labels
 from recipes.report import summary_lines
 from recipes.train_step import (abstract_model, abstract_state, init_state,
                                 make_eval_step, make_train_step, params_shardings, state_shardings)
@@ -379,7 +379,7 @@ def layout_theta(config):
     """A Celo2 theta of the right shapes where only the optimizer's layout matters (None otherwise)."""
     if not config.optimizer.name.startswith("celo2"):
         return None
-    from recipes.celo2 import normalized_momentum_theta
+    from recipes.optim.theta import normalized_momentum_theta
     return normalized_momentum_theta()
 
 

@@ -16,10 +16,10 @@ import optax
 
 from model import make_loss_fn, make_mesh
 from recipes import mesh as mesh_lib
-from recipes.celo2 import scale_by_celo2
+from recipes.optim.celo2 import scale_by_celo2
 from recipes.config import Config
 from recipes.metrics import mfu
-from recipes.optimizers import build_optimizer
+from recipes.optim.optimizers import build_optimizer
 from recipes.train_step import (abstract_model, abstract_state, accumulated_grads, init_state, make_train_step,
                                 params_shardings, state_shardings)
 

@@ -15,7 +15,7 @@ EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal:
 def ordinary_errors() -> tuple[type[BaseException], ...]:
     from data.shards import ShardError
     from data.tokenizer import TokenizerUnavailableError
-    from recipes.celo2_theta import ThetaFormatError
+    from recipes.optim.theta import ThetaFormatError
     from recipes.errors import ConfigError
 
     return (ConfigError, FileNotFoundError, NotADirectoryError, ShardError, ThetaFormatError,

@@ -3,7 +3,7 @@
     config = load_config("shakespeare_celo2.yaml", ["--optimizer.lr=3e-3", "--train.steps=100"])
 
 Sections: model (a named size plus ModelConfig overrides), data, optimizer
-(recipes.optimizer_config.OptimizerConfig), train, mesh, eval, logging. A YAML
+(recipes.optim.config.OptimizerConfig), train, mesh, eval, logging. A YAML
 file may name another with ``base: other.yaml`` (relative to the file); its keys
 are merged under the file's own. Top-level keys starting with "_" are ignored, so
 they can hold YAML anchors. Every key is checked against the dataclass it lands
@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from model.config import SIZES, ModelConfig
 from recipes.errors import ConfigError
-from recipes.optimizer_config import OptimizerConfig, ScheduleConfig
+from recipes.optim.config import OptimizerConfig, ScheduleConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 WANDB_MODES = ("disabled", "offline", "online")
@@ -142,7 +142,7 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "celo2-gpt"
     wandb_name: str | None = None  # None: the run directory's name
-    diagnostics: bool = False  # per-branch update statistics (recipes.diagnostics)
+    diagnostics: bool = False  # per-branch update statistics (recipes.optim.diagnostics)
 
     def __post_init__(self):
         _positive(self, "every")

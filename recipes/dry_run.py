@@ -6,7 +6,7 @@ from jax.sharding import Mesh
 from model import count_params
 from recipes.config import Config
 from recipes.mesh import describe
-from recipes.routing import RoutingTable
+from recipes.optim.routing import RoutingTable
 from recipes.train_step import bytes_per_device
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import abstract_params, constrain, init_params, param_shardings
 from model.config import ModelConfig
-from recipes.diagnostics import optimizer_diagnostics
+from recipes.optim.diagnostics import optimizer_diagnostics
 
 
 def abstract_model(config: ModelConfig):

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from recipes import celo2
+    from recipes.optim import celo2
     from recipes.metatrain.config import load_config
     from recipes.metatrain.loop import MetaTrainer
 

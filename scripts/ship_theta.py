@@ -5,7 +5,7 @@
 Trains the validation task (scripts/eval_optimizer.py --task validation) with
 every snapshot under RUN/thetas/ (one compilation per learning rate serves them
 all; snapshots scripts/plot_metatrain.py already scored with the same settings
-are taken from RUN/validation.json), then writes recipes/weights/NAME/ with theta.state, the run's config.json
+are taken from RUN/validation.json), then writes recipes/optim/weights/NAME/ with theta.state, the run's config.json
 and provenance.json. The held-out task stays unseen by the choice: report the
 shipped theta with scripts/eval_optimizer.py --theta NAME.
 """
@@ -26,7 +26,7 @@ from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a meta-training out_dir with thetas/ snapshots")
-    p.add_argument("--name", required=True, help="the shipped theta's name (recipes/weights/NAME)")
+    p.add_argument("--name", required=True, help="the shipped theta's name (recipes/optim/weights/NAME)")
     p.add_argument("--every", type=int, default=1, help="score only snapshots whose step is a multiple (and the last)")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated Celo2 learning rates; each snapshot gets its best")
     p.add_argument("--adamw-mult", type=float, default=20.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from recipes.celo2_theta import (
+from recipes.optim.theta import (
     THETA_SHAPES,
     ThetaFormatError,
     init_theta,

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes.diagnostics import optimizer_diagnostics
-from recipes.optimizer_config import OptimizerConfig, ScheduleConfig
-from recipes.optimizers import build_optimizer, param_labels
+from recipes.optim.diagnostics import optimizer_diagnostics
+from recipes.optim.config import OptimizerConfig, ScheduleConfig
+from recipes.optim.optimizers import build_optimizer, param_labels
 from test_harness_fixtures import flat, gpt_shapes, random_tree
 
 SHAPES = {"w": (4, 6), "b": (6,), "e": (5, 3)}

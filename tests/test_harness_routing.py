@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from recipes.optimizer_config import OptimizerConfig, RoutingConfig, RoutingRule
-from recipes.optimizers import build_optimizer, param_labels
-from recipes.routing import param_path, route_tree
+from recipes.optim.config import OptimizerConfig, RoutingConfig, RoutingRule
+from recipes.optim.optimizers import build_optimizer, param_labels
+from recipes.optim.routing import param_path, route_tree
 from test_harness_fixtures import EXPECTED_CELO2, L, D, abstract_tree, flat, gpt_shapes
 
 CELO2 = dict(theta="normalized_momentum")

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from recipes.celo2 import normalized_momentum_theta
+from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate, format_table
 from recipes.metatrain.tasks_lm import TinyLM

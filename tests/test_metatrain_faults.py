@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from recipes.celo2 import load_checkpoint
+from recipes.optim.theta import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from recipes.celo2 import load_checkpoint, validate_theta  # noqa: E402
+from recipes.optim.theta import load_checkpoint, validate_theta  # noqa: E402
 from recipes.metatrain import checkpoint as ckpt  # noqa: E402
 from recipes.metatrain.config import from_dict  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer  # noqa: E402
@@ -56,7 +56,7 @@ def test_run_writes_official_theta_config_and_metrics(trainer, trained):
 
 
 def load_checkpoint_start():
-    from recipes.celo2 import normalized_momentum_theta
+    from recipes.optim.theta import normalized_momentum_theta
     return normalized_momentum_theta()["ff_mod_stack"]["~"]["w0__5"]
 
 

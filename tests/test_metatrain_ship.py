@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta, save_checkpoint
+from recipes.optim.theta import init_theta, load_checkpoint, normalized_momentum_theta, save_checkpoint
 from recipes.errors import ConfigError
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import EvalSettings

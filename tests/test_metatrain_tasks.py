@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recipes.celo2 import normalized_momentum_theta, scale_by_celo2
+from recipes.optim.celo2 import scale_by_celo2
+from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import PESConfig
 from recipes.metatrain.tasks import Task, reparameterized_loss
 

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from recipes.optimizer_config import OptimizerConfig, ScheduleConfig
-from recipes.optimizers import learning_rate_schedules
-from recipes.schedules import make_schedule
+from recipes.optim.config import OptimizerConfig, ScheduleConfig
+from recipes.optim.optimizers import learning_rate_schedules
+from recipes.optim.schedules import make_schedule
 
 
 def values(schedule, steps):

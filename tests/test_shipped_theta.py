@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from recipes.celo2_theta import (
+from recipes.optim.theta import (
     SHIPPED_THETAS,
     THETA_SHAPES,
     load_checkpoint,

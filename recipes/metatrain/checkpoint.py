@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from recipes.celo2 import save_checkpoint
+from recipes.optim.theta import save_checkpoint
 from recipes.errors import ConfigError
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Mapping
 
-from recipes.celo2_theta import THETA_NAMES
+from recipes.optim.theta import THETA_NAMES
 from recipes.config import from_dict as build_config
 from recipes.errors import ConfigError
 from recipes.config import merge_configs, parse_overrides, read_yaml

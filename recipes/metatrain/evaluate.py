@@ -25,8 +25,8 @@ from recipes.errors import ConfigError
 from recipes.metatrain.checkpoint import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks_lm import TinyLM, corpus
-from recipes.optimizer_config import OptimizerConfig
-from recipes.optimizers import build_optimizer
+from recipes.optim.config import OptimizerConfig
+from recipes.optim.optimizers import build_optimizer
 
 HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_head=2, d_model=48,
                         context_length=48, batch=16, vocab=512)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.celo2 import theta_from_source
+from recipes.optim.theta import theta_from_source
 from recipes.checkpoint import RunDirLock
 from recipes.errors import ConfigError
 from recipes.metatrain import checkpoint as ckpt

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from recipes.celo2 import load_checkpoint, theta_from_source
+from recipes.optim.theta import load_checkpoint, theta_from_source
 from recipes.errors import ConfigError
 from recipes.metatrain.checkpoint import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate

@@ -1,6 +1,6 @@
 """The optimizer harness: one config -> one optax.GradientTransformation.
 
-Parameters are split by recipes.routing into labelled branches and run
+Parameters are split by recipes.optim.routing into labelled branches and run
 through optax.partition:
 
   celo2:      hidden matrices  scale_by_celo2(orthogonalize=True) -> decay -> -lr
@@ -21,10 +21,11 @@ import jax
 import numpy as np
 import optax
 
-from recipes.celo2 import THETA_NAMES, scale_by_celo2, theta_from_source
-from recipes.optimizer_config import OptimizerConfig
-from recipes.routing import Route, RoutingTable, TableRow, is_embedding, map_routes, param_path, route, route_tree
-from recipes.schedules import make_schedule
+from recipes.optim.celo2 import scale_by_celo2
+from recipes.optim.theta import THETA_NAMES, theta_from_source
+from recipes.optim.config import OptimizerConfig
+from recipes.optim.routing import Route, RoutingTable, TableRow, is_embedding, map_routes, param_path, route, route_tree
+from recipes.optim.schedules import make_schedule
 
 SINGLE_BRANCH = ("adamw", "celo2_base")  # baselines that send every parameter through one rule
 

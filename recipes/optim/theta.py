@@ -19,7 +19,7 @@ from flax import serialization
 HUB_PREFIX = "hf://"
 THETA_FILENAME = "theta.state"
 # Thetas built in code, and thetas meta-trained by this project and shipped as
-# recipes/weights/NAME/theta.state (with the meta-training config beside it).
+# recipes/optim/weights/NAME/theta.state (with the meta-training config beside it).
 BUILT_THETAS = ("normalized_momentum", "random")
 SHIPPED_THETAS = ("celo2_lm", "celo2_repro")
 THETA_NAMES = BUILT_THETAS + SHIPPED_THETAS

@@ -28,15 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from recipes.celo2_theta import (  # noqa: F401  (re-exported: one import for users)
-    THETA_NAMES,
-    init_theta,
-    load_checkpoint,
-    normalized_momentum_theta,
-    save_checkpoint,
-    theta_from_source,
-    validate_theta,
-)
+from recipes.optim.theta import validate_theta
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 SECOND_MOMENT_DECAY = 0.95

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from recipes.optimizer_config import ScheduleConfig
+from recipes.optim.config import ScheduleConfig
 
 
 def resolve_total_steps(config: ScheduleConfig, total_steps: int | None = None) -> int | None:

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from recipes.optimizer_config import RoutingConfig, RoutingRule
+from recipes.optim.config import RoutingConfig, RoutingRule
 
 _VALUE_ATTR = "value"  # nnx.Variable leaves flatten through their .value attribute
 

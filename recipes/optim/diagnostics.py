@@ -8,7 +8,7 @@ the parameters before the step:
   update_grad_cos/b     cos(u, -g): 1 is plain gradient descent, 0 orthogonal to it.
 
 Pure jax.numpy; call it inside the jitted train step. ``labels`` (strings,
-shaped like the parameters, e.g. recipes.optimizers.param_labels) is static.
+shaped like the parameters, e.g. recipes.optim.optimizers.param_labels) is static.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def optimizer_diagnostics(grads, updates, params, labels) -> dict[str, jax.Array
         raise ValueError(
             f"labels, grads, updates and params have {len(label_leaves)}, {len(grad_leaves)}, "
             f"{len(update_leaves)} and {len(param_leaves)} leaves: pass trees of the same structure "
-            "(labels from recipes.optimizers.param_labels(config, params))"
+            "(labels from recipes.optim.optimizers.param_labels(config, params))"
         )
     if not label_leaves:
         raise ValueError("optimizer_diagnostics got empty trees: pass the model's grads, updates, params and labels")

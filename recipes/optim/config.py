@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from recipes.celo2_theta import THETA_NAMES
+from recipes.optim.theta import THETA_NAMES
 
 OPTIMIZER_NAMES = ("celo2", "celo2_base", "muon", "adamw")
 SCHEDULE_KINDS = ("cosine", "linear", "constant", "wsd")
