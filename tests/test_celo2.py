@@ -12,9 +12,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-from recipes.optim.celo2 import scale_by_celo2
-from recipes.optim.theta import init_theta, load_checkpoint, normalized_momentum_theta
+# The import path of the authors' release, which users copy: it must keep working.
+from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta, scale_by_celo2
 
 DATA = Path(__file__).parent / "data"
 GOLDEN_TOLERANCE = 1e-4
