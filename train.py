@@ -20,15 +20,15 @@ import jax
 import numpy as np
 
 from model import make_loss_fn
-from recipes import config as config_lib
-from recipes import mesh as mesh_lib
-from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
-from recipes.dry_run import dry_run_report
+from recipes.train import config as config_lib
+from recipes.train import mesh as mesh_lib
+from recipes.train.checkpoint import Checkpointer, RunDirLock, StopRequest
+from recipes.train.dry_run import dry_run_report
 from recipes.errors import ConfigError
-from recipes.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
+from recipes.train.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
 from recipes.optim.optimizers import build_optimizer, learning_rate_schedules, param_labels
-from recipes.report import summary_lines
-from recipes.train_step import (abstract_model, abstract_state, init_state,
+from recipes.train.report import summary_lines
+from recipes.train.step import (abstract_model, abstract_state, init_state,
                                 make_eval_step, make_train_step, params_shardings, state_shardings)
 
 
@@ -453,7 +453,7 @@ def sample_text(config, params) -> str:
 
 
 if __name__ == "__main__":
-    from recipes.cli import EXIT_CODES, one_line, ordinary_errors
+    from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors
 
     try:
         result = main()

@@ -15,12 +15,12 @@ import numpy as np
 import optax
 
 from model import make_loss_fn, make_mesh
-from recipes import mesh as mesh_lib
+from recipes.train import mesh as mesh_lib
 from recipes.optim.celo2 import scale_by_celo2
-from recipes.config import Config
-from recipes.metrics import mfu
+from recipes.train.config import Config
+from recipes.train.metrics import mfu
 from recipes.optim.optimizers import build_optimizer
-from recipes.train_step import (abstract_model, abstract_state, accumulated_grads, init_state, make_train_step,
+from recipes.train.step import (abstract_model, abstract_state, accumulated_grads, init_state, make_train_step,
                                 params_shardings, state_shardings)
 
 GPT2_SMALL_BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]

@@ -25,14 +25,14 @@ from typing import Callable
 import jax
 import numpy as np
 
-from recipes import config as config_lib
+from recipes.train import config as config_lib
 from recipes.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, TrainingSetup, time_training, time_updates, \
     training_losses
 from recipes.optim.theta import theta_from_source
-from recipes.dry_run import dry_run_report
-from recipes.metrics import json_safe
+from recipes.train.dry_run import dry_run_report
+from recipes.train.metrics import json_safe
 from recipes.optim.optimizers import build_optimizer
-from recipes.train_step import abstract_state, bytes_per_device
+from recipes.train.step import abstract_state, bytes_per_device
 
 THETA = "celo2_lm"  # the default recipe's shipped weights: the authors' cannot be fetched offline
 TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer share

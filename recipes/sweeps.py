@@ -26,7 +26,7 @@ from typing import Callable
 
 import yaml
 
-from recipes.metrics import read_records
+from recipes.train.metrics import read_records
 from recipes.sweep_tables import markdown
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
+from recipes.train.cli import run_main  # noqa: E402
 from recipes.metatrain.evaluate import (  # noqa: E402
     EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.cli import run_main  # noqa: E402
+from recipes.train.cli import run_main  # noqa: E402
 from recipes.errors import ConfigError  # noqa: E402
 from recipes.metatrain.config import load_config  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer  # noqa: E402

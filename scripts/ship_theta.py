@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
+from recipes.train.cli import run_main  # noqa: E402
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table  # noqa: E402
 from recipes.metatrain.progress import scored_snapshots  # noqa: E402
 from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots  # noqa: E402

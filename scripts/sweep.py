@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
+from recipes.train.cli import run_main  # noqa: E402
 from recipes.sweep_plots import plot_sweep  # noqa: E402
 from recipes.sweeps import SweepError, commands, make_spec, run_sweep, wandb_sweep_yaml  # noqa: E402
 

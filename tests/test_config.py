@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import ConfigError
-from recipes.config import build_config, CONFIG_DIR, Config, load_config, parse_overrides, to_yaml
+from recipes.train.config import build_config, CONFIG_DIR, Config, load_config, parse_overrides, to_yaml
 
 RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 

@@ -57,7 +57,7 @@ def _script():
 
 def test_cli_refuses_bad_overrides(capsys):
     config = str(Path(__file__).parents[1] / "configs" / "metatrain" / "smoke.yaml")
-    from recipes.cli import run_main
+    from recipes.train.cli import run_main
 
     assert run_main(_script().main, ["--config", config, "--metatrain.outer_stepz=3"]) == 1
     err = capsys.readouterr().err

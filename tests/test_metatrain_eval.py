@@ -79,7 +79,7 @@ def test_screened_search_extends_an_edge_and_retrains_the_best_point_with_every_
 
 def test_default_task_is_read_from_the_default_recipe():
     """The table's 'default recipe' cannot drift from the recipe users run."""
-    from recipes.config import load_config
+    from recipes.train.config import load_config
     from recipes.metatrain.evaluate import default_recipe_task
 
     family, settings = default_recipe_task()

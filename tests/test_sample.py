@@ -62,8 +62,8 @@ def test_generation_past_the_context_equals_recomputing_every_window(trained_run
 
     from model import make_apply
     from model.sampling import generate
-    from recipes.checkpoint import load_run_params
-    from recipes.train_step import abstract_model
+    from recipes.train.checkpoint import load_run_params
+    from recipes.train.step import abstract_model
 
     config, params, _ = load_run_params(trained_run)
     width = config.model.context_length

@@ -11,7 +11,7 @@ from recipes.optim.theta import (
     shipped_theta_path,
     theta_from_source,
 )
-from recipes.config import load_config
+from recipes.train.config import load_config
 from recipes.metatrain.config import from_dict as metatrain_config
 
 

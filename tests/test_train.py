@@ -118,7 +118,7 @@ def test_a_diverging_run_never_checkpoints_its_poisoned_state_and_resumes_from_a
 def test_skipped_step_leaves_state_unchanged():
     import optax
 
-    from recipes.train_step import make_train_step
+    from recipes.train.step import make_train_step
     params = {"w": jax.numpy.ones((4, 4))}
     tx = optax.adamw(0.1)
     state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), "int32"),
@@ -160,7 +160,7 @@ def test_track3_recipes_have_the_published_sizes(optimizer):
     """modded-nanogpt's optimization track: GPT-2 small, 50,304 vocabulary rows, 524,288 tokens
     per step of 1,024, 10,485,760 validation tokens, target 3.28."""
     import model
-    from recipes import config as config_lib
+    from recipes.train import config as config_lib
 
     report = train.main(["--config", f"gpt2_small_track3_{optimizer}", "--dry-run"])
     config = config_lib.load_config(f"gpt2_small_track3_{optimizer}")
@@ -259,7 +259,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path
 
 
 def test_a_second_trainer_into_the_same_run_directory_is_refused(tmp_path):
-    from recipes.checkpoint import RunDirLock
+    from recipes.train.checkpoint import RunDirLock
 
     (tmp_path / "l").mkdir()
     holder = RunDirLock(tmp_path / "l")

@@ -61,7 +61,7 @@ def default_recipe_task(recipe: str = DEFAULT_RECIPE_FILE) -> tuple[FamilyConfig
 
     Returns the task family and the EvalSettings fields that follow from the recipe.
     """
-    from recipes.config import load_config  # the trainer's loader; only this task needs it
+    from recipes.train.config import load_config  # the trainer's loader; only this task needs it
 
     cfg = load_config(recipe)
     m, sched = cfg.model, cfg.optimizer.schedule

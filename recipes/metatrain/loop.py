@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from recipes.optim.theta import theta_from_source
-from recipes.checkpoint import RunDirLock
+from recipes.train.checkpoint import RunDirLock
 from recipes.errors import ConfigError
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig

@@ -26,7 +26,7 @@ from model.config import SIZES, ModelConfig
 from recipes.errors import ConfigError
 from recipes.optim.config import OptimizerConfig, ScheduleConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 WANDB_MODES = ("disabled", "offline", "online")
 
 

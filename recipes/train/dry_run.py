@@ -4,10 +4,10 @@ from __future__ import annotations
 from jax.sharding import Mesh
 
 from model import count_params
-from recipes.config import Config
-from recipes.mesh import describe
+from recipes.train.config import Config
+from recipes.train.mesh import describe
 from recipes.optim.routing import RoutingTable
-from recipes.train_step import bytes_per_device
+from recipes.train.step import bytes_per_device
 
 
 def dry_run_report(config: Config, table: RoutingTable, state_abstract: dict, mesh: Mesh) -> dict:

@@ -175,7 +175,7 @@ class StopRequest:
 def load_run_params(run_dir: str | Path, step: int | None = None):
     """(config, params as a dict of arrays on one device, step) of a run directory's checkpoint
     (its latest unless ``step`` is given), whatever mesh it was trained on."""
-    from recipes.config import load_config
+    from recipes.train.config import load_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -6,7 +6,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import make_mesh
-from recipes.config import MeshConfig
+from recipes.train.config import MeshConfig
 from recipes.errors import ConfigError
 
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both

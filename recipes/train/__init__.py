@@ -1,0 +1,13 @@
+"""The trainer's parts, in the order train.py uses them.
+
+    config.py      one typed run config: YAML + command-line overrides -> frozen dataclasses
+    mesh.py        the device mesh, multi-host start-up, global batches from per-process rows
+    step.py        the train state (a plain dict), its shardings, the jitted train and eval steps
+    checkpoint.py  orbax checkpoints of the state, the run-directory lock, stop requests (signals)
+    metrics.py     metrics.jsonl, W&B, the progress bar, MFU, JSON-safe values
+    dry_run.py     sizes, tokens and bytes per device of a config, computed from shapes
+    report.py      the closing lines a finished run prints
+    cli.py         how entry points end: a result, or one `error:` line and an exit code
+
+Imports the optimizer library (recipes.optim); never imported by it.
+"""
