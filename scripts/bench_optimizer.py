@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.benchmarks import GPT2_SMALL_BLOCK, time_updates  # noqa: E402
+from recipes.experiments.benchmarks import GPT2_SMALL_BLOCK, time_updates  # noqa: E402
 from recipes.optim.theta import init_theta  # noqa: E402
 
 

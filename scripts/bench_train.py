@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.train.cli import run_main  # noqa: E402
 from recipes.train import config as config_lib  # noqa: E402
 from recipes.train import mesh as mesh_lib  # noqa: E402
-from recipes.benchmarks import TrainingSetup, time_training  # noqa: E402
+from recipes.experiments.benchmarks import TrainingSetup, time_training  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

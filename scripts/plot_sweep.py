@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.train.cli import run_main  # noqa: E402
-from recipes.sweep_plots import plot_sweep  # noqa: E402
-from recipes.sweep_tables import summary_table  # noqa: E402
-from recipes.sweeps import SweepSpec, collect, write_results  # noqa: E402
+from recipes.experiments.sweep_plots import plot_sweep  # noqa: E402
+from recipes.experiments.sweep_tables import summary_table  # noqa: E402
+from recipes.experiments.sweeps import SweepSpec, collect, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:

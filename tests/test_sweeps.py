@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import train
-from recipes.sweeps import SweepError, commands, make_spec, parse_grid, point_name, run_sweep, wandb_sweep_yaml
+from recipes.experiments.sweeps import SweepError, commands, make_spec, parse_grid, point_name, run_sweep, wandb_sweep_yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import plot_sweep  # noqa: E402
@@ -121,7 +121,7 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
 
 
 def spec_argv(spec, point):
-    from recipes.sweeps import train_argv
+    from recipes.experiments.sweeps import train_argv
     return train_argv(spec, point)
 
 

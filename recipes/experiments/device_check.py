@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from recipes.train import config as config_lib
-from recipes.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, TrainingSetup, time_training, time_updates, \
+from recipes.experiments.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, TrainingSetup, time_training, time_updates, \
     training_losses
 from recipes.optim.theta import theta_from_source
 from recipes.train.dry_run import dry_run_report

@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from recipes.sweep_tables import LR, OPTIMIZER, WD, is_diverged  # noqa: E402
-from recipes.sweep_tables import final_loss as _loss  # noqa: E402
+from recipes.experiments.sweep_tables import LR, OPTIMIZER, WD, is_diverged  # noqa: E402
+from recipes.experiments.sweep_tables import final_loss as _loss  # noqa: E402
 
 
 def _number(text) -> float:

@@ -27,9 +27,9 @@ from typing import Callable
 import yaml
 
 from recipes.train.metrics import read_records
-from recipes.sweep_tables import markdown
+from recipes.experiments.sweep_tables import markdown
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
 POINT_FILE = "point.json"
 RESULT_COLUMNS = ("point", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens", "steps",
