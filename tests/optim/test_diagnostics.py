@@ -7,7 +7,7 @@ import pytest
 from recipes.optim.diagnostics import optimizer_diagnostics
 from recipes.optim.config import OptimizerConfig, ScheduleConfig
 from recipes.optim.optimizers import build_optimizer, param_labels
-from test_harness_fixtures import flat, gpt_shapes, random_tree
+from tests.optim.param_trees import flat, gpt_shapes, random_tree
 
 SHAPES = {"w": (4, 6), "b": (6,), "e": (5, 3)}
 LABELS = {"w": "celo2", "b": "adamw", "e": "adamw"}

@@ -13,7 +13,7 @@ from recipes.metatrain.config import from_dict  # noqa: E402
 from recipes.metatrain.fused import FusedFamilies, fusable_groups  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer, resolve_theta  # noqa: E402
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _config(out_dir, families, particles=4):
@@ -67,7 +67,7 @@ def test_each_particle_draws_from_its_own_family_window(tmp_path):
 
 
 def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
-    """tests/data/metatrain_checkpoint_v1 was written by the per-family loop (two outer steps)."""
+    """tests/fixtures/metatrain_checkpoint_v1 was written by the per-family loop (two outer steps)."""
     out = tmp_path / "run"
     shutil.copytree(DATA / "metatrain_checkpoint_v1", out)
     config = from_dict({

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 # The import path of the authors' release, which users copy: it must keep working.
 from recipes.celo2 import init_theta, load_checkpoint, normalized_momentum_theta, scale_by_celo2
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 GOLDEN_TOLERANCE = 1e-4
 
 

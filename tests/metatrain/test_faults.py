@@ -15,7 +15,7 @@ import yaml
 
 from recipes.optim.theta import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "metatrain": {"outer_steps": 6, "init_theta": "normalized_momentum", "outer_lr": 1e-2, "profile": False,
                   "snapshot_every": 0, "checkpoint_every_s": 0, "log_every": 1},

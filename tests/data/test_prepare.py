@@ -16,7 +16,7 @@ from data import prepare, shards
 from data.loader import TokenLoader, TokenShards
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TXT = "A text file is one document.\n\nIt has two paragraphs."
 JSONL_DOCS = ["The quick brown fox.", "", "Naïve café — 東京 🙂", "jumps over\nthe lazy dog", "x" * 50]

@@ -12,7 +12,7 @@ from flax import nnx
 from recipes.optim.config import OptimizerConfig, RoutingConfig, RoutingRule
 from recipes.optim.optimizers import build_optimizer, param_labels
 from recipes.optim.routing import param_path, route_tree
-from test_harness_fixtures import EXPECTED_CELO2, L, D, abstract_tree, flat, gpt_shapes
+from tests.optim.param_trees import EXPECTED_CELO2, L, D, abstract_tree, flat, gpt_shapes
 
 CELO2 = dict(theta="normalized_momentum")
 

@@ -1,6 +1,6 @@
 """scripts/bench_train.py reports tokens/s and the step-time breakdown."""
-from test_sample import script
-from test_train import TINY
+from tests.train.test_sample import script
+from tests.train.test_train import TINY
 
 
 def test_bench_train_reports_breakdown(capsys):

@@ -51,7 +51,7 @@ def test_eval_script_default_task_on_a_prepared_corpus(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"Line {i}: all the world's a stage, and {i % 5} players." for i in range(3000)))
     prepare_files([text], tmp_path / "shards", text_unit="paragraph", val_fraction=0.1, workers=1, progress=False)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     run = subprocess.run([sys.executable, "scripts/eval_optimizer.py", "--task", "default", "--corpus",
                           str(tmp_path / "shards"), "--steps", "2", "--seeds", "1", "--val-windows", "16",
                           "--celo2-lrs", "1e-3", "--adamw-mults", "1", "--no-baselines", "--compilation-cache", ""],

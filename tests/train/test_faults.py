@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from test_train import TINY, final_params
+from tests.train.test_train import TINY, final_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_process(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import pytest
 
 from recipes.metatrain import image_datasets
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _available(name):

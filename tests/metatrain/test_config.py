@@ -42,13 +42,13 @@ def test_lm_sampler_is_deterministic():
 
 def test_shipped_configs_load():
     for name in ("smoke", "lm"):
-        load_config(Path(__file__).parents[1] / "configs" / "metatrain" / f"{name}.yaml")
+        load_config(Path(__file__).parents[2] / "configs" / "metatrain" / f"{name}.yaml")
 
 
 def _script():
     import importlib.util
 
-    path = Path(__file__).parents[1] / "scripts" / "metatrain.py"
+    path = Path(__file__).parents[2] / "scripts" / "metatrain.py"
     spec = importlib.util.spec_from_file_location("metatrain_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -56,7 +56,7 @@ def _script():
 
 
 def test_cli_refuses_bad_overrides(capsys):
-    config = str(Path(__file__).parents[1] / "configs" / "metatrain" / "smoke.yaml")
+    config = str(Path(__file__).parents[2] / "configs" / "metatrain" / "smoke.yaml")
     from recipes.train.cli import run_main
 
     assert run_main(_script().main, ["--config", config, "--metatrain.outer_stepz=3"]) == 1

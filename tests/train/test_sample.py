@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import train
-from test_train import TINY
+from tests.train.test_train import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def script(name):

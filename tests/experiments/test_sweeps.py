@@ -12,7 +12,7 @@ import yaml
 import train
 from recipes.experiments.sweeps import SweepError, commands, make_spec, parse_grid, point_name, run_sweep, wandb_sweep_yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import plot_sweep  # noqa: E402
 import sweep  # noqa: E402
 

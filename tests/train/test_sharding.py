@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 import train
-from test_train import TINY
+from tests.train.test_train import TINY
 
 RTOL = 2e-5
 

@@ -18,7 +18,7 @@ from recipes.optim.theta import (
     save_checkpoint,
 )
 
-GOLDEN = Path(__file__).parent / "data" / "celo2_golden_theta.state"
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "celo2_golden_theta.state"
 
 
 def _weights(theta):

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 import train
-from test_train import TINY
-from test_train_sharding import RTOL, losses
+from tests.train.test_train import TINY
+from tests.train.test_sharding import RTOL, losses
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 WORKER = """
 import sys

@@ -18,7 +18,7 @@ from recipes.optim.celo2 import scale_by_celo2
 from recipes.optim.theta import init_theta, normalized_momentum_theta
 from recipes.optim.config import OptimizerConfig, ScheduleConfig
 from recipes.optim.optimizers import build_optimizer, resolve_theta
-from test_harness_fixtures import L, D, V, assert_trees_close, flat, random_tree
+from tests.optim.param_trees import L, D, V, assert_trees_close, flat, random_tree
 
 THETA = normalized_momentum_theta()
 
