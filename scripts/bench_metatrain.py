@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.train.cli import run_main  # noqa: E402
+from recipes.train.cli import run_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "metatrain" / "bench_authors_shape.yaml"
 

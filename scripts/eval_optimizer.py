@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.train.cli import run_main  # noqa: E402
-from recipes.metatrain.evaluate import (  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.metatrain.evaluate import (
     EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
 )
-from recipes.metatrain.loop import resolve_theta  # noqa: E402
-from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
+from recipes.metatrain.loop import resolve_theta
+from recipes.metatrain.tasks_lm import TinyLM
 
 
 def _floats(text: str) -> list[float]:

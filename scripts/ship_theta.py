@@ -12,15 +12,13 @@ shipped theta with scripts/eval_optimizer.py --theta NAME.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.train.cli import run_main  # noqa: E402
-from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table  # noqa: E402
-from recipes.metatrain.progress import scored_snapshots  # noqa: E402
-from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots  # noqa: E402
-from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table
+from recipes.metatrain.progress import scored_snapshots
+from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots
+from recipes.metatrain.tasks_lm import TinyLM
 
 
 def main(argv=None) -> int:

@@ -3,18 +3,15 @@ resumes, records a diverged point, and writes its table and plots."""
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import train
-from recipes.experiments.sweeps import SweepError, commands, make_spec, parse_grid, point_name, run_sweep, wandb_sweep_yaml
+from recipes.experiments.sweeps import SweepError, commands, make_spec, parse_grid, point_name, wandb_sweep_yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import plot_sweep  # noqa: E402
-import sweep  # noqa: E402
+from scripts import plot_sweep, sweep
 
 TINY = ["model.size=tiny", "data.seq_len=32", "data.global_batch=16", "optimizer.schedule.warmup_steps=1",
         "eval.batches=2", "eval.every=2", "train.steps=4", "train.checkpoint_every=2",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import (GPT, LOGICAL_RULES, PAD_LOGIT, SIZES, ModelConfig, abstract_params,
+from model import (LOGICAL_RULES, PAD_LOGIT, SIZES, ModelConfig, abstract_params,
                    count_params, init_params, make_apply, make_loss_fn, next_token_loss,
                    split_inputs_targets)
 from model.gpt import attention_impl

@@ -13,7 +13,6 @@ import optax
 import pytest
 from flax import nnx
 
-from recipes.optim import optimizers
 from recipes.optim.celo2 import scale_by_celo2
 from recipes.optim.theta import init_theta, normalized_momentum_theta
 from recipes.optim.config import OptimizerConfig, ScheduleConfig

@@ -1,6 +1,5 @@
 """scripts/sample.py greedy decoding == the exported Hugging Face model's greedy generate."""
-import importlib.util
-from pathlib import Path
+import importlib
 
 import numpy as np
 import pytest
@@ -8,14 +7,10 @@ import pytest
 import train
 from tests.train.test_train import TINY
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"scripts.{name}")
 
 
 @pytest.fixture(scope="module")
