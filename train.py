@@ -25,6 +25,7 @@ from recipes.train import mesh as mesh_lib
 from recipes.train.checkpoint import Checkpointer, RunDirLock, StopRequest
 from recipes.train.dry_run import dry_run_report
 from recipes.errors import ConfigError
+from recipes.files import atomic_write, write_json
 from recipes.train.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
 from recipes.optim.optimizers import build_optimizer, learning_rate_schedules, param_labels
 from recipes.train.report import summary_lines
@@ -432,13 +433,13 @@ def keep_config_history(run_dir: Path, new_yaml: str) -> None:
         history = run_dir / "config_history"
         history.mkdir(exist_ok=True)
         current.rename(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml")
-    current.write_text(new_yaml)
+    atomic_write(current, new_yaml)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """summary.json: what sweeps and schedulers read to tell a finished run from a stopped one."""
     if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+        write_json(run_dir / "summary.json", json_safe(summary), allow_nan=False, sort_keys=False)
 
 
 def sample_text(config, params) -> str:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import yaml
 
+from recipes.files import write_json
 from recipes.train.metrics import read_records
 from recipes.experiments.sweep_tables import markdown
 
@@ -211,9 +212,7 @@ def _read_point(run_dir: Path) -> dict:
 
 
 def _write_point(run_dir: Path, record: dict) -> None:
-    tmp = run_dir / (POINT_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(run_dir / POINT_FILE)
+    write_json(run_dir / POINT_FILE, record)
 
 
 Runner = Callable[[list[str], Path], int]

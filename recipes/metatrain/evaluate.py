@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from recipes.errors import ConfigError
-from recipes.metatrain.checkpoint import write_json
+from recipes.files import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks_lm import TinyLM, corpus
 from recipes.optim.config import OptimizerConfig

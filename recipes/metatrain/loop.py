@@ -21,6 +21,7 @@ import optax
 from recipes.optim.theta import theta_from_source
 from recipes.train.checkpoint import RunDirLock
 from recipes.errors import ConfigError
+from recipes.files import write_json
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups
@@ -174,7 +175,7 @@ class MetaTrainer:
 
     def _run(self, m) -> ckpt.MetaState:
         state = self.initial_state()
-        ckpt.write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
+        write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
         wandb_run = self._wandb()
         stop = {"signal": None}
 

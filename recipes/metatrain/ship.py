@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
-from recipes.metatrain.checkpoint import write_json
+from recipes.files import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.tasks_lm import TinyLM
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import serialization
+
+from recipes.files import atomic_write
 
 HUB_PREFIX = "hf://"
 THETA_FILENAME = "theta.state"
@@ -156,10 +157,7 @@ def save_checkpoint(theta, path: str | os.PathLike) -> Path:
         path = path / THETA_FILENAME
     raw = to_bytes(theta)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(raw)
-    os.replace(tmp.name, path)
-    return path
+    return atomic_write(path, raw)
 
 
 def _check_hub_reachable(timeout_s: float = 3.0) -> None:

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from recipes.files import move_aside
+
 
 def _saveable(state: dict) -> dict:
     leaves = jax.tree.leaves(state["opt_state"])
@@ -61,11 +63,8 @@ class Checkpointer:
                 jax.block_until_ready(state)
                 return step, state
             except Exception as error:  # orbax raises many types for a damaged directory
-                aside = self.directory.with_name(self.directory.name + ".damaged") / str(step)
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                if aside.exists():
-                    aside = aside.with_name(f"{step}.{len(list(aside.parent.iterdir()))}")
-                (self.directory / str(step)).rename(aside)
+                aside = move_aside(self.directory / str(step),
+                                   self.directory.with_name(self.directory.name + ".damaged"), str(step))
                 self._manager.reload()
                 reason = " ".join(str(error).split())[:200] or type(error).__name__
                 log(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
+from recipes.files import atomic_write
 
 # Dense bf16 peak FLOP/s per device, from the vendors' spec sheets (SXM parts for NVIDIA).
 PEAK_FLOPS = {
@@ -72,9 +72,7 @@ def _drop_records_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def read_records(run_dir: Path) -> list[dict]:
