@@ -27,7 +27,7 @@ from recipes.train.cli import run_main
 from recipes.metatrain.evaluate import (
     EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
 )
-from recipes.metatrain.loop import resolve_theta
+from recipes.optim.theta import resolve_theta
 from recipes.metatrain.tasks_lm import TinyLM
 
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         muon_variant.append((key, yaml.safe_load(value)))
     candidates = []
     for source in args.theta or ["normalized_momentum"]:
-        theta = resolve_theta(source)
+        theta = resolve_theta(source, setting="--theta")
         candidates += [Candidate(f"celo2 ({source})", "celo2", lr, theta, mult)
                        for mult in args.adamw_mults for lr in args.celo2_lrs]
     if not args.no_baselines:

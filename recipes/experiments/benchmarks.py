@@ -20,8 +20,8 @@ from recipes.optim.celo2 import scale_by_celo2
 from recipes.train.config import Config
 from recipes.train.metrics import mfu
 from recipes.optim.optimizers import build_optimizer
-from recipes.train.step import (abstract_model, abstract_state, accumulated_grads, init_state, make_train_step,
-                                params_shardings, state_shardings)
+from recipes.train.step import (abstract_param_dict, abstract_state, accumulated_grads, init_state, make_train_step,
+                                param_sharding_dict, state_shardings)
 
 GPT2_SMALL_BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 GPT3_XL_BLOCK = [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)]
@@ -43,16 +43,16 @@ class TrainingSetup:
     def __init__(self, config: Config, theta=None, mesh=None, synthetic: bool = True):
         self.config = config
         self.mesh = mesh if mesh is not None else mesh_lib.build_mesh(config.mesh)
-        self.accum, self.seq_len = config.data.accum_steps, config.seq_len
+        self.accum, self.seq_len = config.data.micro_batches_per_step, config.seq_len
         mesh_lib.check_batch(config.data.global_batch, config.data.global_batch // self.accum, self.mesh)
-        graphdef, self.params_abstract = abstract_model(config.model)
+        graphdef, self.params_abstract = abstract_param_dict(config.model)
         self.tx, _ = build_optimizer(config.optimizer, self.params_abstract, theta=theta,
                                      total_steps=config.train.steps)
         self.shardings = state_shardings(self.tx, self.params_abstract,
-                                         params_shardings(config.model, self.mesh), self.mesh)
+                                         param_sharding_dict(config.model, self.mesh), self.mesh)
         self.loss_fn = make_loss_fn(graphdef)
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-        self.train_step = make_train_step(self.loss_fn, self.tx, accum_steps=self.accum, shardings=self.shardings,
+        self.train_step = make_train_step(self.loss_fn, self.tx, micro_batches=self.accum, shardings=self.shardings,
                                           batch_sharding=self.batch_sharding)
         local_rows = config.data.global_batch // jax.process_count()
         if synthetic:
@@ -129,7 +129,7 @@ def time_training(setup: TrainingSetup, repeats: int, fwd_bwd_seconds: float | N
     return {
         "optimizer": config.optimizer.name, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
         "mesh": mesh_lib.describe(mesh), "tokens_per_step": config.tokens_per_step,
-        "grad_accum_steps": setup.accum, "seconds": {k: round(v, 6) for k, v in seconds.items()},
+        "micro_batches_per_step": setup.accum, "seconds": {k: round(v, 6) for k, v in seconds.items()},
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": mfu(tokens_per_s, config.model, setup.seq_len, list(mesh.devices.flat)),
     }

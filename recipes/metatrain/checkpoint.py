@@ -87,7 +87,7 @@ def save(out_dir: str | Path, state: MetaState, config: MetaTrainConfig) -> Path
     return ckpt
 
 
-def restore_newest(out_dir: str | Path, target: MetaState, config: MetaTrainConfig,
+def newest_meta_state(out_dir: str | Path, target: MetaState, config: MetaTrainConfig,
                    log: Callable[[str], None] = print) -> MetaState | None:
     """The newest checkpoint that restores completely, or None when there is none.
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from recipes.optim.theta import THETA_NAMES
-from recipes.train.config import from_dict as build_config
+from recipes.train.config_parsing import from_dict as build_config
 from recipes.errors import ConfigError
-from recipes.train.config import merge_configs, parse_overrides, read_yaml
+from recipes.train.config_parsing import merge_configs, parse_overrides, read_yaml
 from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 
 FAMILY_KINDS = ("image_mlp", "lm")

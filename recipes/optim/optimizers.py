@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from recipes.optim.celo2 import scale_by_celo2
-from recipes.optim.theta import THETA_NAMES, theta_from_source
+from recipes.optim.theta import resolve_theta
 from recipes.optim.config import OptimizerConfig
 from recipes.optim.routing import Route, RoutingTable, TableRow, is_embedding, map_routes, param_path, route, route_tree
 from recipes.optim.schedules import make_schedule
@@ -52,17 +52,6 @@ def learning_rate_schedules(config: OptimizerConfig, total_steps: int | None = N
     if config.name in SINGLE_BRANCH:
         return {config.name: main}
     return {config.name: main, "adamw": make_schedule(config.schedule, config.side_lr, total_steps)}
-
-
-def resolve_theta(config: OptimizerConfig):
-    """Celo2's MLP weights named by config.theta (a built-in name, a path or hf:// reference)."""
-    try:
-        return theta_from_source(config.theta, seed=config.theta_seed)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"optimizer.theta={config.theta!r} could not be loaded ({error}). Pass a theta.state path, "
-            f"hf://OWNER/REPO, or one of {list(THETA_NAMES)}"
-        ) from None
 
 
 def _check_routes(config: OptimizerConfig, routes: list[Route]) -> None:
@@ -182,7 +171,7 @@ def build_optimizer(
     routes = route_tree(params, config.routing)
     _check_routes(config, routes)
     if config.name in ("celo2", "celo2_base") and theta is None:
-        theta = resolve_theta(config)
+        theta = resolve_theta(config.theta, config.theta_seed, setting="optimizer.theta")
     schedules = learning_rate_schedules(config, total_steps)
     branches = _branches(config, theta, schedules)
     # Labels come from paths and shapes, so one function serves params, grads and abstract trees.

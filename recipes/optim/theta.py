@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -132,6 +133,19 @@ def theta_from_source(source: str, seed: int = 0, local_only: bool = False) -> d
     if source in SHIPPED_THETAS:
         return load_checkpoint(shipped_theta_path(source))
     return load_checkpoint(source, local_only=local_only)
+
+
+def resolve_theta(source: str, seed: int = 0, setting: str = "theta") -> dict:
+    """The theta ``source`` names (as theta_from_source reads it) as float32 arrays. One that cannot be
+    found raises FileNotFoundError naming ``setting``, the option it came from, and what is accepted."""
+    try:
+        theta = theta_from_source(source, seed=seed)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{setting}={source!r} could not be loaded ({error}). Pass a theta.state path, "
+            f"hf://OWNER/REPO, or one of {list(THETA_NAMES)}"
+        ) from None
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
 
 
 def to_bytes(theta) -> bytes:

@@ -22,7 +22,7 @@ def dry_run_report(config: Config, table: RoutingTable, state_abstract: dict, me
         "tokens_per_step": config.tokens_per_step,
         "total_steps": config.train.steps,
         "total_tokens": config.tokens_per_step * config.train.steps,
-        "grad_accum_steps": config.data.accum_steps,
+        "micro_batches_per_step": config.data.micro_batches_per_step,
         "mesh": describe(mesh),
         "bytes_per_device": {
             "params": bytes_per_device(state_abstract["params"]),

@@ -4,7 +4,6 @@ The state is a plain dict, so orbax and optax see ordinary pytrees:
   params     the model's parameters as a nested dict of arrays (nnx.to_pure_dict)
   opt_state  the optax state
   step       int32 scalar, steps taken (skipped non-finite steps included)
-  rng        uint32 key data, for stochastic pieces (none yet: the model has no dropout)
 """
 from __future__ import annotations
 
@@ -22,13 +21,16 @@ from model.config import ModelConfig
 from recipes.optim.diagnostics import optimizer_diagnostics
 
 
-def abstract_model(config: ModelConfig):
+# The train state holds parameters as plain nested dicts; model.abstract_params and
+# model.param_shardings give the same as nnx.State, hence the _dict names here.
+def abstract_param_dict(config: ModelConfig):
     """(graphdef, the parameters as a nested dict of jax.ShapeDtypeStruct); allocates nothing."""
     graphdef, state = abstract_params(config)
     return graphdef, nnx.to_pure_dict(state)
 
 
-def params_shardings(config: ModelConfig, mesh: Mesh) -> dict:
+def param_sharding_dict(config: ModelConfig, mesh: Mesh) -> dict:
+    """The parameters' NamedShardings on ``mesh`` as a nested dict shaped like the state's params."""
     _, state = abstract_params(config)
     return nnx.to_pure_dict(param_shardings(state, mesh))
 
@@ -48,7 +50,7 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params_tree: dict
         return sharding
 
     opt_sh = jax.tree.map(on_mesh, jax.jit(tx.init).lower(sharded).compile().output_shardings)
-    return {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+    return {"params": param_sh, "opt_state": opt_sh, "step": replicated}
 
 
 def abstract_state(tx, abstract_params_tree: dict, shardings: dict) -> dict:
@@ -57,7 +59,6 @@ def abstract_state(tx, abstract_params_tree: dict, shardings: dict) -> dict:
         "params": abstract_params_tree,
         "opt_state": jax.eval_shape(tx.init, abstract_params_tree),
         "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
@@ -77,22 +78,21 @@ def init_state(config: ModelConfig, tx, seed: int, mesh: Mesh, shardings: dict) 
     params = nnx.to_pure_dict(params)
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32), shardings["rng"])
-    return {"params": params, "opt_state": opt_state, "step": step, "rng": rng}
+    return {"params": params, "opt_state": opt_state, "step": step}
 
 
-def accumulated_grads(loss_fn, accum_steps: int):
-    """fn(params, tokens_GxLp1) -> (mean loss, mean gradients) over accum_steps micro-batches.
+def accumulated_grads(loss_fn, micro_batches: int):
+    """fn(params, tokens_GxLp1) -> (mean loss, mean gradients) over micro_batches micro-batches.
 
     Micro-batch a holds rows a, a + A, a + 2A, ... so each stays spread over every batch
     shard; their gradients are summed in a lax.scan, so only one micro-batch's activations
     are alive at a time.
     """
     def grads_of(params, tokens_GxLp1):
-        if accum_steps == 1:
+        if micro_batches == 1:
             return jax.value_and_grad(loss_fn)(params, constrain(tokens_GxLp1, ("batch", None)))
         rows, width = tokens_GxLp1.shape
-        tokens_AxMxLp1 = tokens_GxLp1.reshape(rows // accum_steps, accum_steps, width).swapaxes(0, 1)
+        tokens_AxMxLp1 = tokens_GxLp1.reshape(rows // micro_batches, micro_batches, width).swapaxes(0, 1)
 
         def micro(carry, tokens_MxLp1):
             loss, grads = jax.value_and_grad(loss_fn)(params, constrain(tokens_MxLp1, ("batch", None)))
@@ -100,20 +100,20 @@ def accumulated_grads(loss_fn, accum_steps: int):
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(micro, zeros, tokens_AxMxLp1)
-        return jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+        return jax.tree.map(lambda x: x / micro_batches, (loss, grads))
 
     return grads_of
 
 
-def make_train_step(loss_fn, tx, *, accum_steps: int, shardings: dict, batch_sharding, labels=None):
+def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_sharding, labels=None):
     """jit(step(state, tokens_GxLp1) -> (state, metrics)), the state donated.
 
-    Gradients are averaged over accum_steps micro-batches (accumulated_grads). A step with
+    Gradients are averaged over micro_batches micro-batches (accumulated_grads). A step with
     a non-finite loss or gradient norm leaves params and optimizer state as they were
     (metrics["finite"] is False). ``labels`` (parameter -> branch name) turns on
     per-branch update diagnostics.
     """
-    grads_of = accumulated_grads(loss_fn, accum_steps)
+    grads_of = accumulated_grads(loss_fn, micro_batches)
 
     def step(state, tokens_GxLp1):
         params, opt_state = state["params"], state["opt_state"]
@@ -132,8 +132,7 @@ def make_train_step(loss_fn, tx, *, accum_steps: int, shardings: dict, batch_sha
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         if labels is not None:
             metrics.update(optimizer_diagnostics(grads, updates, params, labels))
-        new_state = {"params": new_params, "opt_state": new_opt_state,
-                     "step": state["step"] + 1, "rng": state["rng"]}
+        new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
     return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),

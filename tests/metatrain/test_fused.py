@@ -11,7 +11,8 @@ pytest.importorskip("sklearn")
 
 from recipes.metatrain.config import from_dict  # noqa: E402
 from recipes.metatrain.fused import FusedFamilies, fusable_groups  # noqa: E402
-from recipes.metatrain.loop import MetaTrainer, resolve_theta  # noqa: E402
+from recipes.metatrain.loop import MetaTrainer  # noqa: E402
+from recipes.optim.theta import resolve_theta  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "fixtures"
 

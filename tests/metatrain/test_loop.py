@@ -90,7 +90,7 @@ def test_resume_refuses_changed_problem(trainer, tmp_path):
 
 
 def _theta():
-    from recipes.metatrain.loop import resolve_theta
+    from recipes.optim.theta import resolve_theta
     return resolve_theta("normalized_momentum")
 
 

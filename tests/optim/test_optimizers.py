@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from recipes.optim.celo2 import scale_by_celo2
-from recipes.optim.theta import init_theta, normalized_momentum_theta
+from recipes.optim.theta import init_theta, normalized_momentum_theta, resolve_theta
 from recipes.optim.config import OptimizerConfig, ScheduleConfig
-from recipes.optim.optimizers import build_optimizer, resolve_theta
+from recipes.optim.optimizers import build_optimizer
 from tests.optim.param_trees import L, D, V, assert_trees_close, flat, random_tree
 
 THETA = normalized_momentum_theta()
@@ -197,16 +197,19 @@ def test_abstract_and_nnx_state_params(name):
 
 
 def test_theta_sources():
-    np.testing.assert_array_equal(resolve_theta(config("celo2"))["ff_mod_stack"]["~"]["w2"],
+    def theta_of(config: OptimizerConfig):  # as build_optimizer resolves it
+        return resolve_theta(config.theta, config.theta_seed, setting="optimizer.theta")
+
+    np.testing.assert_array_equal(theta_of(config("celo2"))["ff_mod_stack"]["~"]["w2"],
                                   THETA["ff_mod_stack"]["~"]["w2"])
     # "random" draws init_theta from theta_seed: the same seed gives the same theta.
-    drawn = resolve_theta(OptimizerConfig(theta="random", theta_seed=3))["ff_mod_stack"]["~"]
+    drawn = theta_of(OptimizerConfig(theta="random", theta_seed=3))["ff_mod_stack"]["~"]
     expected = init_theta(jax.random.key(3))["ff_mod_stack"]["~"]
-    other = resolve_theta(OptimizerConfig(theta="random", theta_seed=4))["ff_mod_stack"]["~"]
+    other = theta_of(OptimizerConfig(theta="random", theta_seed=4))["ff_mod_stack"]["~"]
     np.testing.assert_array_equal(drawn["w1"], expected["w1"])
     assert not np.array_equal(drawn["w1"], other["w1"])
     with pytest.raises(FileNotFoundError, match="optimizer.theta='/nonexistent/theta.state' could not be loaded"):
-        resolve_theta(OptimizerConfig(theta="/nonexistent/theta.state"))
+        theta_of(OptimizerConfig(theta="/nonexistent/theta.state"))
 
 
 @pytest.mark.parametrize("kwargs, message", [

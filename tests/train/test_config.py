@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import ConfigError
-from recipes.train.config import build_config, CONFIG_DIR, Config, load_config, parse_overrides, to_yaml
+from recipes.train.config import build_config, Config, load_config, to_yaml
+from recipes.train.config_parsing import CONFIG_DIR, parse_overrides
 
 RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 

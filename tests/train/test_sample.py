@@ -58,13 +58,13 @@ def test_generation_past_the_context_equals_recomputing_every_window(trained_run
     from model import make_apply
     from model.sampling import generate
     from recipes.train.checkpoint import load_run_params
-    from recipes.train.step import abstract_model
+    from recipes.train.step import abstract_param_dict
 
     config, params, _ = load_run_params(trained_run)
     width = config.model.context_length
     prompt = list(range(100, 100 + width - 5))
     ours = generate(config.model, params, prompt, 12, temperature=0)  # crosses the context after 5 tokens
-    apply = jax.jit(make_apply(abstract_model(config.model)[0]))
+    apply = jax.jit(make_apply(abstract_param_dict(config.model)[0]))
     reference = list(prompt)
     for _ in range(12):
         window = reference[-width:]

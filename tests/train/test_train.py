@@ -121,13 +121,12 @@ def test_skipped_step_leaves_state_unchanged():
     from recipes.train.step import make_train_step
     params = {"w": jax.numpy.ones((4, 4))}
     tx = optax.adamw(0.1)
-    state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), "int32"),
-             "rng": jax.numpy.zeros((2,), "uint32")}
+    state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), "int32")}
     shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
 
     def loss_fn(p, tokens):
         return jax.numpy.sum(p["w"]) * tokens.sum() / tokens.sum()
-    step = make_train_step(loss_fn, tx, accum_steps=1, shardings=shardings, batch_sharding=None)
+    step = make_train_step(loss_fn, tx, micro_batches=1, shardings=shardings, batch_sharding=None)
     tokens = jax.numpy.ones((2, 3), "int32")
     good, metrics = step(jax.tree.map(jax.numpy.copy, state), tokens)
     assert bool(metrics["finite"]) and not np.array_equal(good["params"]["w"], params["w"])
@@ -258,8 +257,25 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path
     assert (tmp_path / "f" / "checkpoints.damaged" / "4").is_dir()  # kept for inspection, not deleted
 
 
+def test_a_checkpoint_holding_the_former_rng_entry_still_restores(tmp_path):
+    from recipes.train.checkpoint import Checkpointer
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = {"params": {"w": jax.numpy.arange(4.0)}, "opt_state": (jax.numpy.ones(2),),
+             "step": jax.numpy.array(3, "int32")}
+    writer = Checkpointer(tmp_path / "checkpoints")
+    writer.save(3, {**state, "rng": jax.numpy.zeros((2,), "uint32")}, {"step": 3})  # as runs wrote it before
+    writer.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+    reader = Checkpointer(tmp_path / "checkpoints")
+    step, restored = reader.restore_newest(abstract)
+    reader.close()
+    assert step == 3 and set(restored) == {"params", "opt_state", "step"}
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
 def test_a_second_trainer_into_the_same_run_directory_is_refused(tmp_path):
-    from recipes.train.checkpoint import RunDirLock
+    from recipes.train.run_dir import RunDirLock
 
     (tmp_path / "l").mkdir()
     holder = RunDirLock(tmp_path / "l")
