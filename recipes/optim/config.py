@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from recipes.optim.theta import THETA_NAMES
 
 OPTIMIZER_NAMES = ("celo2", "celo2_base", "muon", "adamw")
 SCHEDULE_KINDS = ("cosine", "linear", "constant", "wsd")
 WSD_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-ROUTING_BRANCHES = ("main", "adamw")  # "main" is the named optimizer's matrix rule (celo2 or muon)
+ROUTING_GROUPS = ("main", "adamw")  # "main" is the named optimizer's matrix rule (celo2 or muon)
 
 # Parameter paths are the tree's keys joined by "/", e.g. "blocks/attn/qkv/kernel".
 DEFAULT_EMBEDDING_PATTERN = r"(^|/)(wte|wpe|lm_head|embedding)(/|$)"
@@ -107,7 +107,9 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingRule:
-    """Sends the parameters it matches to a branch: "main" (celo2/muon) or "adamw".
+    """Sends the parameters it matches to a group: "main" (the named optimizer's matrix rule,
+    celo2 or muon) or "adamw". The partition label a group gets (celo2, muon, adamw, ...) is
+    the branch; recipes.optim.optimizers.branch_of names it.
 
     A parameter matches when every given condition holds: ``pattern`` is found
     (re.search) in its "/"-joined path, its logical rank (leading layer axis
@@ -115,15 +117,18 @@ class RoutingRule:
     is true. A rule with no condition matches everything.
     """
 
-    branch: str
+    # Settings saved before "group" was named "branch" (run directories' config.yaml) still load.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"branch": "group"}
+
+    group: str
     pattern: str | None = None
     min_rank: int | None = None
     max_rank: int | None = None
     predicate: Callable[[str, tuple], bool] | None = None
 
     def __post_init__(self):
-        if self.branch not in ROUTING_BRANCHES:
-            raise ValueError(f"routing rule branch {self.branch!r} is unknown; use one of {list(ROUTING_BRANCHES)}")
+        if self.group not in ROUTING_GROUPS:
+            raise ValueError(f"routing rule group {self.group!r} is unknown; use one of {list(ROUTING_GROUPS)}")
         if self.pattern is not None:
             _check_regex("routing rule", "pattern", self.pattern)
         for name in ("min_rank", "max_rank"):
@@ -143,7 +148,7 @@ class RoutingRule:
             parts.append(f"rank<={self.max_rank}")
         if self.predicate is not None:
             parts.append(f"predicate={getattr(self.predicate, '__name__', 'fn')}")
-        return f"{' '.join(parts) or 'all'} -> {self.branch}"
+        return f"{' '.join(parts) or 'all'} -> {self.group}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +158,7 @@ class RoutingConfig:
     ``rules`` are tried in order and the first match wins; parameters no rule
     matches follow the authors' default: an embedding (``embedding_pattern``)
     or logical rank <= ``adamw_max_rank`` goes to AdamW, anything else to the
-    main branch. Parameters whose path matches ``stacked_pattern`` carry
+    "main" group. Parameters whose path matches ``stacked_pattern`` carry
     ``stacked_axes`` leading layer axes that are not part of their rank.
     """
 
@@ -298,7 +303,15 @@ class OptimizerConfig:
         return dataclasses.asdict(self)
 
 
+def renamed_keys(cls, values: Mapping[str, Any]) -> dict:
+    """``values`` with keys a dataclass has renamed (its RENAMED_KEYS) under their current names."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    return {(renamed[key] if key in renamed and renamed[key] not in values else key): value
+            for key, value in values.items()}
+
+
 def _from_mapping(cls, values: Mapping[str, Any], where: str):
+    values = renamed_keys(cls, values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

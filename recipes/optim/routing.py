@@ -98,7 +98,7 @@ def route(path: str, shape: tuple[int, ...], routing: RoutingConfig) -> Route:
     rank = len(shape) - n_stacked
     for i, rule in enumerate(routing.rules):
         if rule_matches(rule, path, shape, rank):
-            return Route(path, shape, n_stacked, rank, rule.branch, f"rules[{i}]: {rule.describe()}")
+            return Route(path, shape, n_stacked, rank, rule.group, f"rules[{i}]: {rule.describe()}")
     if is_embedding(path, routing):
         return Route(path, shape, n_stacked, rank, "adamw", "default: embedding")
     if rank <= routing.adamw_max_rank:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from model.config import SIZES, ModelConfig
 from recipes.errors import ConfigError
+from recipes.optim.config import renamed_keys
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -101,7 +102,7 @@ def from_dict(cls, values: Mapping[str, Any], where: str = ""):
     """Builds dataclass ``cls`` from a (nested) mapping, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    values = dict(values)
+    values = renamed_keys(cls, values)
     size = None
     if cls is ModelConfig:  # `size` picks a preset; the other keys override it
         size = values.pop("size", None)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from recipes.optim.config import OptimizerConfig, RoutingConfig, RoutingRule
 from recipes.optim.optimizers import build_optimizer, param_labels
+from recipes.train.config import build_config
 from recipes.optim.routing import param_path, route_tree
 from tests.optim.param_trees import EXPECTED_CELO2, L, D, abstract_tree, flat, gpt_shapes
 
@@ -70,10 +71,10 @@ def test_nnx_state_routes_like_the_plain_dict():
 
 def test_rules_first_match_wins_with_ranks_and_predicates():
     rules = (
-        RoutingRule(branch="main", pattern=r"ln_f/scale"),  # a vector to the main branch
-        RoutingRule(branch="adamw", pattern=r"^blocks/mlp/", min_rank=2),  # MLP matrices to AdamW
-        RoutingRule(branch="main", pattern=r"^blocks/mlp/"),  # shadowed for the kernels; matches the biases
-        RoutingRule(branch="adamw", predicate=lambda path, shape: shape[-1] == 3 * D),
+        RoutingRule(group="main", pattern=r"ln_f/scale"),  # a vector to the main group
+        RoutingRule(group="adamw", pattern=r"^blocks/mlp/", min_rank=2),  # MLP matrices to AdamW
+        RoutingRule(group="main", pattern=r"^blocks/mlp/"),  # shadowed for the kernels; matches the biases
+        RoutingRule(group="adamw", predicate=lambda path, shape: shape[-1] == 3 * D),
     )
     config = OptimizerConfig(name="celo2", routing=RoutingConfig(rules=rules), **CELO2)
     labels = labels_by_path(config, abstract_tree(gpt_shapes()))
@@ -86,23 +87,27 @@ def test_rules_first_match_wins_with_ranks_and_predicates():
 
 def test_rules_from_dicts():
     config = OptimizerConfig.from_dict({"name": "celo2", "theta": "normalized_momentum",
-                                        "routing": {"rules": [{"branch": "adamw", "pattern": "proj"}]}})
-    assert config.routing.rules == (RoutingRule(branch="adamw", pattern="proj"),)
+                                        "routing": {"rules": [{"group": "adamw", "pattern": "proj"}]}})
+    assert config.routing.rules == (RoutingRule(group="adamw", pattern="proj"),)
+    # Configs saved when the key was named "branch" (a run directory's config.yaml) load the same.
+    for read in (OptimizerConfig.from_dict, lambda values: build_config({"optimizer": values}).optimizer):
+        former = read({"name": "celo2", "routing": {"rules": [{"branch": "adamw", "pattern": "proj"}]}})
+        assert former.routing.rules == config.routing.rules
     labels = labels_by_path(config, abstract_tree(gpt_shapes()))
     assert labels["blocks/attn/proj/kernel"] == "adamw" and labels["blocks/attn/qkv/kernel"] == "celo2"
 
 
 def test_rule_that_matches_nothing_is_refused():
-    config = OptimizerConfig(name="celo2", routing=RoutingConfig(rules=(RoutingRule(branch="adamw", pattern="lm_head"),)),
+    config = OptimizerConfig(name="celo2", routing=RoutingConfig(rules=(RoutingRule(group="adamw", pattern="lm_head"),)),
                              **CELO2)
     with pytest.raises(ValueError, match=re.escape("routing.rules[0] (pattern='lm_head' -> adamw) matches no parameter")):
         build_optimizer(config, abstract_tree(gpt_shapes()), total_steps=10)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(branch="sgd"), "routing rule branch 'sgd' is unknown; use one of ['main', 'adamw']"),
-    (dict(branch="main", pattern="blocks/("), "is not a valid regex"),
-    (dict(branch="main", min_rank=3, max_rank=2), "it can match nothing"),
+    (dict(group="sgd"), "routing rule group 'sgd' is unknown; use one of ['main', 'adamw']"),
+    (dict(group="main", pattern="blocks/("), "is not a valid regex"),
+    (dict(group="main", min_rank=3, max_rank=2), "it can match nothing"),
 ])
 def test_bad_rule_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -111,10 +116,10 @@ def test_bad_rule_is_refused(kwargs, message):
 
 def test_muon_never_gets_embeddings_or_vectors():
     params = abstract_tree(gpt_shapes())
-    to_muon = RoutingConfig(rules=(RoutingRule(branch="main", pattern="^wte$"),))
+    to_muon = RoutingConfig(rules=(RoutingRule(group="main", pattern="^wte$"),))
     with pytest.raises(ValueError, match="wte is an embedding .* embeddings must use AdamW"):
         build_optimizer(OptimizerConfig(name="muon", routing=to_muon), params, total_steps=10)
-    vector = RoutingConfig(rules=(RoutingRule(branch="main", pattern="ln_f/bias"),))
+    vector = RoutingConfig(rules=(RoutingRule(group="main", pattern="ln_f/bias"),))
     with pytest.raises(ValueError, match="has logical rank 1 .* route it to 'adamw'"):
         build_optimizer(OptimizerConfig(name="muon", routing=vector), params, total_steps=10)
     # By default the embedding rule keeps the (rank 2) token table on AdamW.
