@@ -20,15 +20,19 @@ import jax
 import numpy as np
 
 from model import make_loss_fn
-from recipes import config as config_lib
-from recipes import mesh as mesh_lib
-from recipes.checkpoint import Checkpointer, RunDirLock, StopRequest
-from recipes.dry_run import dry_run_report
-from recipes.metrics import MetricsLog, json_safe, mfu, progress_bar, read_records
-from recipes.optimizers import build_optimizer, learning_rate_schedules, param_labels
-from recipes.report import summary_lines
-from recipes.train_step import (abstract_model, abstract_state, init_state,
-                                make_eval_step, make_train_step, params_shardings, state_shardings)
+from recipes.errors import ConfigError
+from recipes.optim.optimizers import build_optimizer, learning_rate_schedules, param_labels
+from recipes.train import config as config_lib
+from recipes.train import mesh as mesh_lib
+from recipes.train.checkpoint import Checkpointer
+from recipes.train.dry_run import dry_run_report
+from recipes.train.metrics import MetricsLog, json_safe, mfu, progress_bar
+from recipes.train.report import summary_lines
+from recipes.train.run_dir import (RunDirLock, check_resumable, keep_config_history, layout_theta, resume_records,
+                                   write_summary)
+from recipes.train.step import (abstract_param_dict, abstract_state, init_state,
+                                make_eval_step, make_train_step, param_sharding_dict, state_shardings)
+from recipes.train.stop import StopRequest
 
 
 DEFAULT_RECIPE = "shakespeare_celo2.yaml"  # a small GPT on the bundled corpus, minutes on a CPU
@@ -79,16 +83,16 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         log0(note)
     mesh_lib.init_distributed(config.mesh)
     mesh = mesh_lib.build_mesh(config.mesh)
-    seq_len, accum = config.seq_len, config.data.accum_steps
+    seq_len, accum = config.seq_len, config.data.micro_batches_per_step
     micro_batch = config.data.global_batch // accum
     mesh_lib.check_batch(config.data.global_batch, micro_batch, mesh)
     total_steps = config.train.steps
 
     # Everything below is built from shapes first; parameters are allocated only when training.
-    graphdef, params_abstract = abstract_model(config.model)
+    graphdef, params_abstract = abstract_param_dict(config.model)
     theta = layout_theta(config) if args.dry_run else None  # weights need not exist for a dry run
     tx, table = build_optimizer(config.optimizer, params_abstract, theta=theta, total_steps=total_steps)
-    param_sh = params_shardings(config.model, mesh)
+    param_sh = param_sharding_dict(config.model, mesh)
     shardings = state_shardings(tx, params_abstract, param_sh, mesh)
     state_abstract = abstract_state(tx, params_abstract, shardings)
 
@@ -115,14 +119,14 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
 
     # The run directory records what this run is: config, routing, then metrics and checkpoints.
     run_dir = Path(config.train.out_dir).absolute()
-    check_resumable(run_dir, config, state_abstract)  # before anything in it is rewritten
+    check_resumable(run_dir, config, state_abstract, log=log0)  # before anything in it is rewritten
     run_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # one trainer per run directory
         lock = RunDirLock(run_dir)
         try:
             lock.acquire(log=log0)
         except RuntimeError as error:
-            raise config_lib.ConfigError(str(error)) from None
+            raise ConfigError(str(error)) from None
         held_locks.append(lock)
     if jax.process_index() == 0:
         keep_config_history(run_dir, config_lib.to_yaml(config))
@@ -151,7 +155,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     loss_fn = make_loss_fn(graphdef)
     batch_sh = mesh_lib.batch_sharding(mesh)
     labels = param_labels(config.optimizer, params_abstract) if config.logging.diagnostics else None
-    train_step = make_train_step(loss_fn, tx, accum_steps=accum, shardings=shardings,
+    train_step = make_train_step(loss_fn, tx, micro_batches=accum, shardings=shardings,
                                  batch_sharding=batch_sh, labels=labels)
     eval_step = make_eval_step(loss_fn, param_sh, batch_sh)
     lr_main = learning_rate_schedules(config.optimizer, total_steps)[config.optimizer.name]
@@ -351,95 +355,6 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     return summary
 
 
-def resume_records(run_dir: Path, target: float | None) -> tuple[float, dict | None]:
-    """From metrics.jsonl as kept for a resume: the training wall time so far, and where this
-    target (the same value) was reached, if it was. Read on process 0 and shared with the others,
-    so every process takes the same decisions."""
-    before, reached = 0.0, None
-    if jax.process_index() == 0:
-        records = read_records(run_dir)
-        before = max((r.get("wall_time_s") or 0.0 for r in records), default=0.0)
-        hits = [r for r in records if r.get("target_step") is not None and r.get("target_val_loss") == target]
-        if hits:
-            reached = {k: hits[0][k] for k in ("target_step", "target_tokens", "target_wall_time_s")}
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        values = np.asarray([before, -1.0 if reached is None else reached["target_step"],
-                             -1.0 if reached is None else reached["target_tokens"],
-                             -1.0 if reached is None else reached["target_wall_time_s"]], np.float64)
-        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
-        before = float(values[0])
-        reached = None if values[1] < 0 else {"target_step": int(values[1]), "target_tokens": int(values[2]),
-                                              "target_wall_time_s": float(values[3])}
-    return before, reached
-
-
-def layout_theta(config):
-    """A Celo2 theta of the right shapes where only the optimizer's layout matters (None otherwise)."""
-    if not config.optimizer.name.startswith("celo2"):
-        return None
-    from recipes.celo2 import normalized_momentum_theta
-    return normalized_momentum_theta()
-
-
-def _flat_keys(values: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat_keys(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_resumable(run_dir: Path, config, state_abstract) -> None:
-    """Refuses to rerun into a run directory whose checkpoints another parameter or optimizer-state
-    layout wrote; other changes (learning rate, steps, data) are allowed, with a note."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
-        return
-    old = config_lib.load_config(saved)
-    old_values, new_values = _flat_keys(config_lib.to_dict(old)), _flat_keys(config_lib.to_dict(config))
-    changed = sorted(k for k in set(old_values) | set(new_values)
-                     if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
-    graphdef, params_abstract = abstract_model(old.model)
-    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=layout_theta(old), total_steps=old.train.steps)
-    old_state = jax.eval_shape(lambda: {"params": params_abstract, "opt_state": old_tx.init(params_abstract)})
-    new_state = {"params": state_abstract["params"], "opt_state": state_abstract["opt_state"]}
-
-    def layout(tree):
-        leaves, treedef = jax.tree.flatten(tree)
-        return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
-
-    if layout(old_state) != layout(new_state):
-        layout_keys = ("model.", "optimizer.name", "optimizer.routing", "optimizer.grad_accum_steps",
-                       "optimizer.grad_clip_norm", "optimizer.decay_rank1", "data.micro_batch")
-        shaping = [k for k in changed if k.startswith(layout_keys)] or changed
-        details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
-        raise config_lib.ConfigError(
-            f"{run_dir} holds checkpoints of another model or optimizer layout ({details}); nothing was "
-            "changed in it. Rerun with its settings to resume, or pick a new train.out_dir")
-    if changed:
-        log0(f"note: resuming {run_dir} with changed settings: "
-             + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
-
-
-def keep_config_history(run_dir: Path, new_yaml: str) -> None:
-    """config.yaml is the settings now; settings a rerun changed go to config_history/, never lost."""
-    current = run_dir / "config.yaml"
-    if current.is_file() and current.read_text() != new_yaml:
-        history = run_dir / "config_history"
-        history.mkdir(exist_ok=True)
-        current.rename(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml")
-    current.write_text(new_yaml)
-
-
-def write_summary(run_dir: Path, summary: dict) -> None:
-    """summary.json: what sweeps and schedulers read to tell a finished run from a stopped one."""
-    if jax.process_index() == 0:
-        (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
-
-
 def sample_text(config, params) -> str:
     from data.tokenizer import gpt2_encoding
     from model.sampling import generate
@@ -452,7 +367,7 @@ def sample_text(config, params) -> str:
 
 
 if __name__ == "__main__":
-    from recipes.cli import EXIT_CODES, one_line, ordinary_errors
+    from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors
 
     try:
         result = main()

@@ -234,9 +234,6 @@ class TokenLoader:
         # The last partial batch of an epoch is dropped so that no window repeats within it.
         return self._train.count // self.global_batch
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def _permutation(self, epoch: int) -> np.ndarray:
         with self._perm_lock:
             perm = self._perms.get(epoch)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import itertools
-import json
 import multiprocessing
 import os
 import re
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from data import shards
 from data.tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailableError, gpt2_encoding
+from recipes.files import write_json
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in modded-nanogpt's FineWeb shards
 DEFAULT_VAL_FRACTION = 0.01
@@ -342,12 +342,6 @@ def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 @dataclass
 class PrepareResult:
     out_dir: Path
@@ -478,7 +472,7 @@ def prepare_documents(
             s: {"tokens": tokens[s], "documents": docs[s], "shards": [p.name for p in written[s]]} for s in SPLITS
         },
     }
-    _write_json_atomic(out / "meta.json", meta)
+    write_json(out / "meta.json", meta)
     return PrepareResult(
         out_dir=out,
         tokens=tokens,

@@ -1,0 +1,14 @@
+"""How a model is trained, in subpackages along the data flow; each imports only those above it.
+
+    errors.py     ConfigError, raised by every layer for a setting that cannot be used
+    files.py      atomic file writes, checkpoint-directory rotation, moving damaged ones aside
+    optim/        Celo2, its theta format and shipped weights, routing, the optimizer harness,
+                  schedules, diagnostics
+    train/        config, mesh, train state and step, run directory, checkpoints, stop handling,
+                  metrics, dry run, report, exit codes (train.py is its loop)
+    experiments/  sweeps, their tables and plots, benchmarks, the device check
+    metatrain/    PES meta-training of Celo2, on the trainer's config reading, locking and stop handling
+    celo2.py      `from recipes.celo2 import scale_by_celo2, load_checkpoint`, the release's import path
+
+Imports point one way: optim <- train <- experiments; metatrain uses optim and train.
+"""

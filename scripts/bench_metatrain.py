@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
+from recipes.train.cli import run_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "metatrain" / "bench_authors_shape.yaml"
 
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    from recipes import celo2
+    from recipes.optim import celo2
     from recipes.metatrain.config import load_config
     from recipes.metatrain.loop import MetaTrainer
 

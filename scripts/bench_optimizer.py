@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.benchmarks import GPT2_SMALL_BLOCK, time_updates  # noqa: E402
-from recipes.celo2 import init_theta  # noqa: E402
+from recipes.experiments.benchmarks import GPT2_SMALL_BLOCK, time_updates
+from recipes.optim.theta import init_theta
 
 
 def main(argv=None) -> dict:

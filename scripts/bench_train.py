@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from recipes import config as config_lib  # noqa: E402
-from recipes import mesh as mesh_lib  # noqa: E402
-from recipes.benchmarks import TrainingSetup, time_training  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.train import config as config_lib
+from recipes.train import mesh as mesh_lib
+from recipes.experiments.benchmarks import TrainingSetup, time_training
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,11 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main(argv=None) -> dict:
-    from recipes.device_check import SECTIONS
+    from recipes.experiments.device_check import SECTIONS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/device_check"), help="where the JSON and table go")
@@ -36,7 +34,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from recipes import device_check
+    from recipes.experiments import device_check
 
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)

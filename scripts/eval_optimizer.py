@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from recipes.metatrain.evaluate import (  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.metatrain.evaluate import (
     EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
 )
-from recipes.metatrain.loop import resolve_theta  # noqa: E402
-from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
+from recipes.optim.theta import resolve_theta
+from recipes.metatrain.tasks_lm import TinyLM
 
 
 def _floats(text: str) -> list[float]:
@@ -82,7 +80,7 @@ def main(argv=None) -> int:
         muon_variant.append((key, yaml.safe_load(value)))
     candidates = []
     for source in args.theta or ["normalized_momentum"]:
-        theta = resolve_theta(source)
+        theta = resolve_theta(source, setting="--theta")
         candidates += [Candidate(f"celo2 ({source})", "celo2", lr, theta, mult)
                        for mult in args.adamw_mults for lr in args.celo2_lrs]
     if not args.no_baselines:

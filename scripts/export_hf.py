@@ -11,13 +11,11 @@ huggingface_hub (needs network and a token: `hf auth login`).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from model import export_hf  # noqa: E402
-from recipes.checkpoint import load_run_params  # noqa: E402
+from recipes.train.cli import run_main
+from model import export_hf
+from recipes.train.checkpoint import load_run_params
 
 
 def main(argv: list[str] | None = None) -> Path:

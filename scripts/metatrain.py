@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.cli import run_main  # noqa: E402
-from recipes.config import ConfigError  # noqa: E402
-from recipes.metatrain.config import load_config  # noqa: E402
-from recipes.metatrain.loop import MetaTrainer  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.errors import ConfigError
+from recipes.metatrain.config import load_config
+from recipes.metatrain.loop import MetaTrainer
 
 
 def main(argv=None) -> int:

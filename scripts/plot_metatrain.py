@@ -11,14 +11,12 @@ of their learning-rate grids.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from recipes.metatrain.evaluate import VALIDATION, EvalSettings  # noqa: E402
-from recipes.metatrain.progress import plot, update_scores  # noqa: E402
-from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.metatrain.evaluate import VALIDATION, EvalSettings
+from recipes.metatrain.progress import plot, update_scores
+from recipes.metatrain.tasks_lm import TinyLM
 
 
 def main(argv=None) -> int:

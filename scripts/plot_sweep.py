@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from recipes.sweep_plots import plot_sweep  # noqa: E402
-from recipes.sweep_tables import summary_table  # noqa: E402
-from recipes.sweeps import SweepSpec, collect, write_results  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.experiments.sweep_plots import plot_sweep
+from recipes.experiments.sweep_tables import summary_table
+from recipes.experiments.sweeps import SweepSpec, collect, write_results
 
 
 def main(argv=None) -> int:

@@ -10,14 +10,11 @@ each token is predicted from the last context_length tokens.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from data.tokenizer import gpt2_encoding  # noqa: E402
-from model.sampling import generate  # noqa: E402
-from recipes.checkpoint import load_run_params  # noqa: E402
+from recipes.train.cli import run_main
+from data.tokenizer import gpt2_encoding
+from model.sampling import generate
+from recipes.train.checkpoint import load_run_params
 
 
 def main(argv: list[str] | None = None) -> list[int]:

@@ -5,28 +5,26 @@
 Trains the validation task (scripts/eval_optimizer.py --task validation) with
 every snapshot under RUN/thetas/ (one compilation per learning rate serves them
 all; snapshots scripts/plot_metatrain.py already scored with the same settings
-are taken from RUN/validation.json), then writes recipes/weights/NAME/ with theta.state, the run's config.json
+are taken from RUN/validation.json), then writes recipes/optim/weights/NAME/ with theta.state, the run's config.json
 and provenance.json. The held-out task stays unseen by the choice: report the
 shipped theta with scripts/eval_optimizer.py --theta NAME.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table  # noqa: E402
-from recipes.metatrain.progress import scored_snapshots  # noqa: E402
-from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots  # noqa: E402
-from recipes.metatrain.tasks_lm import TinyLM  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table
+from recipes.metatrain.progress import scored_snapshots
+from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots
+from recipes.metatrain.tasks_lm import TinyLM
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a meta-training out_dir with thetas/ snapshots")
-    p.add_argument("--name", required=True, help="the shipped theta's name (recipes/weights/NAME)")
+    p.add_argument("--name", required=True, help="the shipped theta's name (recipes/optim/weights/NAME)")
     p.add_argument("--every", type=int, default=1, help="score only snapshots whose step is a multiple (and the last)")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated Celo2 learning rates; each snapshot gets its best")
     p.add_argument("--adamw-mult", type=float, default=20.0)

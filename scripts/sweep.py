@@ -18,10 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.cli import run_main  # noqa: E402
-from recipes.sweep_plots import plot_sweep  # noqa: E402
-from recipes.sweeps import SweepError, commands, make_spec, run_sweep, wandb_sweep_yaml  # noqa: E402
+from recipes.train.cli import run_main
+from recipes.experiments.sweep_plots import plot_sweep
+from recipes.experiments.sweeps import SweepError, commands, make_spec, run_sweep, wandb_sweep_yaml
 
 
 def main(argv=None, runner=None) -> int:

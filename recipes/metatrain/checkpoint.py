@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -30,8 +29,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from recipes.celo2 import save_checkpoint
-from recipes.config import ConfigError
+from recipes.optim.theta import save_checkpoint
+from recipes.errors import ConfigError
+from recipes.files import atomic_write, move_aside, rotate_directories, write_json
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -48,19 +48,6 @@ class MetaState(NamedTuple):
     step: Any  # int32 scalar: outer steps done
     populations: dict  # family name -> PESState
     rng: Any  # uint32 key data
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def config_record(config: MetaTrainConfig) -> dict:
@@ -91,20 +78,16 @@ def save(out_dir: str | Path, state: MetaState, config: MetaTrainConfig) -> Path
         shutil.rmtree(new)  # an unfinished save: the complete checkpoints are the others
     new.mkdir(parents=True)
     leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
-    _atomic_write(new / STATE_FILE, lambda f: np.savez(f, *leaves))
+    atomic_write(new / STATE_FILE, lambda f: np.savez(f, *leaves))
     record = config_record(config)
     write_json(new / META_FILE, {"step": int(state.step), "num_leaves": len(leaves),
                                  **{k: record[k] for k in _MUST_MATCH}, "resolved_families": record["resolved_families"]})
-    if ckpt.exists():
-        if previous.exists():
-            shutil.rmtree(previous)
-        ckpt.rename(previous)
-    new.rename(ckpt)
+    rotate_directories(new, ckpt, previous)
     save_checkpoint(jax.device_get(state.theta), out / "theta.state")
     return ckpt
 
 
-def restore_newest(out_dir: str | Path, target: MetaState, config: MetaTrainConfig,
+def newest_meta_state(out_dir: str | Path, target: MetaState, config: MetaTrainConfig,
                    log: Callable[[str], None] = print) -> MetaState | None:
     """The newest checkpoint that restores completely, or None when there is none.
 
@@ -127,12 +110,7 @@ def restore_newest(out_dir: str | Path, target: MetaState, config: MetaTrainConf
             raise
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
             # what numpy, zipfile and json raise for a truncated, missing or garbled file
-            damaged = out / DAMAGED_DIR
-            damaged.mkdir(exist_ok=True)
-            aside = damaged / f"{path.name}.{step_of(path)}"
-            while aside.exists():
-                aside = aside.with_name(aside.name + "+")
-            path.rename(aside)
+            aside = move_aside(path, out / DAMAGED_DIR, f"{path.name}.{step_of(path)}")
             log(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
                 f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
     return None

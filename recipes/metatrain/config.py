@@ -14,9 +14,10 @@ import random
 from pathlib import Path
 from typing import Any, Mapping
 
-from recipes.celo2_theta import THETA_NAMES
-from recipes.config import from_dict as build_config
-from recipes.config import ConfigError, merge_configs, parse_overrides, read_yaml
+from recipes.optim.theta import THETA_NAMES
+from recipes.train.config_parsing import from_dict as build_config
+from recipes.errors import ConfigError
+from recipes.train.config_parsing import merge_configs, parse_overrides, read_yaml
 from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 
 FAMILY_KINDS = ("image_mlp", "lm")

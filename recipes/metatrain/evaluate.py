@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.config import ConfigError
-from recipes.metatrain.checkpoint import write_json
+from recipes.errors import ConfigError
+from recipes.files import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks_lm import TinyLM, corpus
-from recipes.optimizer_config import OptimizerConfig
-from recipes.optimizers import build_optimizer
+from recipes.optim.config import OptimizerConfig
+from recipes.optim.optimizers import build_optimizer
 
 HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_head=2, d_model=48,
                         context_length=48, batch=16, vocab=512)
@@ -61,7 +61,7 @@ def default_recipe_task(recipe: str = DEFAULT_RECIPE_FILE) -> tuple[FamilyConfig
 
     Returns the task family and the EvalSettings fields that follow from the recipe.
     """
-    from recipes.config import load_config  # the trainer's loader; only this task needs it
+    from recipes.train.config import load_config  # the trainer's loader; only this task needs it
 
     cfg = load_config(recipe)
     m, sched = cfg.model, cfg.optimizer.schedule

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -18,20 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.celo2 import theta_from_source
-from recipes.checkpoint import RunDirLock
-from recipes.config import ConfigError
+from recipes.optim.theta import resolve_theta
+from recipes.train.run_dir import RunDirLock
+from recipes.train.stop import StopRequest
+from recipes.errors import ConfigError
+from recipes.files import write_json
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups
 from recipes.metatrain.population import Population
 from recipes.metatrain.tasks import build_task
-
-
-def resolve_theta(source: str, seed: int = 0) -> dict:
-    """A built-in name, a shipped theta, a theta.state path, a run directory holding one, or hf://OWNER/REPO."""
-    theta = theta_from_source(source, seed)
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
 
 
 def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
@@ -91,7 +86,7 @@ class MetaTrainer:
         m = self.config.metatrain
         if ckpt.has_checkpoint(self.out_dir):
             target = jax.eval_shape(self.fresh_state, resolve_theta("normalized_momentum"))
-            state = ckpt.restore_newest(self.out_dir, target, self.config, log=self.log)
+            state = ckpt.newest_meta_state(self.out_dir, target, self.config, log=self.log)
             if state is None:  # starting over would overwrite theta.state and the snapshots
                 raise ConfigError(
                     f"no checkpoint of {self.out_dir} restores (each is kept in {ckpt.DAMAGED_DIR}/); to start "
@@ -103,7 +98,7 @@ class MetaTrainer:
 
     def initial_theta(self) -> dict:
         m = self.config.metatrain
-        return resolve_theta(m.init_theta, m.theta_seed)
+        return resolve_theta(m.init_theta, m.theta_seed, setting="metatrain.init_theta")
 
     # -- one outer step -----------------------------------------------------------
     def _outer_update_fn(self, theta, opt_state, grads, weights):
@@ -174,49 +169,42 @@ class MetaTrainer:
 
     def _run(self, m) -> ckpt.MetaState:
         state = self.initial_state()
-        ckpt.write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
+        write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
         wandb_run = self._wandb()
-        stop = {"signal": None}
-
-        def on_signal(signum, frame):
-            stop["signal"] = signum
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        metrics_file = open(self.out_dir / "metrics.jsonl", "a")
-        try:
-            last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
-            saved_step = int(state.step) if ckpt.has_checkpoint(self.out_dir) else None  # resumed: on disk
-            if m.profile and int(state.step) < m.outer_steps:
-                self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
-            while int(state.step) < m.outer_steps and stop["signal"] is None:
-                state, metrics = self.outer_step(state)
-                step = int(state.step)
-                window_steps += 1
-                if step % m.log_every == 0 or step == m.outer_steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["outer_it_per_s"] = window_steps / elapsed
-                    metrics["seconds_per_outer_it"] = elapsed / window_steps
-                    self._log_record(metrics, metrics_file, wandb_run, step)
-                    window_start, window_steps = time.perf_counter(), 0
-                if m.snapshot_every and step % m.snapshot_every == 0:
-                    ckpt.snapshot_theta(self.out_dir, state.theta, step)
-                if m.profile and m.profile_every and step % m.profile_every == 0 and step < m.outer_steps:
-                    self._log_record(self.profile(state), metrics_file, wandb_run, step, "profile")
-                    window_start = time.perf_counter()
-                if time.time() - last_save >= m.checkpoint_every_s:
+        # The trainer's stop handling: a signal ends the loop, the state is saved, and the
+        # caller exits with 128 + the signal's number.
+        with StopRequest() as stop_request, open(self.out_dir / "metrics.jsonl", "a") as metrics_file:
+            try:
+                last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
+                saved_step = int(state.step) if ckpt.has_checkpoint(self.out_dir) else None  # resumed: on disk
+                if m.profile and int(state.step) < m.outer_steps:
+                    self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
+                while int(state.step) < m.outer_steps and not stop_request:
+                    state, metrics = self.outer_step(state)
+                    step = int(state.step)
+                    window_steps += 1
+                    if step % m.log_every == 0 or step == m.outer_steps:
+                        elapsed = time.perf_counter() - window_start
+                        metrics["outer_it_per_s"] = window_steps / elapsed
+                        metrics["seconds_per_outer_it"] = elapsed / window_steps
+                        self._log_record(metrics, metrics_file, wandb_run, step)
+                        window_start, window_steps = time.perf_counter(), 0
+                    if m.snapshot_every and step % m.snapshot_every == 0:
+                        ckpt.snapshot_theta(self.out_dir, state.theta, step)
+                    if m.profile and m.profile_every and step % m.profile_every == 0 and step < m.outer_steps:
+                        self._log_record(self.profile(state), metrics_file, wandb_run, step, "profile")
+                        window_start = time.perf_counter()
+                    if time.time() - last_save >= m.checkpoint_every_s:
+                        ckpt.save(self.out_dir, state, self.config)
+                        last_save, saved_step = time.time(), step
+                if saved_step != int(state.step):  # saving a step twice would rotate out the fallback
                     ckpt.save(self.out_dir, state, self.config)
-                    last_save, saved_step = time.time(), step
-            if saved_step != int(state.step):  # saving a step twice would rotate out the fallback
-                ckpt.save(self.out_dir, state, self.config)
-            self.stopped_by = stop["signal"]
-            if stop["signal"] is not None:
-                self.log(f"stopped by signal {stop['signal']} at outer step {int(state.step)}; checkpoint saved")
-        finally:
-            metrics_file.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if wandb_run is not None:
-                wandb_run.finish()
+                self.stopped_by = stop_request.signal_number
+                if stop_request:
+                    self.log(f"stopped by {stop_request.signal_name} at outer step {int(state.step)}; checkpoint saved")
+            finally:
+                if wandb_run is not None:
+                    wandb_run.finish()
         return state
 
     def _log_record(self, record: dict, file, wandb_run, step: int, kind: str = "train") -> None:

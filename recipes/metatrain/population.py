@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from recipes.celo2 import normalized_momentum_theta
+from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import InnerConfig, PESConfig
 from recipes.metatrain.pes import PESState, init_pes_state
 from recipes.metatrain.tasks import Task, inner_optimizer, reparameterized_loss

@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from recipes.celo2 import load_checkpoint, theta_from_source
-from recipes.config import ConfigError
-from recipes.metatrain.checkpoint import write_json
+from recipes.optim.theta import load_checkpoint, theta_from_source
+from recipes.errors import ConfigError
+from recipes.files import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.ship import snapshots
 from recipes.metatrain.tasks_lm import TinyLM

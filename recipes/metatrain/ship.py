@@ -1,4 +1,4 @@
-"""Pick a meta-training snapshot by validation and ship it under recipes/weights/NAME/.
+"""Pick a meta-training snapshot by validation and ship it under recipes/optim/weights/NAME/.
 
 The paper's authors chose their released checkpoint by validation on a small
 language-modeling task, not by meta-loss; this does the same on the
@@ -15,12 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from recipes.celo2 import load_checkpoint
-from recipes.metatrain.checkpoint import write_json
+from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
+from recipes.files import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.tasks_lm import TinyLM
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 _SNAPSHOT = re.compile(r"theta_(\d+)\.state$")
 
 

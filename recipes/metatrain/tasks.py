@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from recipes.metatrain.config import FamilyConfig, InnerConfig
-from recipes.optimizer_config import OptimizerConfig
-from recipes.optimizers import build_optimizer
+from recipes.optim.config import OptimizerConfig
+from recipes.optim.optimizers import build_optimizer
 
 
 class Task:

@@ -1,0 +1,282 @@
+"""One prepared measurement of an accelerator: throughput, optimizer cost, memory and numerics.
+
+Sections, each written to the report as soon as it is done (a cut-short run
+keeps what it measured):
+  memory     gpt3xl_celo2 with remat for a few steps at the largest micro-batch
+             that fits: peak device memory against the dry run's estimate
+  training   GPT-2 small in bf16 compute with fp32 parameters, AdamW, Muon and
+             Celo2 at the largest micro-batch that fits all three: tokens/s, MFU,
+             forward+backward against optimizer time
+  updates    one optimizer update on GPT-2 small and GPT-3 XL hidden matrices
+  numerics   the default recipe's first steps in fp32 on the accelerator against
+             the same steps on the host CPU
+``tiny`` runs the same code on small shapes (a CPU, a test).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from recipes.train import config as config_lib
+from recipes.experiments.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, TrainingSetup, time_training, time_updates, \
+    training_losses
+from recipes.optim.theta import theta_from_source
+from recipes.train.dry_run import dry_run_report
+from recipes.train.metrics import json_safe
+from recipes.optim.optimizers import build_optimizer
+from recipes.train.step import abstract_state, bytes_per_device
+
+THETA = "celo2_lm"  # the default recipe's shipped weights: the authors' cannot be fetched offline
+TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer share
+NUMERICS_TOLERANCE = 1e-3  # largest |loss difference| over the steps compared, fp32 with full-precision matmuls
+MEMORY_HEADROOM = 0.92  # a micro-batch fits when XLA's estimate is under this share of device memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What each section runs; FULL on an accelerator, TINY anywhere in a few minutes."""
+
+    train_overrides: tuple[str, ...]
+    train_micro_batches: tuple[int, ...]
+    memory_overrides: tuple[str, ...]
+    memory_micro_batches: tuple[int, ...]
+    memory_steps: int
+    update_workloads: dict
+    numerics_overrides: tuple[str, ...]
+    numerics_steps: int
+    repeats: int
+
+
+FULL = Sizes(
+    train_overrides=(),
+    train_micro_batches=(64, 48, 32, 24, 16, 8),
+    memory_overrides=(),
+    memory_micro_batches=(32, 16, 8, 4, 2, 1),
+    memory_steps=3,
+    update_workloads={"gpt2_small x12": [(12, *s) for s in GPT2_SMALL_BLOCK],
+                      "gpt3_xl x24": [(24, *s) for s in GPT3_XL_BLOCK]},
+    numerics_overrides=(),
+    numerics_steps=8,
+    repeats=5,
+)
+TINY_SHAPES = [(64, 192), (64, 64), (64, 256), (256, 64)]
+TINY = Sizes(  # a 512-token vocabulary where tokens are synthetic: GPT-2's would dominate the time
+    train_overrides=("--model.size=tiny", "--data.seq_len=32", "--model.vocab_size=512"),
+    train_micro_batches=(16, 8),
+    memory_overrides=("--model.size=tiny", "--data.seq_len=32", "--model.vocab_size=512"),
+    memory_micro_batches=(4, 2),
+    memory_steps=2,
+    update_workloads={"tiny x2": [(2, *s) for s in TINY_SHAPES]},
+    numerics_overrides=("--model.size=tiny", "--data.seq_len=32", "--data.global_batch=8"),
+    numerics_steps=3,
+    repeats=1,
+)
+
+
+def device_memory_limit() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("bytes_limit")
+
+
+def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def _config(name: str, overrides, micro_batch: int):
+    args = [*overrides, f"--data.global_batch={micro_batch}", f"--data.micro_batch={micro_batch}",
+            f"--optimizer.theta={THETA}", "--mesh.devices=1"]
+    return config_lib.load_config(name, args)
+
+
+def largest_fitting(configs: Callable[[int], list], micro_batches, log,
+                    estimate: bool = True) -> tuple[int, int, TrainingSetup | None]:
+    """The largest micro-batch whose every config's compiled train step fits device memory, and
+    XLA's estimate of its bytes. Without memory statistics (CPUs) the first candidate is taken,
+    and compiled for its estimate only if ``estimate``. Also returns the setup that was compiled."""
+    limit = device_memory_limit()
+    if limit is None and not estimate:
+        return micro_batches[0], 0, None
+    for micro in micro_batches:
+        # Compiling is the slow part: judge by the config whose optimizer state is largest.
+        setups = [TrainingSetup(config) for config in configs(micro)]
+        largest = max(setups, key=lambda t: bytes_per_device(abstract_state(t.tx, t.params_abstract, t.shardings)))
+        b = largest.compiled_bytes()
+        worst = b.get("argument", 0) + b.get("output", 0) + b.get("temp", 0) - b.get("alias", 0)
+        if limit is None or worst <= MEMORY_HEADROOM * limit:
+            log(f"  micro-batch {micro}: XLA estimates {worst / 2**30:.2f} GiB for {largest.config.optimizer.name}"
+                + ("" if limit is None else f" of {limit / 2**30:.1f} GiB"))
+            return micro, worst, largest
+        log(f"  micro-batch {micro} does not fit ({worst / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB)")
+    raise RuntimeError(f"none of the micro-batches {micro_batches} fits device memory")
+
+
+def check_memory(sizes: Sizes, log) -> dict:
+    micro, estimate, setup = largest_fitting(lambda m: [_config("gpt3xl_celo2", sizes.memory_overrides, m)],
+                                              sizes.memory_micro_batches, log)
+    config = setup.config
+    _, table = build_optimizer(config.optimizer, setup.params_abstract, total_steps=config.train.steps)
+    report = dry_run_report(config, table, abstract_state(setup.tx, setup.params_abstract, setup.shardings),
+                            setup.mesh)
+    state = setup.init()
+    began = time.perf_counter()
+    with jax.set_mesh(setup.mesh):
+        for step in range(sizes.memory_steps):
+            state, metrics = setup.compiled_step()(state, setup.batch(step))  # the step just measured
+        loss = float(metrics["loss"])
+    seconds = time.perf_counter() - began
+    del state
+    peak = peak_memory()
+    dry = report["bytes_per_device"]["params_and_opt_state"]
+    return {"recipe": "gpt3xl_celo2", "remat": config.model.remat, "micro_batch": micro,
+            "seq_len": config.seq_len, "n_params": report["n_params"], "steps": sizes.memory_steps,
+            "seconds": round(seconds, 3), "last_loss": loss, "peak_bytes": peak,
+            "dry_run_params_and_opt_state_bytes": dry, "xla_estimate_bytes": estimate,
+            "peak_over_params_and_opt_state": None if peak is None else peak / dry,
+            "peak_over_xla_estimate": None if peak is None else peak / estimate}
+
+
+def check_training(sizes: Sizes, log) -> dict:
+    names = ("adamw", "muon", "celo2")
+    micro, _, _ = largest_fitting(lambda m: [_config(f"gpt2_small_{n}", sizes.train_overrides, m) for n in names],
+                                  sizes.train_micro_batches, log, estimate=False)
+    rows, fwd_bwd = {}, None
+    for name in names:
+        config = _config(f"gpt2_small_{name}", sizes.train_overrides, micro)
+        timed = time_training(TrainingSetup(config), sizes.repeats, fwd_bwd)
+        fwd_bwd = timed["seconds"]["fwd_bwd"]  # the same model and batch for every optimizer
+        s = timed["seconds"]
+        # The optimizer's share of a 0.5M-token step: forward+backward scale with tokens, the update does not.
+        fwd_bwd_at_target = s["fwd_bwd"] * TOKENS_PER_STEP / config.tokens_per_step
+        timed["optimizer_share_of_0.5M_token_step"] = s["optimizer"] / (fwd_bwd_at_target + s["optimizer"])
+        timed["compute_dtype"] = config.model.compute_dtype
+        rows[name] = timed
+        log(f"  {name}: {timed['tokens_per_s']:,.0f} tokens/s"
+            + (f", MFU {timed['mfu']:.1%}" if timed["mfu"] is not None else "")
+            + f", fwd+bwd {s['fwd_bwd'] * 1e3:.1f} ms, optimizer {s['optimizer'] * 1e3:.1f} ms")
+        gc.collect()
+    return {"micro_batch": micro, "seq_len": config.seq_len, "optimizers": rows,
+            "celo2/muon_step": rows["celo2"]["seconds"]["step"] / rows["muon"]["seconds"]["step"]}
+
+
+def check_updates(sizes: Sizes, log) -> dict:
+    theta = theta_from_source(THETA)
+    out = {}
+    for label, shapes in sizes.update_workloads.items():
+        out[label] = time_updates(shapes, sizes.repeats, theta)
+        out[label]["params"] = int(sum(np.prod(s) for s in shapes))
+        log(f"  {label}: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in out[label]["results"].items()))
+        gc.collect()
+    return out
+
+
+def check_numerics(sizes: Sizes, log) -> dict:
+    overrides = [*sizes.numerics_overrides, "--model.compute_dtype=float32", f"--optimizer.theta={THETA}",
+                 "--mesh.devices=1"]
+    config = config_lib.load_config("shakespeare_celo2", overrides)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_matmul_precision("highest"):
+        with jax.default_device(cpu):  # everything of the host run, constants included, on the CPU
+            host = training_losses(config, sizes.numerics_steps, cpu)
+        # On a CPU-only machine the "device" is the host itself: the same losses, not trained twice.
+        same = jax.devices()[0] == cpu
+        device = list(host) if same else training_losses(config, sizes.numerics_steps, jax.devices()[0])
+    worst = float(np.max(np.abs(np.subtract(host, device))))
+    return {"recipe": "shakespeare_celo2", "steps": sizes.numerics_steps, "cpu_losses": host,
+            "device_losses": device, "device": jax.devices()[0].device_kind, "max_abs_difference": worst,
+            "tolerance": NUMERICS_TOLERANCE, "within_tolerance": worst <= NUMERICS_TOLERANCE}
+
+
+SECTIONS = {"memory": check_memory, "training": check_training, "updates": check_updates,
+            "numerics": check_numerics}
+
+
+def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
+    """Runs the sections in order, rewriting device_check.json and .md after each."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    report = {"device": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
+              "jax": jax.__version__, "mode": "tiny" if tiny else "full", "theta": THETA, "sections": {}}
+    for name in sections:
+        log(f"[{name}]")
+        began = time.perf_counter()
+        try:
+            result = SECTIONS[name](TINY if tiny else FULL, log)
+            result["wall_s"] = round(time.perf_counter() - began, 1)
+        except Exception as error:  # a failed section is recorded; the others still run
+            result = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}",
+                      "traceback": traceback.format_exc(limit=8), "wall_s": round(time.perf_counter() - began, 1)}
+            log(f"  failed: {result['error']}")
+        report["sections"][name] = result
+        jax.clear_caches()
+        gc.collect()
+        write(out_dir, report)
+    return report
+
+
+def write(out_dir: Path, report: dict) -> None:
+    (out_dir / "device_check.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False, default=float))
+    (out_dir / "device_check.md").write_text(markdown(report))
+
+
+def _gib(value) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def _ratio(value, fmt="{:.2f}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
+def markdown(report: dict) -> str:
+    s = report["sections"]
+    lines = [f"Device check on {report['device']} ({report['platform']}, {report['mode']} shapes, jax "
+             f"{report['jax']}, Celo2 theta `{report['theta']}`).", ""]
+    for name, result in s.items():
+        if "error" in result:
+            lines += [f"**{name}** failed: {result['error']}", ""]
+    if "training" in s and "error" not in s["training"]:
+        t = s["training"]
+        lines += [f"GPT-2 small training, micro-batch {t['micro_batch']} x {t['seq_len']} tokens:", "",
+                  "| optimizer | compute | tokens/s | MFU | step ms | fwd+bwd ms | optimizer ms | "
+                  "optimizer share of a 0.5M-token step |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in t["optimizers"].items():
+            sec = r["seconds"]
+            lines.append(f"| {name} | {r['compute_dtype']} | {r['tokens_per_s']:,.0f} | "
+                         f"{_ratio(r['mfu'], '{:.1%}')} | {sec['step'] * 1e3:.1f} | {sec['fwd_bwd'] * 1e3:.1f} | "
+                         f"{sec['optimizer'] * 1e3:.1f} | {r['optimizer_share_of_0.5M_token_step']:.1%} |")
+        lines += ["", f"Celo2/Muon whole step: {t['celo2/muon_step']:.2f}", ""]
+    if "updates" in s and "error" not in s["updates"]:
+        lines += ["One optimizer update on hidden matrices (ms):", "",
+                  "| workload | parameters | AdamW | Muon | Celo2-base | Celo2 | Celo2-base/AdamW | Celo2/Muon |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for label, w in s["updates"].items():
+            if not isinstance(w, dict) or "results" not in w:
+                continue
+            r = w["results"]
+            lines.append(f"| {label} | {w['params']:,} | {r['adamw']['ms']:.2f} | {r['muon']['ms']:.2f} | "
+                         f"{r['celo2_base']['ms']:.2f} | {r['celo2']['ms']:.2f} | "
+                         f"{w['ratios']['celo2_base/adamw']:.2f} | {w['ratios']['celo2/muon']:.2f} |")
+        lines.append("")
+    if "memory" in s and "error" not in s["memory"]:
+        m = s["memory"]
+        lines += [f"gpt3xl_celo2 ({m['n_params']:,} parameters, remat {m['remat']}), micro-batch {m['micro_batch']} x "
+                  f"{m['seq_len']}, {m['steps']} steps: peak device memory {_gib(m['peak_bytes'])} (since the "
+                  f"process started); the dry run's parameters + optimizer state "
+                  f"{_gib(m['dry_run_params_and_opt_state_bytes'])}, XLA's estimate of the whole step "
+                  f"{_gib(m['xla_estimate_bytes'])}; peak/(parameters + optimizer state) "
+                  f"{_ratio(m['peak_over_params_and_opt_state'])}, peak/XLA estimate "
+                  f"{_ratio(m['peak_over_xla_estimate'])}.", ""]
+    if "numerics" in s and "error" not in s["numerics"]:
+        n = s["numerics"]
+        verdict = "within" if n["within_tolerance"] else "OUTSIDE"
+        lines += [f"Numerics: {n['steps']} fp32 steps of {n['recipe']} on {n['device']} against the CPU: largest "
+                  f"loss difference {n['max_abs_difference']:.2e}, {verdict} the tolerance {n['tolerance']:g}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""How the command-line entry points end: a result, or one `error:` line and a non-zero exit.
+
+Mistakes in a config, a path, data or weights each come with a message that says what to
+fix, so one line suffices; CELO2_DEBUG=1 shows the traceback as well.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal: 128 + its number
+
+
+def ordinary_errors() -> tuple[type[BaseException], ...]:
+    from data.shards import ShardError
+    from data.tokenizer import TokenizerUnavailableError
+    from recipes.optim.theta import ThetaFormatError
+    from recipes.errors import ConfigError
+
+    return (ConfigError, FileNotFoundError, NotADirectoryError, ShardError, ThetaFormatError,
+            TokenizerUnavailableError)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def run_main(main: Callable, argv=None, extra: tuple[type[BaseException], ...] = ()) -> int:
+    """Calls main(argv); an ordinary error (or one of ``extra``) becomes one line on stderr and exit 1."""
+    try:
+        result = main(argv)
+    except (*ordinary_errors(), *extra) as error:
+        if os.environ.get("CELO2_DEBUG"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_CODES["error"]
+    return result if isinstance(result, int) else EXIT_CODES["finished"]

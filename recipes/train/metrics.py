@@ -1,0 +1,142 @@
+"""Throughput, MFU and where metrics go: metrics.jsonl, a tqdm bar and Weights & Biases."""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from model.config import ModelConfig
+from recipes.files import atomic_write
+
+# Dense bf16 peak FLOP/s per device, from the vendors' spec sheets (SXM parts for NVIDIA).
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918e12,  # v6e
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak FLOP/s of one device, None where unknown (CPUs, unlisted accelerators)."""
+    # Longest name first, so "TPU v5 lite" wins over "TPU v5".
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in device_kind.lower():
+            return PEAK_FLOPS[name]
+    return None
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward, embeddings' lookup excluded,
+    the tied output projection included) plus attention's 12 * layers * width * seq_len."""
+    d, layers = config.d_model, config.n_layer
+    matmul_weights = layers * (12 * d * d) + d * config.padded_vocab_size
+    return 6 * matmul_weights + 12 * layers * d * seq_len
+
+
+def mfu(tokens_per_s: float, config: ModelConfig, seq_len: int, devices) -> float | None:
+    """Model FLOPs utilization over ``devices`` (the mesh's), None where the peak is unknown."""
+    peak = peak_flops(devices[0].device_kind)
+    if peak is None:
+        return None
+    return tokens_per_s * flops_per_token(config, seq_len) / (peak * len(devices))
+
+
+def json_safe(value):
+    """Non-finite floats as null, in nested dicts and lists too: JSON has no NaN, and what the
+    project writes must parse anywhere."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):  # numpy scalars as their Python values
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The rows of ``run_dir``/metrics.jsonl (a line cut short by a crash is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricsLog:
+    """Appends one JSON record per call to metrics.jsonl and mirrors it to W&B (process 0 only)."""
+
+    def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict,
+                 resume_step: int = 0):
+        """``resume_step``: the step training restarts from; records past it (written after the
+        checkpoint a killed run resumes from) are dropped, so replayed steps are not counted twice."""
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            _drop_records_after(run_dir / "metrics.jsonl", resume_step)
+        self._file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self._wandb = None
+        if self.enabled and wandb_mode != "disabled":
+            import wandb  # imported only when used: it is slow to import
+
+            self._wandb = wandb.init(project=project, name=name, dir=str(run_dir), mode=wandb_mode,
+                                     config=config, resume="allow", id=_wandb_id(run_dir))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = json_safe(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                            step=record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One W&B run per run directory, so a resumed run continues its curves."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, disable=not enabled, dynamic_ncols=True, unit="step")

@@ -1,0 +1,154 @@
+"""What a run directory holds across invocations, and who may write it.
+
+One trainer at a time (RunDirLock); a rerun resumes only checkpoints of its own parameter and
+optimizer-state layout (check_resumable); settings a rerun changed go to config_history/;
+summary.json says how the run ended; metrics.jsonl tells a resumed run its wall time so far
+and whether its target was already reached.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from recipes.errors import ConfigError
+from recipes.files import atomic_write, write_json
+from recipes.optim.optimizers import build_optimizer
+from recipes.optim.theta import normalized_momentum_theta
+from recipes.train import config as config_lib
+from recipes.train.metrics import json_safe, read_records
+from recipes.train.step import abstract_param_dict
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for as long as a process trains into it.
+
+    Two trainers writing one directory would double every metrics row and race their
+    checkpoints; the second is refused. The lock is an OS file lock, released when the
+    process ends however it ends, so a killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+
+    def acquire(self, log=print) -> None:
+        """Takes the lock, or raises RuntimeError naming the live process that holds it. A lock
+        file left by a process that died is taken over with a note."""
+        import fcntl
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(f"{self.path.parent} is in use by {holder}: wait for it to finish or stop it, "
+                               "or train into another train.out_dir") from None
+        handle.seek(0)
+        left = handle.read().strip()
+        if left and left != f"pid {os.getpid()}":
+            log(f"note: {self.path} was left by {left}, which ended without releasing it; taking it over")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.truncate(0)  # a clean end leaves no holder named
+            self._file.close()  # closing releases the lock
+            self._file = None
+
+
+def resume_records(run_dir: Path, target: float | None) -> tuple[float, dict | None]:
+    """From metrics.jsonl as kept for a resume: the training wall time so far, and where this
+    target (the same value) was reached, if it was. Read on process 0 and shared with the others,
+    so every process takes the same decisions."""
+    before, reached = 0.0, None
+    if jax.process_index() == 0:
+        records = read_records(run_dir)
+        before = max((r.get("wall_time_s") or 0.0 for r in records), default=0.0)
+        hits = [r for r in records if r.get("target_step") is not None and r.get("target_val_loss") == target]
+        if hits:
+            reached = {k: hits[0][k] for k in ("target_step", "target_tokens", "target_wall_time_s")}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        values = np.asarray([before, -1.0 if reached is None else reached["target_step"],
+                             -1.0 if reached is None else reached["target_tokens"],
+                             -1.0 if reached is None else reached["target_wall_time_s"]], np.float64)
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+        before = float(values[0])
+        reached = None if values[1] < 0 else {"target_step": int(values[1]), "target_tokens": int(values[2]),
+                                              "target_wall_time_s": float(values[3])}
+    return before, reached
+
+
+def layout_theta(config):
+    """A Celo2 theta of the right shapes where only the optimizer's layout matters (None otherwise)."""
+    if not config.optimizer.name.startswith("celo2"):
+        return None
+    return normalized_momentum_theta()
+
+
+def _flat_keys(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
+    """Refuses to rerun into a run directory whose checkpoints another parameter or optimizer-state
+    layout wrote; other changes (learning rate, steps, data) are allowed, with a note."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
+        return
+    old = config_lib.load_config(saved)
+    old_values, new_values = _flat_keys(config_lib.to_dict(old)), _flat_keys(config_lib.to_dict(config))
+    changed = sorted(k for k in set(old_values) | set(new_values)
+                     if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
+    graphdef, params_abstract = abstract_param_dict(old.model)
+    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=layout_theta(old), total_steps=old.train.steps)
+    old_state = jax.eval_shape(lambda: {"params": params_abstract, "opt_state": old_tx.init(params_abstract)})
+    new_state = {"params": state_abstract["params"], "opt_state": state_abstract["opt_state"]}
+
+    def layout(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+    if layout(old_state) != layout(new_state):
+        layout_keys = ("model.", "optimizer.name", "optimizer.routing", "optimizer.grad_accum_steps",
+                       "optimizer.grad_clip_norm", "optimizer.decay_rank1", "data.micro_batch")
+        shaping = [k for k in changed if k.startswith(layout_keys)] or changed
+        details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
+        raise ConfigError(
+            f"{run_dir} holds checkpoints of another model or optimizer layout ({details}); nothing was "
+            "changed in it. Rerun with its settings to resume, or pick a new train.out_dir")
+    if changed:
+        log(f"note: resuming {run_dir} with changed settings: "
+             + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
+
+
+def keep_config_history(run_dir: Path, new_yaml: str) -> None:
+    """config.yaml is the settings now; settings a rerun changed go to config_history/, never lost."""
+    current = run_dir / "config.yaml"
+    if current.is_file() and current.read_text() != new_yaml:
+        history = run_dir / "config_history"
+        history.mkdir(exist_ok=True)
+        current.rename(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml")
+    atomic_write(current, new_yaml)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json: what sweeps and schedulers read to tell a finished run from a stopped one."""
+    if jax.process_index() == 0:
+        write_json(run_dir / "summary.json", json_safe(summary), allow_nan=False, sort_keys=False)

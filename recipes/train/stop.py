@@ -1,0 +1,65 @@
+"""Stopping a run cleanly: SIGTERM or SIGINT becomes a flag the loop polls, so it saves and exits.
+
+Both trainers (train.py and meta-training) exit with 128 + the signal's number after saving,
+as a scheduler expects of a job the signal ended.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+import numpy as np
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save and exit.
+
+    A second signal of the same kind falls through to the previous handler (e.g. a second
+    Ctrl-C interrupts at once).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.signal_number: int | None = None  # None too when another process was signalled
+        self._previous: dict = {}
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self, check_others: bool) -> bool:
+        """Whether to stop now. With several processes every one must stop at the same step
+        (saving is collective), so they share their flags, at steps where check_others is True
+        on all of them; a process signalled alone stops at the next such step."""
+        if jax.process_count() == 1:
+            return bool(self)
+        if not check_others:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(bool(self)))
+        if flags.max() and self.signal_name is None:
+            self.signal_name = "a signal to another process"
+        return bool(flags.max())
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            previous = self._previous.get(signum)
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self.signal_name = signal.Signals(signum).name
+        self.signal_number = int(signum)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

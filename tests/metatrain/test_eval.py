@@ -1,0 +1,91 @@
+"""The held-out evaluation runs and tabulates (a tiny task, two steps)."""
+import json
+
+import numpy as np
+
+from recipes.optim.theta import normalized_momentum_theta
+from recipes.metatrain.config import FamilyConfig
+from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate, format_table
+from recipes.metatrain.tasks_lm import TinyLM
+
+
+def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    settings = EvalSettings(steps=2, seeds=2, val_windows=8)
+    theta = normalized_momentum_theta()
+    results = tmp_path / "points.json"
+    candidate = Candidate("celo2", "celo2", 1e-3, theta, 20.0)
+    rows = evaluate([candidate], settings, task, log=lambda line: None, results_file=results)
+    assert len(rows) == 1 and rows[0]["grid"] == [1e-3]
+    assert len(rows[0]["per_seed"]) == 2 and np.isfinite(rows[0]["mean"])
+    assert abs(rows[0]["mean"] - np.log(64)) < 1.0  # two steps from a fresh model: near uniform
+    assert "| celo2 | 0.001" in format_table(rows, settings)
+    lines = []
+    again = evaluate([candidate, Candidate("celo2", "celo2", 3e-3, theta, 20.0)], settings, task, log=lines.append,
+                     results_file=results)
+    assert "(done before)" in lines[0] and "(done before)" not in lines[1]  # only the new point trained
+    assert {p["lr"]: p["mean"] for p in again[0]["points"]}[1e-3] == rows[0]["mean"]
+    assert len(json.loads(results.read_text())) == 2
+
+
+def test_best_point_searches_the_side_multiplier_and_flags_grid_edges():
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    settings = EvalSettings(steps=4, seeds=1, val_windows=8)
+    candidates = [Candidate("muon", "muon", lr, None, mult, (("consistent_rms", 0.2),))
+                  for mult in (1.0, 30.0) for lr in (1e-3, 3e-2)]
+    (row,) = evaluate(candidates, settings, task, log=lambda line: None)
+    assert row["grid"] == [1e-3, 3e-2] and row["mult_grid"] == [1.0, 30.0] and len(row["points"]) == 4
+    assert row["mean"] == min(p["mean"] for p in row["points"])
+    assert row["at_edge"]  # a two-point grid: the best point is always on an edge
+    assert "at the grid's edge" in format_table([row], settings)
+
+
+def test_eval_script_default_task_on_a_prepared_corpus(tmp_path):
+    """--task default with --corpus: the default recipe's shape on a user's own shards, one tiny point."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data.prepare import prepare_files
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Line {i}: all the world's a stage, and {i % 5} players." for i in range(3000)))
+    prepare_files([text], tmp_path / "shards", text_unit="paragraph", val_fraction=0.1, workers=1, progress=False)
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "scripts/eval_optimizer.py", "--task", "default", "--corpus",
+                          str(tmp_path / "shards"), "--steps", "2", "--seeds", "1", "--val-windows", "16",
+                          "--celo2-lrs", "1e-3", "--adamw-mults", "1", "--no-baselines", "--compilation-cache", ""],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "default task default_recipe_l4_d64_c64 on " + str(tmp_path / "shards") in run.stdout
+    assert "| celo2 (normalized_momentum) | 0.001 (0.001) | 1 (1) |" in run.stdout
+
+
+def test_screened_search_extends_an_edge_and_retrains_the_best_point_with_every_seed(tmp_path):
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    settings = EvalSettings(steps=3, seeds=2, val_windows=8)
+    lines = []
+    # lr 1e-4 and 1e-3 are both far too small for 3 steps: the best is the upper edge, so 1e-2 is tried.
+    candidates = [Candidate("adamw", "adamw", lr) for lr in (1e-4, 1e-3)]
+    (row,) = evaluate(candidates, settings, task, log=lines.append, screen_seeds=1, extend_edges=1,
+                      results_file=tmp_path / "points.json")
+    assert row["grid"] == [1e-4, 1e-3, 1e-2] and len(row["points"]) == 3
+    assert row["lr"] == 1e-2 == min(row["points"], key=lambda p: p["mean"])["lr"]
+    assert row["search_seeds"] == 1 and len(row["per_seed"]) == 2  # the final run has every seed
+    assert sum("(1 seed, search)" in line for line in lines) == 3 and "search" not in lines[-1]
+    assert row["at_edge"] == ["lr 0.01"]  # one extension allowed, still the edge: said, not hidden
+    assert "Grids searched with 1 seed(s)" in format_table([row], settings)
+
+
+def test_default_task_is_read_from_the_default_recipe():
+    """The table's 'default recipe' cannot drift from the recipe users run."""
+    from recipes.train.config import load_config
+    from recipes.metatrain.evaluate import default_recipe_task
+
+    family, settings = default_recipe_task()
+    cfg = load_config("shakespeare_celo2.yaml")
+    assert (family.n_layer, family.n_head, family.d_model) == (cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model)
+    assert (family.context_length, family.batch, family.vocab) == (cfg.data.seq_len, cfg.data.global_batch, 50257)
+    assert settings["steps"] == cfg.train.steps
+    assert round(settings["warmup_fraction"] * settings["steps"]) == cfg.optimizer.schedule.warmup_steps
+    assert (settings["min_lr_ratio"], settings["weight_decay"]) == (0.1, cfg.optimizer.weight_decay)

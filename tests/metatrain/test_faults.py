@@ -1,0 +1,104 @@
+"""Faults met by real scripts/metatrain.py processes: a signal, a second process on the directory,
+damaged and deleted checkpoint files, bad settings. Each ends in its documented exit code, with one
+`error:` line where it fails, and the run then resumes to the same theta as an undisturbed one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from recipes.optim.theta import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "metatrain": {"outer_steps": 6, "init_theta": "normalized_momentum", "outer_lr": 1e-2, "profile": False,
+                  "snapshot_every": 0, "checkpoint_every_s": 0, "log_every": 1},
+    "pes": {"particles": 2, "truncation": 2, "min_length": 2, "max_length": 4},
+    "inner": {"scale_min": 0.5, "scale_max": 2.0},
+    "families": [{"kind": "image_mlp", "hidden": [], "batch": 8}],
+}
+
+
+def start(tmp_path: Path, out_dir: Path, *extra: str) -> subprocess.Popen:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "metatrain": {**TINY["metatrain"], "out_dir": str(out_dir)}}))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("CELO2_DEBUG", None)
+    cache = f"--compilation-cache={tmp_path / 'jax_cache'}"  # later processes skip compiling
+    return subprocess.Popen([sys.executable, "scripts/metatrain.py", "--config", str(config), "--cpu-devices=1", cache,
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def theta_leaves(path: Path):
+    return [np.asarray(x) for x in __import__("jax").tree.leaves(load_checkpoint(path))]
+
+
+def test_signal_lock_damage_and_bad_settings(tmp_path):
+    run = tmp_path / "run"
+    first = start(tmp_path, run, "--metatrain.outer_steps=100000")
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoint.previous" / "meta.json").is_file():  # two checkpoints written
+            if first.poll() is not None or time.time() > deadline:
+                first.kill()
+                pytest.fail(f"no second checkpoint: {first.communicate()[1][-3000:]}")
+            time.sleep(0.5)
+
+        second = start(tmp_path, run)  # a second process on a live run directory is refused
+        code, _, err = finish(second)
+        assert code == 1 and f"is in use by pid {first.pid}" in one_error_line(err)
+
+        first.send_signal(signal.SIGTERM)
+        code, out, err = finish(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "checkpoint saved" in out
+
+    stopped_at = json.loads((run / "checkpoint" / "meta.json").read_text())["step"]
+    end = stopped_at + 1
+
+    # The newest checkpoint cut short: resume falls back to the one before, keeps the damaged one aside,
+    # and reaches the same theta as a run never stopped.
+    state = run / "checkpoint" / "state.npz"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    code, out, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end}"))
+    assert code == 0, err[-3000:]
+    assert "checkpoint does not restore" in out and f"at outer step {stopped_at - 1}" in out
+    assert list((run / "checkpoint.damaged").iterdir())
+    undisturbed = tmp_path / "undisturbed"
+    code, _, err = finish(start(tmp_path, undisturbed, f"--metatrain.outer_steps={end}"))
+    assert code == 0, err[-3000:]
+    for a, b in zip(theta_leaves(run / "theta.state"), theta_leaves(undisturbed / "theta.state")):
+        np.testing.assert_array_equal(a, b)
+
+    # Deleted state file: the previous checkpoint carries the run on.
+    (run / "checkpoint" / "state.npz").unlink()
+    code, out, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end + 1}"))
+    assert code == 0 and f"resumed {run} at outer step {end - 1}" in out, err[-3000:]
+    assert f"done: outer step {end + 1}" in out
+
+    # Settings that change the problem, and a misspelt key: one line each, the directory untouched.
+    code, _, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end + 2}", "--pes.particles=4"))
+    assert code == 1 and "different ['pes'] settings" in one_error_line(err)
+    code, _, err = finish(start(tmp_path, run, "--pes.partciles=4"))
+    assert code == 1 and "pes.partciles" in one_error_line(err)
+    assert not (run / ".lock").read_text().strip()  # every process above released the lock

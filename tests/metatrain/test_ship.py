@@ -1,0 +1,87 @@
+"""Shipping a meta-trained theta: snapshots scored on a validation task, the best copied with its provenance."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from recipes.optim.theta import init_theta, load_checkpoint, normalized_momentum_theta, save_checkpoint
+from recipes.errors import ConfigError
+from recipes.metatrain.config import FamilyConfig
+from recipes.metatrain.evaluate import EvalSettings
+from recipes.metatrain.ship import score_snapshots, ship, snapshots
+from recipes.metatrain.tasks_lm import TinyLM
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(normalized_momentum_theta(), run / "thetas" / "theta_0000010.state")
+    save_checkpoint(init_theta(jax.random.key(3)), run / "thetas" / "theta_0000020.state")
+    save_checkpoint(init_theta(jax.random.key(4)), run / "thetas" / "theta_0000025.state")
+    (run / "config.json").write_text(json.dumps({"metatrain": {"init_theta": "normalized_momentum"}}))
+    return run
+
+
+def test_snapshots_filter_by_step_and_keep_the_last(run_dir):
+    assert sorted(snapshots(run_dir)) == [10, 20, 25]
+    assert sorted(snapshots(run_dir, every=20)) == [20, 25]
+
+
+def test_missing_snapshots_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="snapshot_every"):
+        snapshots(tmp_path)
+
+
+def test_ship_copies_the_best_scoring_snapshot(run_dir, tmp_path):
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    paths = snapshots(run_dir)
+    rows = score_snapshots(paths, task, EvalSettings(steps=3, seeds=2, val_windows=8), [1e-2], 1.0,
+                           log=lambda line: None)
+    assert sorted(r["outer_step"] for r in rows) == [10, 20, 25]
+    best = min(rows, key=lambda r: r["mean"])
+    shipped = ship(run_dir, "tiny", rows, paths, "a test", weights_dir=tmp_path / "weights")
+    assert shipped.read_bytes() == paths[best["outer_step"]].read_bytes()
+    load_checkpoint(shipped)
+    provenance = json.loads((shipped.parent / "provenance.json").read_text())
+    assert provenance["outer_step"] == best["outer_step"] and provenance["selected_by"] == "a test"
+    assert [s["outer_step"] for s in provenance["scores"]] == [10, 20, 25]
+    assert json.loads((shipped.parent / "config.json").read_text())["metatrain"]["init_theta"] == "normalized_momentum"
+
+
+def test_ship_refuses_when_every_snapshot_diverged(run_dir, tmp_path):
+    rows = [{"outer_step": 10, "lr": 1e-3, "mean": np.inf, "std": np.nan}]
+    with pytest.raises(ValueError, match="diverged"):
+        ship(run_dir, "tiny", rows, snapshots(run_dir), "a test", weights_dir=tmp_path / "weights")
+
+
+def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_path):
+    from recipes.metatrain.progress import plot, update_scores
+
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "outer_step": s, "meta_loss": 1.0 - 0.01 * s}) + "\n" for s in range(1, 26)))
+    task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
+    settings = EvalSettings(steps=3, seeds=1, val_windows=8)
+    grids = {"adamw": (1e-2,), "muon": (1e-2,)}
+    seen = []
+    record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+    assert sorted(int(k) for k in record["snapshots"]) == [0, 10, 20, 25]  # 0: the starting theta
+    assert set(record["references"]) == {"normalized_momentum", "adamw", "muon"}
+    assert len(seen) == 7
+    save_checkpoint(normalized_momentum_theta(), run_dir / "thetas" / "theta_0000030.state")
+    seen.clear()
+    record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+    assert len(seen) == 1 and "30" in record["snapshots"]  # only the new snapshot was trained
+    out = plot(run_dir, record, tmp_path / "curve.png")
+    assert out.stat().st_size > 10_000
+    from recipes.metatrain.progress import scored_snapshots
+
+    known = scored_snapshots(run_dir, task, settings, (1e-2,), 1.0)
+    assert sorted(known) == [10, 20, 25, 30]  # the starting theta is no snapshot
+    assert known[10]["mean"] == record["snapshots"]["10"]["mean"] and known[10]["outer_step"] == 10
+    assert scored_snapshots(run_dir, task, settings, (3e-3,), 1.0) == {}  # other settings: score again
+    assert scored_snapshots(run_dir, task, EvalSettings(steps=4, seeds=1, val_windows=8), (1e-2,), 1.0) == {}
+    shipped = ship(run_dir, "reused", list(known.values()), snapshots(run_dir), "test", tmp_path / "weights")
+    assert shipped.is_file()
+    with pytest.raises(ConfigError, match="other settings"):  # never mixes scores of two settings
+        update_scores(run_dir, task, settings, 3.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)

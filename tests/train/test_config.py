@@ -1,0 +1,134 @@
+"""The typed run config: YAML + overrides, refusals that name the key, recipes that load."""
+from pathlib import Path
+
+import pytest
+
+from recipes.errors import ConfigError
+from recipes.train.config import build_config, Config, load_config, to_yaml
+from recipes.train.config_parsing import CONFIG_DIR, parse_overrides
+
+RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    config = load_config(None, ["--optimizer.lr=3e-4", "--train.steps", "7", "--model.size=mini",
+                                "--optimizer.schedule.warmup_steps=2", "--mesh.fsdp=-1"])
+    assert isinstance(config, Config)
+    assert config.optimizer.lr == 3e-4 and isinstance(config.optimizer.lr, float)
+    assert config.train.steps == 7
+    assert (config.model.n_layer, config.model.d_model) == (4, 256)
+    assert config.optimizer.schedule.warmup_steps == 2
+    assert config.seq_len == config.model.context_length
+    assert config.tokens_per_step == config.data.global_batch * config.seq_len
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.lrr'; did you mean 'optimizer.lr'"):
+        load_config(None, ["--optimizer.lrr=1e-3"])
+    with pytest.raises(ConfigError, match=r"'trian'; did you mean 'train'"):
+        load_config(None, ["--trian.steps=3"])
+    with pytest.raises(ConfigError, match=r"did you mean 'optimizer.schedule.warmup_steps'"):
+        load_config(None, ["--optimizer.schedule.warmup=3"])
+    with pytest.raises(ConfigError, match=r"did you mean 'gpt2_small'"):
+        load_config(None, ["--model.size=gpt2small"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'train.steps' expects int, got str 'ten'"):
+        load_config(None, ["--train.steps=ten"])
+    with pytest.raises(ConfigError, match=r"'optimizer.lr' expects float, got str 'fast'"):
+        load_config(None, ["--optimizer.lr=fast"])
+    with pytest.raises(ConfigError, match=r"'logging.progress' expects bool"):
+        load_config(None, ["--logging.progress=3"])
+    with pytest.raises(ConfigError, match=r"'data.seq_len' expects int or null"):
+        load_config(None, ["--data.seq_len=1.5"])
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ConfigError, match="unknown optimizer name 'sgd'"):
+        load_config(None, ["--optimizer.name=sgd"])
+    with pytest.raises(ConfigError, match="train.steps=0 must be positive"):
+        load_config(None, ["--train.steps=0"])
+    with pytest.raises(ConfigError, match="not a multiple of data.micro_batch"):
+        load_config(None, ["--data.global_batch=8", "--data.micro_batch=3"])
+    with pytest.raises(ConfigError, match="exceeds model.context_length"):
+        load_config(None, ["--data.seq_len=1000"])
+    with pytest.raises(ConfigError, match="logging.wandb='maybe'"):
+        load_config(None, ["--logging.wandb=maybe"])
+    with pytest.raises(ConfigError, match="overrides look like --section.key=value"):
+        load_config(None, ["steps=3"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("no_such_recipe.yaml")
+    with pytest.raises(ConfigError, match="warmup_steps=20 exceeds total_steps=5"):
+        build_config({"train": {"steps": 5}, "optimizer": {"schedule": {"warmup_steps": 20}}})
+
+
+def test_a_warmup_longer_than_a_short_run_is_cut_with_a_note():
+    notes = []
+    config = load_config("shakespeare_celo2.yaml", ["--train.steps=5"], notes)
+    assert config.optimizer.schedule.warmup_steps == 0 and config.train.steps == 5
+    assert notes == ["note: optimizer.schedule.warmup_steps=30 does not fit in 5 steps; using 0 (a tenth of the run)"]
+    notes.clear()
+    config = load_config(None, ["--train.steps=50", "--optimizer.schedule.kind=wsd",
+                                "--optimizer.schedule.warmup_steps=45"], notes)
+    assert config.optimizer.schedule.warmup_steps == 5 and len(notes) == 1  # 5 + a 10-step decay fit in 50
+    notes.clear()
+    assert load_config("shakespeare_celo2.yaml", [], notes).optimizer.schedule.warmup_steps == 30 and not notes
+
+
+def test_base_include_and_anchors(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text(
+        "_common: &opt {name: adamw, lr: 1.0e-3}\n"
+        "optimizer: *opt\ntrain: {steps: 10, seed: 3}\nmodel: {size: tiny}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {steps: 20}\noptimizer: {lr: 2.0e-3}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.train.steps, config.train.seed) == (20, 3)
+    assert (config.optimizer.name, config.optimizer.lr) == ("adamw", 2e-3)
+
+
+def test_resolved_yaml_round_trips(tmp_path: Path):
+    config = load_config(None, ["--optimizer.name=muon", "--data.micro_batch=8"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(path) == config
+
+
+def test_parse_overrides_values():
+    assert parse_overrides(["--a.b=1", "--a.c=x", "--d.e=null", "--d.f=true"]) == {
+        "a": {"b": 1, "c": "x"}, "d": {"e": None, "f": True}}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_loads(name):
+    config = load_config(name.removesuffix(".yaml"))  # a bare name resolves in configs/
+    assert config.train.steps > 0
+
+
+def test_expected_recipes_exist():
+    assert "shakespeare_celo2.yaml" in RECIPES
+
+
+def test_yaml_syntax_error_names_file_line_and_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {size: tiny\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: YAML syntax error: did not find expected"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config", "{bad}", "--dry-run"], "error: {bad}:2:1: YAML syntax error"),
+    (["--optimizer.theta={theta}", "--train.steps=2"], "error: {theta}: not a readable theta.state"),
+])
+def test_ordinary_mistakes_end_in_one_error_line(tmp_path, args, expected):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    (tmp_path / "theta.state").write_bytes(b"not msgpack at all")
+    values = {"bad": tmp_path / "bad.yaml", "theta": tmp_path / "theta.state"}
+    args = [a.format(**values) for a in args] + [f"--train.out_dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=CONFIG_DIR.parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected.format(**values)), result.stderr

@@ -1,0 +1,113 @@
+"""Faults met by real train.py processes (a diverging learning rate, a changed model, SIGTERM, a second
+process on the directory, a damaged checkpoint, a tiny validation split): each ends in its documented
+exit code and, where it fails, one `error:` line without a traceback, and leaves a run directory that
+resumes, to the same loss as an undisturbed run where that is possible."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train.test_train import TINY, final_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_process(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [*TINY, "--train.steps=40", "--train.checkpoint_every=4", "--train.keep_checkpoints=2",
+            "--optimizer.schedule.warmup_steps=0", "--eval.at_start=false", f"--train.out_dir={run_dir}", *extra]
+    env = process_env(run_dir.parent)
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def process_env(tmp_path: Path) -> dict:
+    """CPU only, no debug tracebacks, and one compilation cache, so later processes skip compiling."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    env.pop("CELO2_DEBUG", None)
+    return env
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stdout
+    return lines[0]
+
+
+def test_divergence_and_a_changed_model_leave_a_trusted_resumable_run(tmp_path):
+    run_dir = tmp_path / "run"
+    healthy = train_process(run_dir, "--train.stop_at_step=8")
+    assert healthy.returncode == 0, healthy.stderr[-3000:]
+
+    diverged = train_process(run_dir, "--optimizer.lr=1e6", "--train.max_nonfinite_steps=2")
+    assert diverged.returncode == 3
+    assert "the last trusted state" in one_error_line(diverged)
+    assert json.loads((run_dir / "summary.json").read_text())["trusted_step"] == 8
+    assert final_params(run_dir)[0] == 8
+
+    changed = train_process(run_dir, "--model.d_model=128")
+    assert changed.returncode == 1
+    assert "another model or optimizer layout (model.d_model 64 -> 128)" in one_error_line(changed)
+    assert final_params(run_dir)[0] == 8 and "d_model: 64" in (run_dir / "config.yaml").read_text()
+
+
+def test_signal_second_process_and_damaged_checkpoint_then_the_same_loss_as_an_undisturbed_run(tmp_path):
+    run_dir = tmp_path / "run"
+    long = ["--train.steps=100000", "--optimizer.schedule.kind=constant"]  # the lr does not depend on the end
+    env = process_env(tmp_path)
+    args = [*TINY, "--train.checkpoint_every=4", "--train.keep_checkpoints=2", "--optimizer.schedule.warmup_steps=0",
+            "--eval.at_start=false", *long]
+    first = subprocess.Popen([sys.executable, "train.py", *args, f"--train.out_dir={run_dir}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "8").is_dir():
+            if first.poll() is not None or time.time() > deadline:
+                first.kill()
+                pytest.fail(f"no checkpoint at step 8: {first.communicate()[1][-3000:]}")
+            time.sleep(0.2)
+        second = train_process(run_dir, *long)  # a second trainer on a live run directory
+        assert second.returncode == 1 and f"is in use by pid {first.pid}" in one_error_line(second)
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 128 + signal.SIGTERM  # saved but unfinished: not a success
+    assert "SIGTERM received: saving a checkpoint" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["finished"] is False  # what sweeps read
+    stopped_at = summary["step"]
+    assert final_params(run_dir)[0] == stopped_at
+
+    # The newest checkpoint's arrays cut short: the next older one resumes, and the run ends where an
+    # undisturbed one does.
+    for f in (run_dir / "checkpoints" / str(stopped_at) / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+    end = f"--train.stop_at_step={stopped_at + 4}"
+    resumed = train_process(run_dir, *long, end)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint {stopped_at} does not restore" in resumed.stdout
+    undisturbed = train_process(tmp_path / "undisturbed", *long, end)
+    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
+    losses = [json.loads((d / "summary.json").read_text())["val_loss"] for d in (run_dir, tmp_path / "undisturbed")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+    # The newest checkpoint's arrays deleted: the next older one resumes.
+    shutil.rmtree(run_dir / "checkpoints" / str(stopped_at + 4) / "state")
+    again = train_process(run_dir, *long, f"--train.stop_at_step={stopped_at + 6}")
+    assert again.returncode == 0 and f"checkpoint {stopped_at + 4} does not restore" in again.stdout
+    assert final_params(run_dir)[0] == stopped_at + 6
+
+    # A validation split too small for one batch: said, and the summary stays strict JSON.
+    small = train_process(tmp_path / "small", "--train.steps=2", "--eval.batch_size=4096")
+    assert small.returncode == 0 and "the val split holds no full batch" in small.stdout
+    summary = json.loads((tmp_path / "small" / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert summary["val_loss"] is None and summary["finished"]
