@@ -5,6 +5,7 @@
     sweep_plots.py   heatmaps over (learning rate, weight decay) and loss against learning rate
     benchmarks.py    timing optimizer updates and training steps
     device_check.py  the one-command measurement of an accelerator (scripts/device_check.py)
+    torch_reference.py  a PyTorch GPT of the same architecture: the CPU speed anchor (scripts/bench_anchor.py)
 
 Builds on recipes.train and recipes.optim; nothing there imports this package.
 """
