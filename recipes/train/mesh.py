@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from model import make_mesh
+from model.sharding import logical_to_spec
 from recipes.train.config import MeshConfig
 from recipes.errors import ConfigError
 
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 
 def init_distributed(config: MeshConfig) -> None:
@@ -35,13 +35,16 @@ def build_mesh(config: MeshConfig) -> Mesh:
                          f"the device count ({len(devices)}); one of them may be -1") from None
 
 
-def batch_shards(mesh: Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sequences split over (data, fsdp); the token axis whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    """Token windows placed as the model's sharding rules place its ("batch", "seq") activations."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh=mesh))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split: the product of the mesh axes its rule uses."""
+    rows = batch_sharding(mesh).spec[0]
+    axes = () if rows is None else (rows,) if isinstance(rows, str) else rows
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def check_batch(global_batch: int, micro_batch: int, mesh: Mesh, what: str = "data.micro_batch") -> None:

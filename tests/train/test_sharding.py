@@ -32,3 +32,20 @@ def test_data_fsdp_sharding_matches_one_device(tmp_path):
     np.testing.assert_allclose(eight["val_loss"], one["val_loss"], rtol=RTOL)
     config = (tmp_path / "eight" / "config.yaml").read_text()
     assert "fsdp: 4" in config
+
+
+def test_batch_placement_follows_the_models_batch_rule(monkeypatch):
+    """The trainer places token windows by the model's logical rule, not by a spec of its own."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    from model import make_mesh
+    from model import sharding as model_sharding
+    from recipes.train import mesh as mesh_lib
+
+    mesh = make_mesh(2, 4, 1, devices=jax.devices()[:8])
+    assert mesh_lib.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"), None)
+    assert mesh_lib.batch_shards(mesh) == 8
+    monkeypatch.setitem(model_sharding.LOGICAL_RULES, "batch", "data")
+    assert mesh_lib.batch_sharding(mesh).spec == PartitionSpec("data", None)
+    assert mesh_lib.batch_shards(mesh) == 2
