@@ -23,8 +23,7 @@ import json
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Callable
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
