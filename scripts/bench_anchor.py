@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from recipes.experiments.benchmarks import TrainingSetup, median_seconds
-from recipes.experiments.torch_reference import time_reference
+from recipes.experiments.torch_reference import median_step_seconds, reference_step
 from recipes.train.cli import run_main
 from recipes.train.config import load_config
 
@@ -48,14 +48,15 @@ def main(argv=None) -> dict:
         return metrics
 
     shape = dict(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, context_length=args.context,
-                 vocab=config.model.padded_vocab_size, batch=args.batch, steps=args.steps)
-    seconds: dict[str, list[float]] = {"trainer": [], "torch_eager": []} | ({} if args.no_compile
-                                                                            else {"torch_compiled": []})
+                 vocab=config.model.padded_vocab_size, batch=args.batch)
+    steps = {"trainer": trainer_step, "torch_eager": reference_step(**shape, compile=False)}
+    if not args.no_compile:
+        steps["torch_compiled"] = reference_step(**shape, compile=True)  # compiled once, timed every round
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(args.rounds):
         seconds["trainer"].append(median_seconds(trainer_step, args.steps))
-        seconds["torch_eager"].append(time_reference(**shape, compile=False)["seconds"])
-        if not args.no_compile:
-            seconds["torch_compiled"].append(time_reference(**shape, compile=True)["seconds"])
+        for name in [n for n in steps if n != "trainer"]:
+            seconds[name].append(median_step_seconds(steps[name], args.steps))
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in seconds.items()),
               flush=True)
     tokens_per_step = args.batch * args.context

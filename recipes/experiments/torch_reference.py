@@ -52,9 +52,9 @@ class ReferenceGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def time_reference(n_layer: int, n_head: int, d_model: int, context_length: int, vocab: int, batch: int,
-                   steps: int, compile: bool, seed: int = 0) -> dict:
-    """Median seconds per AdamW training step (after a warm-up step) and tokens/s."""
+def reference_step(n_layer: int, n_head: int, d_model: int, context_length: int, vocab: int, batch: int,
+                   compile: bool, seed: int = 0):
+    """One AdamW training step of the reference on fixed random tokens, warmed up (and compiled) once."""
     torch.manual_seed(seed)
     model = ReferenceGPT(n_layer, n_head, d_model, context_length, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
@@ -67,11 +67,14 @@ def time_reference(n_layer: int, n_head: int, d_model: int, context_length: int,
         loss.backward()
         opt.step()
 
-    step()  # warm-up (and compilation)
+    step()
+    return step
+
+
+def median_step_seconds(step, steps: int) -> float:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens_per_s": batch * context_length / seconds, "threads": torch.get_num_threads()}
+    return statistics.median(times)
