@@ -1,4 +1,13 @@
-"""Data pipeline: GPT-2 tokenizer (offline), token shards, corpus preparation, batch loader."""
+"""Data pipeline: GPT-2 tokenizer (offline), token shards, corpus preparation, batch loader.
+
+- tokenizer.py   GPT-2's BPE from local, checksummed files
+- shards.py      the headered uint16 shard format, its readers and writers
+- sources.py     documents from Hugging Face datasets or local files; the train/val rule
+- encode.py      tokenizing document chunks in worker processes
+- prepare.py     ``python -m data.prepare``: sources -> encode -> shards + meta.json
+- shakespeare.py the bundled default corpus, prepared once into the cache (cache.py)
+- loader.py      deterministic, resumable, per-process batches
+"""
 
 from data.cache import default_cache_dir
 from data.loader import BatchIterator, TokenLoader, TokenShards

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
-import multiprocessing
 import os
 import re
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,23 +26,13 @@ import numpy as np
 from tqdm import tqdm
 
 from data import shards
+from data.encode import SPLITS, Encoder, chunk_documents
+from data.sources import DatasetUnavailableError, assign_splits, file_documents, hf_documents
 from data.tokenizer import EOT_TOKEN, VOCAB_SIZE, TokenizerUnavailableError, gpt2_encoding
 from recipes.files import write_json
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in modded-nanogpt's FineWeb shards
 DEFAULT_VAL_FRACTION = 0.01
-CHUNK_CHARS = 1 << 20  # text handed to a worker at a time: large enough to amortize IPC
-SPLITS = ("train", "val")
-TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text"}
-FILE_BUILDERS = {
-    **TEXT_SUFFIXES,
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz")  # decompressed on the fly by datasets
 
 
 @dataclass(frozen=True)
@@ -71,248 +57,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class DatasetUnavailableError(RuntimeError):
-    """A Hugging Face dataset could not be opened (typically: no network and not cached)."""
-
-
 class EmptyDatasetError(ValueError):
     """The input produced no tokens (or none for the train split)."""
 
 
-# --- documents -------------------------------------------------------------------------------
-
-
-def is_val_document(index: int, val_fraction: float) -> bool:
-    """Whether document `index` of a stream belongs to the validation split.
-
-    A Weyl sequence with the golden-ratio step spreads val documents evenly through the stream
-    (exactly val_fraction in the long run) without knowing its length; document 0 is always val,
-    so any stream with a positive fraction has a non-empty val split.
-    """
-    return ((index * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) < val_fraction * 2.0**64
-
-
-def assign_splits(texts: Iterable[str], val_fraction: float) -> Iterator[tuple[str, str]]:
-    """(split, text) for each text, by `is_val_document` on its position in the stream."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    for index, text in enumerate(texts):
-        yield ("val" if is_val_document(index, val_fraction) else "train"), text
-
-
-def _hf_unavailable(description: str, exc: BaseException) -> DatasetUnavailableError:
-    return DatasetUnavailableError(
-        f"could not open {description}: {type(exc).__name__}: {exc}\n"
-        "Streaming a Hugging Face dataset needs network access to huggingface.co, or the dataset "
-        "already in the local Hugging Face cache (HF_HOME). Offline, prepare local files instead:\n"
-        "  python -m data.prepare --files part1.jsonl part2.parquet --text-field text --out DIR\n"
-        "or use the bundled corpus: python -m data.prepare --preset shakespeare --out DIR"
-    )
-
-
-def _rows_with_text(rows: Iterator[Mapping[str, Any]], text_field: str, where: str) -> Iterator[str]:
-    for row in rows:
-        if text_field not in row:
-            raise ValueError(
-                f"{where}: rows have no field {text_field!r} (fields: {sorted(row)}). Pass --text-field NAME."
-            )
-        text = row[text_field]
-        yield text if isinstance(text, str) else ""
-
-
-def hf_documents(
-    dataset: str, name: str | None = None, *, split: str = "train", text_field: str = "text"
-) -> Iterator[str]:
-    """Texts of a Hugging Face dataset, streamed. Opens it now, so an unreachable dataset fails
-    here with DatasetUnavailableError rather than midway."""
-    import datasets  # slow to import; only needed here
-
-    description = f"Hugging Face dataset {dataset!r} (name={name!r}, split={split!r})"
-    try:
-        stream = datasets.load_dataset(dataset, name=name, split=split, streaming=True)
-        rows = iter(stream)
-        first = next(rows, None)
-    except Exception as exc:  # the hub client raises many types (ConnectionError, HfHubHTTPError, ...)
-        raise _hf_unavailable(description, exc) from exc
-    if first is None:
-        return iter(())
-    return _rows_with_text(itertools.chain([first], rows), text_field, description)
-
-
-def _builder_for(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
-        suffixes = suffixes[:-1]
-    builder = FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
-    if builder is None:
-        raise ValueError(f"{path}: unsupported file type; supported: {', '.join(sorted(FILE_BUILDERS))}")
-    return builder
-
-
-def file_documents(
-    paths: Sequence[str | os.PathLike[str]], *, text_field: str = "text", text_unit: str = "document"
-) -> Iterator[str]:
-    """Texts of local files, in the order given, read through `datasets` (streaming, no cache).
-
-    .txt/.md files give one document per file (text_unit="document"), per blank-line separated
-    paragraph ("paragraph") or per line ("line"); .json/.jsonl/.parquet/.csv give one per row,
-    from the column `text_field`.
-    """
-    if text_unit not in ("document", "paragraph", "line"):
-        raise ValueError(f"text_unit must be document, paragraph or line, got {text_unit!r}")
-    files = [Path(p) for p in paths]
-    if not files:
-        raise ValueError("no input files given")
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-    groups = [(b, list(g)) for b, g in itertools.groupby(files, key=_builder_for)]  # validates suffixes now
-    return _read_file_groups(groups, text_field, text_unit)
-
-
-def _read_file_groups(groups: list[tuple[str, list[Path]]], text_field: str, text_unit: str) -> Iterator[str]:
-    import datasets
-
-    # Streaming local files caches nothing, but datasets still leaves lock files in its cache
-    # directory; keep them out of the user's Hugging Face cache.
-    with tempfile.TemporaryDirectory(prefix="datasets-scratch-") as scratch:
-        for builder, group in groups:
-            options: dict[str, Any] = {"sample_by": text_unit} if builder == "text" else {}
-            stream = datasets.load_dataset(
-                builder, data_files=[str(p) for p in group], split="train", streaming=True, cache_dir=scratch, **options
-            )
-            field_name = "text" if builder == "text" else text_field
-            yield from _rows_with_text(iter(stream), field_name, ", ".join(str(p) for p in group))
-
-
-# --- tokenizing in worker processes ----------------------------------------------------------
-
-
-def _init_worker() -> None:
-    gpt2_encoding()  # built once per worker (inherited for free when the pool forks)
-
-
-def _encode_chunk(chunk: tuple[list[str], list[bool]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize documents -> (train tokens, val tokens, tokens per document, is-val per document)."""
-    texts, is_val = chunk
-    encoded = gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
-    out: dict[bool, list[int]] = {False: [], True: []}
-    for ids, val in zip(encoded, is_val, strict=True):
-        tokens = out[val]
-        tokens.append(EOT_TOKEN)
-        tokens.extend(ids)
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-    return (
-        np.array(out[False], dtype=shards.TOKEN_DTYPE),
-        np.array(out[True], dtype=shards.TOKEN_DTYPE),
-        lengths,
-        np.array(is_val, dtype=bool),
-    )
-
-
-def _chunks(
-    documents: Iterable[tuple[str, str]], counts: collections.Counter[str]
-) -> Iterator[tuple[list[str], list[bool]]]:
-    texts: list[str] = []
-    is_val: list[bool] = []
-    size = 0
-    for split, text in documents:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        if not text:
-            counts["empty"] += 1
-            continue
-        texts.append(text)
-        is_val.append(split == "val")
-        size += len(text)
-        if size >= CHUNK_CHARS:
-            yield texts, is_val
-            texts, is_val, size = [], [], 0
-    if texts:
-        yield texts, is_val
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """The platform's default start method, except never fork a process running other threads
-    (JAX's runtime, for one, is multithreaded): a forked copy could deadlock on their locks."""
-    context = multiprocessing.get_context()
-    if context.get_start_method() == "fork" and (threading.active_count() > 1 or "jax" in sys.modules):
-        return multiprocessing.get_context("spawn")
-    return context
-
-
-class _Encoder:
-    """Tokenizes chunks in `workers` processes (in this one if workers == 1), results in input order.
-
-    At most 2 chunks per worker are in flight: the input may be a stream far larger than memory,
-    which Pool.imap would read ahead without limit. Entered before the progress bar starts its
-    monitor thread, so that a plain command-line run can still fork.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: Any = None
-
-    def __enter__(self) -> _Encoder:
-        if self.workers > 1:
-            self._pool = _pool_context().Pool(self.workers, initializer=_init_worker)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-
-    def __call__(self, chunks: Iterator[tuple[list[str], list[bool]]]) -> Iterator[tuple[np.ndarray, ...]]:
-        if self._pool is None:
-            yield from map(_encode_chunk, chunks)
-            return
-        pending: collections.deque[Any] = collections.deque()
-        for chunk in chunks:
-            pending.append(self._pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 # --- writing ---------------------------------------------------------------------------------
-
-
-class _SplitWriter:
-    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ... of `shard_size` tokens."""
-
-    def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
-        self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
-        self.done: list[Path] = []
-        self.tokens = 0
-        self._current: shards.ShardWriter | None = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self._current is None:
-                self._current = shards.ShardWriter(self.out_dir / f"{self.split}_{len(self.done):06d}.bin")
-            room = self.shard_size - self._current.num_tokens
-            self._current.write(tokens[:room])
-            self.tokens += min(room, int(tokens.size))
-            tokens = tokens[room:]
-            if self._current.num_tokens == self.shard_size:
-                self.done.append(self._current.commit())
-                self._current = None
-
-    def finish(self) -> list[Path]:
-        if self._current is not None:
-            self.done.append(self._current.commit())
-            self._current = None
-        return self.done
-
-    def discard(self) -> None:
-        if self._current is not None:
-            self._current.abort()
-            self._current = None
-        for path in self.done:
-            path.unlink(missing_ok=True)
-        self.done = []
 
 
 def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -407,12 +156,12 @@ def prepare_documents(
     _claim_out_dir(out, overwrite)
     gpt2_encoding()  # fail early if the tokenizer is missing; forked workers inherit it
 
-    writers = {s: _SplitWriter(out, s, shard_size) for s in SPLITS}
+    writers = {s: shards.SplitWriter(out, s, shard_size) for s in SPLITS}
     docs: collections.Counter[str] = collections.Counter()
     start = time.perf_counter()
     try:
         with (
-            _Encoder(workers) as encode,
+            Encoder(workers) as encode,
             tqdm(
                 total=max_tokens,
                 unit="tok",
@@ -421,7 +170,7 @@ def prepare_documents(
                 disable=not progress,
             ) as bar,
         ):
-            for train, val, lengths, is_val in encode(_chunks(documents, docs)):
+            for train, val, lengths, is_val in encode(chunk_documents(documents, docs)):
                 total = writers["train"].tokens + writers["val"].tokens
                 if max_tokens is not None and total + int(lengths.sum()) >= max_tokens:
                     keep = int(np.searchsorted(np.cumsum(lengths), max_tokens - total)) + 1
@@ -620,19 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             result = shakespeare.prepare_shakespeare(args.out, **options)
         elif preset is not None or args.dataset:
-            assert preset is not None or args.dataset is not None
-            dataset = preset.dataset if preset is not None else args.dataset
-            name = preset.name if preset is not None else args.name
-            split = preset.split if preset is not None else args.split
-            field_name = preset.text_field if preset is not None and args.text_field == "text" else args.text_field
-            fraction = (
-                args.val_fraction
-                if args.val_fraction is not None
-                else (preset.val_fraction if preset is not None else DEFAULT_VAL_FRACTION)
-            )
-            assert dataset is not None
+            hub = preset or Preset(args.dataset, args.name, args.split, args.text_field)
+            text_field = args.text_field if args.text_field != "text" else hub.text_field
+            fraction = hub.val_fraction if args.val_fraction is None else args.val_fraction
+            assert hub.dataset is not None
             result = prepare_hf(
-                dataset, args.out, name=name, split=split, text_field=field_name, val_fraction=fraction, **options
+                hub.dataset, args.out, name=hub.name, split=hub.split, text_field=text_field, val_fraction=fraction,
+                **options,
             )
         else:
             fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction

@@ -233,3 +233,39 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray) -> Path:
     with ShardWriter(path) as writer:
         writer.write(tokens)
     return writer.path
+
+
+class SplitWriter:
+    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ... of `shard_size` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
+        self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
+        self.done: list[Path] = []
+        self.tokens = 0
+        self._current: ShardWriter | None = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._current is None:
+                self._current = ShardWriter(self.out_dir / f"{self.split}_{len(self.done):06d}.bin")
+            room = self.shard_size - self._current.num_tokens
+            self._current.write(tokens[:room])
+            self.tokens += min(room, int(tokens.size))
+            tokens = tokens[room:]
+            if self._current.num_tokens == self.shard_size:
+                self.done.append(self._current.commit())
+                self._current = None
+
+    def finish(self) -> list[Path]:
+        if self._current is not None:
+            self.done.append(self._current.commit())
+            self._current = None
+        return self.done
+
+    def discard(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        for path in self.done:
+            path.unlink(missing_ok=True)
+        self.done = []

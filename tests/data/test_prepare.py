@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import prepare, shards
+from data import encode, prepare, shards, sources
 from data.loader import TokenLoader, TokenShards
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -52,7 +52,7 @@ def _expected(documents: list[str], val_fraction: float) -> dict[str, list[int]]
     for index, text in enumerate(documents):  # empty documents count in the stream, then are skipped
         if not text:
             continue
-        split = "val" if prepare.is_val_document(index, val_fraction) else "train"
+        split = "val" if sources.is_val_document(index, val_fraction) else "train"
         out[split] += [EOT_TOKEN, *enc.encode_ordinary(text)]
     return out
 
@@ -91,7 +91,7 @@ def test_prepare_local_text_jsonl_and_parquet(inputs: list[Path], tmp_path: Path
 def test_worker_count_does_not_change_the_output(
     inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(prepare, "CHUNK_CHARS", 10)  # one document per chunk: many chunks in flight
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 10)  # one document per chunk: many chunks in flight
     one = prepare.prepare_files(inputs, tmp_path / "one", val_fraction=0.3, shard_size=16, workers=1, progress=False)
     two = prepare.prepare_files(inputs, tmp_path / "two", val_fraction=0.3, shard_size=16, workers=2, progress=False)
     assert one.workers == 1 and two.workers == 2
@@ -223,9 +223,9 @@ def test_overwrite_replaces_only_our_files(inputs: list[Path], tmp_path: Path) -
 
 
 def test_validation_rule_holds_out_the_requested_fraction() -> None:
-    flags = [prepare.is_val_document(i, 0.01) for i in range(100_000)]
+    flags = [sources.is_val_document(i, 0.01) for i in range(100_000)]
     assert flags[0] and abs(sum(flags) / len(flags) - 0.01) < 1e-4
-    assert not any(prepare.is_val_document(i, 0.0) for i in range(1000))
+    assert not any(sources.is_val_document(i, 0.0) for i in range(1000))
 
 
 def test_unreachable_hub_dataset_explains_what_to_do(tmp_path: Path) -> None:
