@@ -21,7 +21,7 @@ import numpy as np
 
 from model import make_loss_fn
 from recipes.errors import ConfigError
-from recipes.optim.optimizers import build_optimizer, learning_rate_schedules, param_labels
+from recipes.optim.optimizers import build_optimizer, learning_rate_reader, param_labels
 from recipes.train import config as config_lib
 from recipes.train import mesh as mesh_lib
 from recipes.train.checkpoint import Checkpointer
@@ -155,10 +155,9 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     loss_fn = make_loss_fn(graphdef)
     batch_sh = mesh_lib.batch_sharding(mesh)
     labels = param_labels(config.optimizer, params_abstract) if config.logging.diagnostics else None
-    train_step = make_train_step(loss_fn, tx, micro_batches=accum, shardings=shardings,
-                                 batch_sharding=batch_sh, labels=labels)
+    train_step = make_train_step(loss_fn, tx, micro_batches=accum, shardings=shardings, batch_sharding=batch_sh,
+                                 labels=labels, learning_rate=learning_rate_reader(config.optimizer, total_steps))
     eval_step = make_eval_step(loss_fn, param_sh, batch_sh)
-    lr_main = learning_rate_schedules(config.optimizer, total_steps)[config.optimizer.name]
 
     def evaluate(params) -> float:
         losses = [eval_step(params, mesh_lib.global_batch_array(b, mesh)) for b in loader.val_batches(eval_batches)]
@@ -237,10 +236,10 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         elapsed = time.perf_counter() - window["time"] - window["paused"]  # evaluation excluded
         tokens_per_s = window["steps"] * config.tokens_per_step / max(elapsed, 1e-9)
         entry = {"step": step, "loss": float(np.mean(window["losses"])), "grad_norm": float(m["grad_norm"]),
-                 "lr": float(lr_main(step - 1)), "tokens": step * config.tokens_per_step,
+                 "lr": float(m["lr"]), "tokens": step * config.tokens_per_step,
                  "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, config.model, seq_len, devices),
                  "skipped_steps": summary["skipped_steps"], "wall_time_s": round(wall_time(), 3)}
-        entry.update({k: float(v) for k, v in m.items() if "/" in k})  # optimizer diagnostics
+        entry.update({k: float(v) for k, v in m.get("diagnostics", {}).items()})
         metrics_log.log(entry)
         postfix = {"loss": f"{entry['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if entry["mfu"] is not None:

@@ -54,6 +54,27 @@ def learning_rate_schedules(config: OptimizerConfig, total_steps: int | None = N
     return {config.name: main, "adamw": make_schedule(config.schedule, config.side_lr, total_steps)}
 
 
+def update_count(opt_state) -> jax.Array:
+    """How many updates the harness has applied, read from its own state: the count of its
+    learning-rate scaling, which stands still on skipped steps and, under gradient
+    accumulation, counts whole steps. Every branch's count advances together."""
+    counts = [
+        value
+        for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+    ]
+    if not counts:
+        raise ValueError("no learning-rate schedule state found: pass the state of build_optimizer's transformation")
+    return counts[0]
+
+
+def learning_rate_reader(config: OptimizerConfig, total_steps: int | None = None):
+    """opt_state -> the main branch's learning rate for the next update (the schedule at
+    ``update_count``), for logging the rate the optimizer actually applies."""
+    schedule = learning_rate_schedules(config, total_steps)[config.name]
+    return lambda opt_state: schedule(update_count(opt_state))
+
+
 def _check_routes(config: OptimizerConfig, routes: list[Route]) -> None:
     """Muon orthogonalizes matrices: refuse embeddings and vectors in its branch."""
     if config.name != "muon":

@@ -105,13 +105,16 @@ def accumulated_grads(loss_fn, micro_batches: int):
     return grads_of
 
 
-def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_sharding, labels=None):
+def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_sharding, labels=None,
+                    learning_rate=None):
     """jit(step(state, tokens_GxLp1) -> (state, metrics)), the state donated.
 
     Gradients are averaged over micro_batches micro-batches (accumulated_grads). A step with
     a non-finite loss or gradient norm leaves params and optimizer state as they were
-    (metrics["finite"] is False). ``labels`` (parameter -> branch name) turns on
-    per-branch update diagnostics.
+    (metrics["finite"] is False). ``labels`` (parameter -> branch name) adds per-branch
+    update diagnostics as metrics["diagnostics"]; ``learning_rate`` (opt_state -> rate,
+    recipes.optim.optimizers.learning_rate_reader) adds metrics["lr"], the rate this step's
+    update was taken with.
     """
     grads_of = accumulated_grads(loss_fn, micro_batches)
 
@@ -130,8 +133,10 @@ def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_s
 
         new_params, new_opt_state, updates = jax.lax.cond(finite, apply, skip, None)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        if learning_rate is not None:
+            metrics["lr"] = learning_rate(opt_state)
         if labels is not None:
-            metrics.update(optimizer_diagnostics(grads, updates, params, labels))
+            metrics["diagnostics"] = optimizer_diagnostics(grads, updates, params, labels)
         new_state = {"params": new_params, "opt_state": new_opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
