@@ -169,7 +169,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
                "skipped_steps": 0}
     target = config.train.target_val_loss
-    before_resume, reached = resume_records(run_dir, target)
+    before_resume, reached = resume_records(metrics_log.records, target)
     # Training wall time: evaluation and each invocation's first (compiling) step excluded.
     clock = {"start": time.perf_counter(), "paused": 0.0, "before_resume": before_resume}
 

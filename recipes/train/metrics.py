@@ -66,15 +66,6 @@ def json_safe(value):
     return value
 
 
-def _drop_records_after(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        atomic_write(path, "".join(line + "\n" for line in kept))
-
-
 def read_records(run_dir: Path) -> list[dict]:
     """The rows of ``run_dir``/metrics.jsonl (a line cut short by a crash is skipped)."""
     path = run_dir / "metrics.jsonl"
@@ -89,16 +80,27 @@ def read_records(run_dir: Path) -> list[dict]:
     return rows
 
 
+def _keep_records_through(run_dir: Path, step: int) -> list[dict]:
+    """Rewrites metrics.jsonl without the rows past ``step`` (and any line a crash cut short);
+    returns the rows kept."""
+    path = run_dir / "metrics.jsonl"
+    rows = read_records(run_dir)
+    kept = [row for row in rows if row.get("step", 0) <= step]
+    if path.is_file() and len(kept) != len(path.read_text().splitlines()):
+        atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept
+
+
 class MetricsLog:
     """Appends one JSON record per call to metrics.jsonl and mirrors it to W&B (process 0 only)."""
 
     def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict,
                  resume_step: int = 0):
         """``resume_step``: the step training restarts from; records past it (written after the
-        checkpoint a killed run resumes from) are dropped, so replayed steps are not counted twice."""
+        checkpoint a killed run resumes from) are dropped, so replayed steps are not counted twice.
+        The rows kept are ``self.records`` (on process 0; empty on the others)."""
         self.enabled = jax.process_index() == 0
-        if self.enabled:
-            _drop_records_after(run_dir / "metrics.jsonl", resume_step)
+        self.records = _keep_records_through(run_dir, resume_step) if self.enabled else []
         self._file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
         self._wandb = None
         if self.enabled and wandb_mode != "disabled":

@@ -17,7 +17,7 @@ from recipes.files import atomic_write, write_json
 from recipes.optim.optimizers import build_optimizer
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.train import config as config_lib
-from recipes.train.metrics import json_safe, read_records
+from recipes.train.metrics import json_safe
 from recipes.train.step import abstract_param_dict
 
 
@@ -66,13 +66,12 @@ class RunDirLock:
             self._file = None
 
 
-def resume_records(run_dir: Path, target: float | None) -> tuple[float, dict | None]:
-    """From metrics.jsonl as kept for a resume: the training wall time so far, and where this
-    target (the same value) was reached, if it was. Read on process 0 and shared with the others,
-    so every process takes the same decisions."""
+def resume_records(records: list[dict], target: float | None) -> tuple[float, dict | None]:
+    """From the metrics rows kept for a resume (MetricsLog.records): the training wall time so
+    far, and where this target (the same value) was reached, if it was. Read on process 0 and
+    shared with the others, so every process takes the same decisions."""
     before, reached = 0.0, None
     if jax.process_index() == 0:
-        records = read_records(run_dir)
         before = max((r.get("wall_time_s") or 0.0 for r in records), default=0.0)
         hits = [r for r in records if r.get("target_step") is not None and r.get("target_val_loss") == target]
         if hits:
