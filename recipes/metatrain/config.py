@@ -9,31 +9,16 @@ drawn once from its seed so a resumed run sees the same families.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from pathlib import Path
 from typing import Any, Mapping
 
 from recipes.optim.theta import THETA_NAMES
-from recipes.train.config_parsing import from_dict as build_config
-from recipes.errors import ConfigError
-from recipes.train.config_parsing import merge_configs, parse_overrides, read_yaml
+from recipes.errors import ConfigError, check_bool, check_choice, check_number
+from recipes.config_parsing import dataclass_from_dict, merge_configs, parse_overrides, read_yaml
 from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 
 FAMILY_KINDS = ("image_mlp", "lm")
-
-
-def _number(where: str, value, *, positive=False, non_negative=False, integer=False):
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    ok = ok and math.isfinite(value)
-    if ok and positive:
-        ok = value > 0
-    if ok and non_negative:
-        ok = value >= 0
-    if not ok:
-        kind = "an int" if integer else "a number"
-        bound = " > 0" if positive else (" >= 0" if non_negative else "")
-        raise ConfigError(f"{where} must be {kind}{bound}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,33 +49,27 @@ class OuterConfig:
     families_per_step: int | None = None
 
     def __post_init__(self):
-        _number("metatrain.outer_steps", self.outer_steps, non_negative=True, integer=True)
+        check_number("metatrain.outer_steps", self.outer_steps, low=0, integer=True)
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ConfigError(f"metatrain.out_dir must be a non-empty path, got {self.out_dir!r}")
         if not isinstance(self.init_theta, str) or not self.init_theta:
             raise ConfigError(
                 f"metatrain.init_theta must be a path, hf://OWNER/REPO or one of {list(THETA_NAMES)}, got {self.init_theta!r}")
         for name in ("theta_seed", "seed"):
-            _number(f"metatrain.{name}", getattr(self, name), integer=True)
-        _number("metatrain.outer_lr", self.outer_lr, non_negative=True)
+            check_number(f"metatrain.{name}", getattr(self, name), integer=True)
+        check_number("metatrain.outer_lr", self.outer_lr, low=0)
         for name in ("outer_b1", "outer_b2"):
-            value = getattr(self, name)
-            _number(f"metatrain.{name}", value, non_negative=True)
-            if value >= 1:
-                raise ConfigError(f"metatrain.{name} must be in [0, 1), got {value!r}")
-        _number("metatrain.outer_weight_decay", self.outer_weight_decay, non_negative=True)
-        if self.outer_grad_clip is not None:
-            _number("metatrain.outer_grad_clip", self.outer_grad_clip, positive=True)
-        _number("metatrain.checkpoint_every_s", self.checkpoint_every_s, non_negative=True)
+            check_number(f"metatrain.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        check_number("metatrain.outer_weight_decay", self.outer_weight_decay, low=0)
+        check_number("metatrain.outer_grad_clip", self.outer_grad_clip, low=0, low_open=True, optional=True)
+        check_number("metatrain.checkpoint_every_s", self.checkpoint_every_s, low=0)
         for name in ("snapshot_every", "profile_every"):
-            _number(f"metatrain.{name}", getattr(self, name), non_negative=True, integer=True)
-        _number("metatrain.log_every", self.log_every, positive=True, integer=True)
-        if not isinstance(self.profile, bool):
-            raise ConfigError(f"metatrain.profile must be a bool, got {self.profile!r}")
-        if self.wandb not in ("disabled", "online", "offline"):
-            raise ConfigError(f"metatrain.wandb must be disabled, online or offline, got {self.wandb!r}")
-        if self.families_per_step is not None:
-            _number("metatrain.families_per_step", self.families_per_step, positive=True, integer=True)
+            check_number(f"metatrain.{name}", getattr(self, name), low=0, integer=True)
+        check_number("metatrain.log_every", self.log_every, low=0, low_open=True, integer=True)
+        check_bool("metatrain.profile", self.profile)
+        check_choice("metatrain.wandb", self.wandb, ("disabled", "online", "offline"))
+        check_number("metatrain.families_per_step", self.families_per_step, low=0, low_open=True, integer=True,
+                     optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,16 +83,16 @@ class PESConfig:
     loss_cap: float = 1.5
 
     def __post_init__(self):
-        _number("pes.particles", self.particles, positive=True, integer=True)
+        check_number("pes.particles", self.particles, low=0, low_open=True, integer=True)
         if self.particles % 2:
             raise ConfigError(f"pes.particles must be even (antithetic pairs), got {self.particles}")
-        _number("pes.sigma", self.sigma, positive=True)
-        _number("pes.truncation", self.truncation, positive=True, integer=True)
-        _number("pes.min_length", self.min_length, positive=True, integer=True)
-        _number("pes.max_length", self.max_length, positive=True, integer=True)
+        check_number("pes.sigma", self.sigma, low=0, low_open=True)
+        check_number("pes.truncation", self.truncation, low=0, low_open=True, integer=True)
+        check_number("pes.min_length", self.min_length, low=0, low_open=True, integer=True)
+        check_number("pes.max_length", self.max_length, low=0, low_open=True, integer=True)
         if self.min_length > self.max_length:
             raise ConfigError(f"pes.min_length ({self.min_length}) exceeds pes.max_length ({self.max_length})")
-        _number("pes.loss_cap", self.loss_cap, positive=True)
+        check_number("pes.loss_cap", self.loss_cap, low=0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,16 +111,12 @@ class InnerConfig:
 
     def __post_init__(self):
         for name in ("lr", "adamw_lr_mult", "weight_decay"):
-            _number(f"inner.{name}", getattr(self, name), non_negative=True)
+            check_number(f"inner.{name}", getattr(self, name), low=0)
         for name in ("b1", "b2"):
-            value = getattr(self, name)
-            _number(f"inner.{name}", value, non_negative=True)
-            if value >= 1:
-                raise ConfigError(f"inner.{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.orthogonalize, bool):
-            raise ConfigError(f"inner.orthogonalize must be a bool, got {self.orthogonalize!r}")
-        _number("inner.scale_min", self.scale_min, positive=True)
-        _number("inner.scale_max", self.scale_max, positive=True)
+            check_number(f"inner.{name}", getattr(self, name), low=0, high=1, high_open=True)
+        check_bool("inner.orthogonalize", self.orthogonalize)
+        check_number("inner.scale_min", self.scale_min, low=0, low_open=True)
+        check_number("inner.scale_max", self.scale_max, low=0, low_open=True)
         if self.scale_min > self.scale_max:
             raise ConfigError(f"inner.scale_min ({self.scale_min}) exceeds inner.scale_max ({self.scale_max})")
 
@@ -166,21 +141,19 @@ class FamilyConfig:
     corpus: str = ""  # a shard directory written by data.prepare; "" is the bundled Shakespeare
 
     def __post_init__(self):
-        if self.kind not in FAMILY_KINDS:
-            raise ConfigError(f"family kind {self.kind!r} unknown; valid: {list(FAMILY_KINDS)}")
+        check_choice("families[].kind", self.kind, FAMILY_KINDS)
         if isinstance(self.hidden, list):
             object.__setattr__(self, "hidden", tuple(self.hidden))
         for h in self.hidden:
-            _number("families[].hidden[]", h, positive=True, integer=True)
-        for name in ("batch", "n_layer", "n_head", "d_model", "context_length", "vocab"):
-            _number(f"families[].{name}", getattr(self, name), positive=True, integer=True)
-        _number("families[].weight", self.weight, positive=True)
+            check_number("families[].hidden[]", h, low=0, low_open=True, integer=True)
+        for name in ("batch", "n_layer", "n_head", "d_model", "context_length"):
+            check_number(f"families[].{name}", getattr(self, name), low=0, low_open=True, integer=True)
+        check_number("families[].weight", self.weight, low=0, low_open=True)
         if self.d_model % self.n_head:
             raise ConfigError(f"families[].d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.kind == "image_mlp" and self.dataset not in IMAGE_DATASETS:
-            raise ConfigError(f"families[].dataset {self.dataset!r} unknown; valid: {list(IMAGE_DATASETS)}")
-        if self.vocab < 2:
-            raise ConfigError(f"families[].vocab must be >= 2, got {self.vocab}")
+        if self.kind == "image_mlp":
+            check_choice("families[].dataset", self.dataset, IMAGE_DATASETS)
+        check_number("families[].vocab", self.vocab, low=2, integer=True)
         if self.name is None:
             if self.kind == "image_mlp":
                 label = f"{self.dataset}_mlp_" + "_".join(map(str, self.hidden))
@@ -203,7 +176,7 @@ class LMSamplerConfig:
     vocab: int = 512
 
     def __post_init__(self):
-        _number("lm_sampler.count", self.count, non_negative=True, integer=True)
+        check_number("lm_sampler.count", self.count, low=0, integer=True)
         for name in ("n_layer", "d_model", "context_length"):
             value = getattr(self, name)
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
@@ -258,7 +231,7 @@ class MetaTrainConfig:
 def from_dict(values: Mapping[str, Any]) -> MetaTrainConfig:
     """The typed config from a nested dict, with the trainer's checks: unknown keys are refused
     naming the closest valid key, wrong types naming the expected type."""
-    return build_config(MetaTrainConfig, dict(values or {}))
+    return dataclass_from_dict(MetaTrainConfig, dict(values or {}))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> MetaTrainConfig:

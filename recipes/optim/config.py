@@ -11,10 +11,11 @@ nanoGPT-style starting points, not the authors' published settings.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Callable, ClassVar, Mapping
 
+from recipes.config_parsing import dataclass_from_dict
+from recipes.errors import ConfigError, check_bool, check_choice, check_number
 from recipes.optim.theta import THETA_NAMES
 
 OPTIMIZER_NAMES = ("celo2", "celo2_base", "muon", "adamw")
@@ -27,21 +28,13 @@ DEFAULT_EMBEDDING_PATTERN = r"(^|/)(wte|wpe|lm_head|embedding)(/|$)"
 DEFAULT_STACKED_PATTERN = r"^blocks(/|$)"
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_regex(owner: str, field: str, pattern) -> None:
     if not isinstance(pattern, str):
-        raise ValueError(f"{owner}.{field} must be a regex string, got {pattern!r}")
+        raise ConfigError(f"{owner}.{field} must be a regex string, got {pattern!r}")
     try:
         re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"{owner}.{field}={pattern!r} is not a valid regex ({error}); fix the pattern") from None
+        raise ConfigError(f"{owner}.{field}={pattern!r} is not a valid regex ({error}); fix the pattern") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,22 +60,13 @@ class ScheduleConfig:
     decay_shape: str = "linear"
 
     def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown schedule.kind {self.kind!r}; valid kinds: {list(SCHEDULE_KINDS)}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-            raise ValueError(f"schedule.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if self.total_steps is not None and (not _is_int(self.total_steps) or self.total_steps <= 0):
-            raise ValueError(f"schedule.total_steps must be a positive int or None, got {self.total_steps!r}")
-        if not _is_number(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(
-                f"schedule.min_lr_ratio must be in [0, 1] (the floor as a fraction of the peak), got {self.min_lr_ratio!r}"
-            )
-        if not _is_number(self.decay_fraction) or not 0.0 < self.decay_fraction <= 1.0:
-            raise ValueError(f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
-        if self.decay_shape not in WSD_DECAY_SHAPES:
-            raise ValueError(
-                f"unknown schedule.decay_shape {self.decay_shape!r}; valid shapes: {list(WSD_DECAY_SHAPES)}"
-            )
+        check_choice("schedule.kind", self.kind, SCHEDULE_KINDS)
+        check_number("schedule.warmup_steps", self.warmup_steps, integer=True, low=0)
+        check_number("schedule.total_steps", self.total_steps, integer=True, low=0, low_open=True, optional=True)
+        check_number("schedule.min_lr_ratio", self.min_lr_ratio, low=0, high=1,
+                     hint="the floor as a fraction of the peak")
+        check_number("schedule.decay_fraction", self.decay_fraction, low=0, high=1, low_open=True)
+        check_choice("schedule.decay_shape", self.decay_shape, WSD_DECAY_SHAPES)
         if self.total_steps is not None:
             self.check_steps(self.total_steps)
 
@@ -93,12 +77,12 @@ class ScheduleConfig:
     def check_steps(self, total_steps: int) -> None:
         """Refuses a warmup (and WSD decay) that does not fit in ``total_steps``."""
         if self.warmup_steps > total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule.warmup_steps={self.warmup_steps} exceeds total_steps={total_steps}: "
                 "shorten the warmup or train longer"
             )
         if self.kind == "wsd" and self.warmup_steps + self.decay_steps(total_steps) > total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule: warmup ({self.warmup_steps}) plus WSD decay ({self.decay_steps(total_steps)} = "
                 f"decay_fraction {self.decay_fraction} of {total_steps}) exceeds total_steps={total_steps}; "
                 "lower warmup_steps or decay_fraction"
@@ -127,18 +111,15 @@ class RoutingRule:
     predicate: Callable[[str, tuple], bool] | None = None
 
     def __post_init__(self):
-        if self.group not in ROUTING_GROUPS:
-            raise ValueError(f"routing rule group {self.group!r} is unknown; use one of {list(ROUTING_GROUPS)}")
+        check_choice("routing rule group", self.group, ROUTING_GROUPS)
         if self.pattern is not None:
             _check_regex("routing rule", "pattern", self.pattern)
         for name in ("min_rank", "max_rank"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"routing rule {name} must be an int >= 0 or None, got {value!r}")
+            check_number(f"routing rule {name}", getattr(self, name), integer=True, low=0, optional=True)
         if self.min_rank is not None and self.max_rank is not None and self.min_rank > self.max_rank:
-            raise ValueError(f"routing rule min_rank={self.min_rank} > max_rank={self.max_rank}: it can match nothing")
+            raise ConfigError(f"routing rule min_rank={self.min_rank} > max_rank={self.max_rank}: it can match nothing")
         if self.predicate is not None and not callable(self.predicate):
-            raise ValueError(f"routing rule predicate must be callable(path, shape) -> bool, got {self.predicate!r}")
+            raise ConfigError(f"routing rule predicate must be callable(path, shape) -> bool, got {self.predicate!r}")
 
     def describe(self) -> str:
         parts = [f"pattern={self.pattern!r}"] if self.pattern is not None else []
@@ -170,19 +151,17 @@ class RoutingConfig:
 
     def __post_init__(self):
         rules = tuple(
-            _from_mapping(RoutingRule, r, f"routing.rules[{i}]") if isinstance(r, Mapping) else r
+            dataclass_from_dict(RoutingRule, r, f"routing.rules[{i}]") if isinstance(r, Mapping) else r
             for i, r in enumerate(self.rules)
         )
         for rule in rules:
             if not isinstance(rule, RoutingRule):
-                raise ValueError(f"routing.rules must hold RoutingRule or dicts of its fields, got {rule!r}")
+                raise ConfigError(f"routing.rules must hold RoutingRule or dicts of its fields, got {rule!r}")
         object.__setattr__(self, "rules", rules)
         _check_regex("routing", "embedding_pattern", self.embedding_pattern)
         _check_regex("routing", "stacked_pattern", self.stacked_pattern)
-        if not _is_int(self.stacked_axes) or self.stacked_axes < 0:
-            raise ValueError(f"routing.stacked_axes must be an int >= 0, got {self.stacked_axes!r}")
-        if not _is_int(self.adamw_max_rank) or self.adamw_max_rank < 0:
-            raise ValueError(f"routing.adamw_max_rank must be an int >= 0, got {self.adamw_max_rank!r}")
+        check_number("routing.stacked_axes", self.stacked_axes, integer=True, low=0)
+        check_number("routing.adamw_max_rank", self.adamw_max_rank, integer=True, low=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,14 +176,10 @@ class MuonConfig:
     consistent_rms: float | None = None
 
     def __post_init__(self):
-        if not _is_number(self.beta) or not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"muon.beta must be in [0, 1), got {self.beta!r}")
-        if not _is_int(self.ns_steps) or self.ns_steps < 1:
-            raise ValueError(f"muon.ns_steps must be an int >= 1, got {self.ns_steps!r}")
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"muon.nesterov must be a bool, got {self.nesterov!r}")
-        if self.consistent_rms is not None and (not _is_number(self.consistent_rms) or self.consistent_rms <= 0):
-            raise ValueError(f"muon.consistent_rms must be a positive number or None, got {self.consistent_rms!r}")
+        check_number("muon.beta", self.beta, low=0, high=1, high_open=True)
+        check_number("muon.ns_steps", self.ns_steps, integer=True, low=1)
+        check_bool("muon.nesterov", self.nesterov)
+        check_number("muon.consistent_rms", self.consistent_rms, low=0, low_open=True, optional=True)
 
 
 _NESTED = {"schedule": ScheduleConfig, "routing": RoutingConfig, "muon": MuonConfig}
@@ -251,42 +226,24 @@ class OptimizerConfig:
         for field, cls in _NESTED.items():
             value = getattr(self, field)
             if isinstance(value, Mapping):
-                object.__setattr__(self, field, _from_mapping(cls, value, f"optimizer.{field}"))
+                object.__setattr__(self, field, dataclass_from_dict(cls, value, f"optimizer.{field}"))
             elif not isinstance(value, cls):
-                raise ValueError(f"optimizer.{field} must be a {cls.__name__} or a dict of its fields, got {value!r}")
-        if self.name not in OPTIMIZER_NAMES:
-            raise ValueError(f"unknown optimizer name {self.name!r}; valid names: {list(OPTIMIZER_NAMES)}")
-        for field in ("lr", "weight_decay", "adamw_lr_mult"):
-            self._check_non_negative(field, getattr(self, field))
-        if self.adamw_lr is not None:
-            self._check_non_negative("adamw_lr", self.adamw_lr)
+                raise ConfigError(f"optimizer.{field} must be a {cls.__name__} or a dict of its fields, got {value!r}")
+        check_choice("optimizer.name", self.name, OPTIMIZER_NAMES)
+        for field in ("lr", "weight_decay", "adamw_lr_mult", "adamw_lr"):
+            check_number(f"optimizer.{field}", getattr(self, field), low=0, optional=field == "adamw_lr")
         for field in ("b1", "b2"):
-            value = getattr(self, field)
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(f"optimizer.{field} must be in [0, 1), got {value!r}")
-        if not _is_number(self.eps) or self.eps <= 0:
-            raise ValueError(f"optimizer.eps must be a positive number, got {self.eps!r}")
+            check_number(f"optimizer.{field}", getattr(self, field), low=0, high=1, high_open=True)
+        check_number("optimizer.eps", self.eps, low=0, low_open=True)
         if not isinstance(self.theta, str) or not self.theta:
-            raise ValueError(
+            raise ConfigError(
                 f"optimizer.theta must be a path, hf://OWNER/REPO or one of {list(THETA_NAMES)}, got {self.theta!r}"
             )
-        if not _is_int(self.theta_seed):
-            raise ValueError(f"optimizer.theta_seed must be an int, got {self.theta_seed!r}")
-        if self.grad_clip_norm is not None and (not _is_number(self.grad_clip_norm) or self.grad_clip_norm <= 0):
-            raise ValueError(
-                f"optimizer.grad_clip_norm must be a positive number or None (no clipping), got {self.grad_clip_norm!r}"
-            )
-        if not isinstance(self.decay_rank1, bool):
-            raise ValueError(f"optimizer.decay_rank1 must be a bool, got {self.decay_rank1!r}")
-        if not _is_int(self.grad_accum_steps) or self.grad_accum_steps < 1:
-            raise ValueError(f"optimizer.grad_accum_steps must be an int >= 1, got {self.grad_accum_steps!r}")
-
-    @staticmethod
-    def _check_non_negative(field: str, value) -> None:
-        if not _is_number(value):
-            raise ValueError(f"optimizer.{field} must be a finite number, got {value!r}")
-        if value < 0:
-            raise ValueError(f"optimizer.{field} must be >= 0, got {value!r}: use a positive value")
+        check_number("optimizer.theta_seed", self.theta_seed, integer=True)
+        check_number("optimizer.grad_clip_norm", self.grad_clip_norm, low=0, low_open=True, optional=True,
+                     hint="null is no clipping")
+        check_bool("optimizer.decay_rank1", self.decay_rank1)
+        check_number("optimizer.grad_accum_steps", self.grad_accum_steps, integer=True, low=1)
 
     @property
     def side_lr(self) -> float:
@@ -296,34 +253,8 @@ class OptimizerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> OptimizerConfig:
         """Builds a config from nested dicts (e.g. parsed YAML or OmegaConf), refusing unknown keys."""
-        return _from_mapping(cls, values, "optimizer")
+        return dataclass_from_dict(cls, values, "optimizer")
 
     def to_dict(self) -> dict:
         """Nested plain dict of the fields (routing predicates stay callables)."""
         return dataclasses.asdict(self)
-
-
-def renamed_keys(cls, values: Mapping[str, Any]) -> dict:
-    """``values`` with keys a dataclass has renamed (its RENAMED_KEYS) under their current names."""
-    renamed = getattr(cls, "RENAMED_KEYS", {})
-    return {(renamed[key] if key in renamed and renamed[key] not in values else key): value
-            for key, value in values.items()}
-
-
-def _from_mapping(cls, values: Mapping[str, Any], where: str):
-    values = renamed_keys(cls, values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {where} field(s) {unknown}; known fields: {sorted(known)}")
-    values = dict(values)
-    if cls is OptimizerConfig:
-        for field, nested in _NESTED.items():
-            if isinstance(values.get(field), Mapping):
-                values[field] = _from_mapping(nested, values[field], f"{where}.{field}")
-    if cls is RoutingConfig and "rules" in values:
-        rules = []
-        for i, rule in enumerate(values["rules"]):
-            rules.append(_from_mapping(RoutingRule, rule, f"{where}.rules[{i}]") if isinstance(rule, Mapping) else rule)
-        values["rules"] = tuple(rules)
-    return cls(**values)

@@ -1,7 +1,7 @@
 """The trainer's parts, in the order train.py uses them.
 
     config.py          one typed run config: sections as frozen dataclasses, load_config
-    config_parsing.py  YAML files and --section.key=value overrides -> checked dataclasses
+                       (read through recipes.config_parsing)
     mesh.py            the device mesh, multi-host start-up, global batches from per-process rows
     step.py            the train state (a plain dict), its shardings, the jitted train and eval steps
     run_dir.py         the run directory: its lock, resume checks, config history, summary.json

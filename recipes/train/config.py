@@ -6,7 +6,7 @@ Sections: model (a named size plus ModelConfig overrides), data, optimizer
 (recipes.optim.config.OptimizerConfig), train, mesh, eval, logging. A YAML
 file may name another with ``base: other.yaml`` (relative to the file); its keys
 are merged under the file's own. Top-level keys starting with "_" are ignored, so
-they can hold YAML anchors. Reading and checking keys is recipes.train.config_parsing's.
+they can hold YAML anchors. Reading and checking keys is recipes.config_parsing's.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Any, Mapping
 import yaml
 
 from model.config import ModelConfig
-from recipes.errors import ConfigError
+from recipes.errors import ConfigError, check_choice, check_number
 from recipes.optim.config import OptimizerConfig, ScheduleConfig
-from recipes.train.config_parsing import from_dict, merge_configs, parse_overrides, read_yaml, to_dict
+from recipes.config_parsing import dataclass_from_dict, merge_configs, parse_overrides, read_yaml, to_dict
 
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -37,11 +37,9 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self):
-        _positive(self, "global_batch")
-        _positive(self, "prefetch")
-        for name in ("seq_len", "micro_batch"):
-            if getattr(self, name) is not None:
-                _positive(self, name)
+        for name in ("global_batch", "prefetch", "seq_len", "micro_batch"):
+            check_number(f"data.{name}", getattr(self, name), integer=True, low=1,
+                         optional=name in ("seq_len", "micro_batch"))
         if self.micro_batch is not None and self.global_batch % self.micro_batch:
             raise ConfigError(
                 f"data.global_batch={self.global_batch} is not a multiple of data.micro_batch="
@@ -74,16 +72,13 @@ class TrainConfig:
     stop_at_target: bool = False  # end the run (with a checkpoint) once the target is reached
 
     def __post_init__(self):
-        _positive(self, "steps")
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            check_number(f"train.{name}", getattr(self, name), integer=True, low=1)
         if self.stop_at_target and self.target_val_loss is None:
             raise ConfigError("train.stop_at_target needs train.target_val_loss (the validation loss to reach)")
-        if self.target_val_loss is not None and not self.target_val_loss > 0:
-            raise ConfigError(f"train.target_val_loss={self.target_val_loss} must be a loss > 0 (or null)")
-        if self.spike_factor is not None and self.spike_factor <= 1:
-            raise ConfigError(f"train.spike_factor={self.spike_factor} must be > 1 (or null: no guard)")
-        _positive(self, "checkpoint_every")
-        _positive(self, "keep_checkpoints")
-        _positive(self, "max_nonfinite_steps")
+        check_number("train.target_val_loss", self.target_val_loss, low=0, low_open=True, optional=True)
+        check_number("train.spike_factor", self.spike_factor, low=1, low_open=True, optional=True,
+                     hint="null turns the spike guard off")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.steps:
             raise ConfigError(
                 f"train.stop_at_step={self.stop_at_step} must be in [1, train.steps={self.steps}]")
@@ -107,10 +102,9 @@ class MeshConfig:
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):
             value = getattr(self, name)
-            if value == 0 or value < -1:
-                raise ConfigError(f"mesh.{name}={value} must be a positive size or -1 (the rest)")
-        if self.devices is not None and self.devices <= 0:
-            raise ConfigError(f"mesh.devices={self.devices} must be positive (or null: all devices)")
+            if value != -1:
+                check_number(f"mesh.{name}", value, integer=True, low=1, hint="or -1 for the remaining devices")
+        check_number("mesh.devices", self.devices, integer=True, low=1, optional=True, hint="null uses all devices")
         if [self.data, self.fsdp, self.tensor].count(-1) > 1:
             raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
 
@@ -123,10 +117,8 @@ class EvalConfig:
     batch_size: int | None = None  # None: data.micro_batch or data.global_batch
 
     def __post_init__(self):
-        _positive(self, "every")
-        _positive(self, "batches")
-        if self.batch_size is not None:
-            _positive(self, "batch_size")
+        for name in ("every", "batches", "batch_size"):
+            check_number(f"eval.{name}", getattr(self, name), integer=True, low=1, optional=name == "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +131,8 @@ class LoggingConfig:
     diagnostics: bool = False  # per-branch update statistics (recipes.optim.diagnostics)
 
     def __post_init__(self):
-        _positive(self, "every")
-        if self.wandb not in WANDB_MODES:
-            raise ConfigError(f"logging.wandb={self.wandb!r} is not one of {list(WANDB_MODES)}")
+        check_number("logging.every", self.every, integer=True, low=1)
+        check_choice("logging.wandb", self.wandb, WANDB_MODES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,12 +146,9 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"sample.max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise ConfigError(f"sample.temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_k is not None:
-            _positive(self, "top_k")
+        check_number("sample.max_new_tokens", self.max_new_tokens, integer=True, low=0)
+        check_number("sample.temperature", self.temperature, low=0, hint="0 is greedy")
+        check_number("sample.top_k", self.top_k, integer=True, low=1, optional=True)
         if not self.prompt:
             raise ConfigError("sample.prompt is empty: give at least one character")
 
@@ -191,19 +179,8 @@ class Config:
                 f"{self.model.context_length}; lower data.seq_len or raise the context length")
         try:  # the schedule must fit in the run (train.steps when the schedule names no length)
             self.optimizer.schedule.check_steps(self.optimizer.schedule.total_steps or self.train.steps)
-        except ValueError as error:
+        except ConfigError as error:
             raise ConfigError(f"optimizer.{error}") from None
-
-
-def _positive(section, name: str) -> None:
-    value = getattr(section, name)
-    if value <= 0:
-        section_name = _SECTION_NAMES.get(type(section), type(section).__name__)
-        raise ConfigError(f"{section_name}.{name}={value} must be positive")
-
-
-_SECTION_NAMES = {DataConfig: "data", TrainConfig: "train", MeshConfig: "mesh", EvalConfig: "eval",
-                  LoggingConfig: "logging", SampleConfig: "sample"}
 
 
 def to_yaml(config: Config) -> str:
@@ -219,7 +196,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
     model = values.get("model", {})
     if "size" not in model and not set(model) & {"n_layer", "d_model"}:
         values["model"] = {"size": "tiny", **model}
-    return from_dict(Config, values)
+    return dataclass_from_dict(Config, values)
 
 
 def fit_warmup(values: dict) -> tuple[dict, str | None]:

@@ -93,6 +93,6 @@ def test_image_family_dataset_is_checked():
 
     from recipes.metatrain.config import FamilyConfig
 
-    with pytest.raises(ValueError, match="dataset 'cifar' unknown"):
+    with pytest.raises(ValueError, match="families\\[\\].dataset must be one of .*, got 'cifar'"):
         FamilyConfig(kind="image_mlp", dataset="cifar")
     assert FamilyConfig(kind="image_mlp", dataset="mnist", hidden=(32,)).name == "mnist_mlp_32"

@@ -105,7 +105,7 @@ def test_rule_that_matches_nothing_is_refused():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(group="sgd"), "routing rule group 'sgd' is unknown; use one of ['main', 'adamw']"),
+    (dict(group="sgd"), "routing rule group must be one of ['main', 'adamw'], got 'sgd'"),
     (dict(group="main", pattern="blocks/("), "is not a valid regex"),
     (dict(group="main", min_rank=3, max_rank=2), "it can match nothing"),
 ])

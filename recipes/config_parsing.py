@@ -1,5 +1,7 @@
-"""From YAML files and --section.key=value strings to checked dataclasses; the trainer's config
-(recipes.train.config) and meta-training's (recipes.metatrain.config) are both read through here.
+"""From YAML files and --section.key=value strings to checked dataclasses; the optimizer's config
+(recipes.optim.config), the trainer's (recipes.train.config) and meta-training's
+(recipes.metatrain.config) are all read through here, and check their values with
+recipes.errors.check_number / check_choice.
 
 Every key is checked against the dataclass it lands in: an unknown key names the closest valid
 one, a wrong type the expected type. A YAML file may name another with ``base: other.yaml``.
@@ -19,9 +21,8 @@ from omegaconf import OmegaConf
 
 from model.config import SIZES, ModelConfig
 from recipes.errors import ConfigError
-from recipes.optim.config import renamed_keys
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 # --- typed conversion of plain dicts -----------------------------------------------------------
@@ -56,7 +57,7 @@ def _convert(value, tp, key: str):
             return value
         if not isinstance(value, Mapping):
             raise _type_error(key, tp, value)
-        return from_dict(tp, value, key)
+        return dataclass_from_dict(tp, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, tp, value)
@@ -98,7 +99,14 @@ def _unknown_key_error(key: str, name: str, valid) -> ConfigError:
                        f"{prefix.rstrip('.') or 'the top level'}: {sorted(valid)}")
 
 
-def from_dict(cls, values: Mapping[str, Any], where: str = ""):
+def renamed_keys(cls, values: Mapping[str, Any]) -> dict:
+    """``values`` with keys a dataclass has renamed (its RENAMED_KEYS) under their current names."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    return {(renamed[key] if key in renamed and renamed[key] not in values else key): value
+            for key, value in values.items()}
+
+
+def dataclass_from_dict(cls, values: Mapping[str, Any], where: str = ""):
     """Builds dataclass ``cls`` from a (nested) mapping, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
