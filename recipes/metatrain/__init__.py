@@ -10,7 +10,7 @@
     population.py      one family's particles
     fused.py           families of one shape trained as one population
     loop.py            the outer loop (the trainer's run-directory lock and stop handling)
-    checkpoint.py      save and resume (npz state, official-format theta.state)
+    checkpoint.py      save and resume (orbax, via the trainer's Checkpointer; official-format theta.state)
     evaluate.py        held-out evaluation of a theta against tuned baselines
     progress.py        meta-loss and validation loss against outer step
     ship.py            picking a snapshot by validation and shipping it under recipes/optim/weights/

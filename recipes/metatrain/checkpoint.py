@@ -1,26 +1,24 @@
-"""Saving and resuming meta-training.
+"""Saving and resuming meta-training, on the trainer's orbax Checkpointer.
 
 An output directory holds:
   config.json             the meta-training settings
   theta.state             the latest theta in the official Celo2 format
   thetas/theta_NNNNNNN.state  snapshots for picking a checkpoint by validation
-  checkpoint/state.npz    everything needed to resume (theta, outer optimizer
-                          state, step, PES populations, RNG), as the leaves of
-                          one pytree whose structure the config determines
-  checkpoint/meta.json    step, leaf count and the settings it was written under
-  checkpoint.previous/    the checkpoint before it, the fallback if the newest is damaged
+  checkpoints/<step>/     orbax checkpoints of everything needed to resume (theta, outer
+                          optimizer state, step, PES populations, RNG) and, beside them, the
+                          settings they were written under; the last three are kept
   metrics.jsonl           one JSON record per logged outer step
 
-A checkpoint is written whole into checkpoint.new/ and then renamed into place,
-so a run killed at any moment leaves at least one complete checkpoint. Resume
-takes the newest that restores; a damaged one is moved to checkpoint.damaged/,
-never deleted.
+Saves are asynchronous and atomic (recipes.train.checkpoint). Resume takes the newest
+checkpoint that restores; a damaged one is moved to checkpoints.damaged/, never deleted.
+Directories written before the move to orbax hold checkpoint/state.npz (and
+checkpoint.previous/): they are read when there is no orbax checkpoint, and the run then
+goes on in checkpoints/.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -28,15 +26,17 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from recipes.optim.theta import save_checkpoint
 from recipes.errors import ConfigError
-from recipes.files import atomic_write, move_aside, rotate_directories, write_json
+from recipes.files import move_aside
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
+from recipes.optim.theta import save_checkpoint
+from recipes.train.checkpoint import Checkpointer
 
-CHECKPOINT_DIR = "checkpoint"
-NEW_DIR, PREVIOUS_DIR, DAMAGED_DIR = "checkpoint.new", "checkpoint.previous", "checkpoint.damaged"
-STATE_FILE = "state.npz"
-META_FILE = "meta.json"
+CHECKPOINTS_DIR = "checkpoints"
+# The npz layout written before orbax: read only.
+LEGACY_DIRS = ("checkpoint", "checkpoint.new", "checkpoint.previous")
+LEGACY_DAMAGED_DIR = "checkpoint.damaged"
+LEGACY_STATE_FILE, LEGACY_META_FILE = "state.npz", "meta.json"
 # Changing these changes the state's structure or the problem being optimized.
 _MUST_MATCH = ("pes", "inner", "families", "lm_sampler")
 
@@ -49,70 +49,64 @@ class MetaState(NamedTuple):
     rng: Any  # uint32 key data
 
 
+def _check_settings(meta: dict, config: MetaTrainConfig, where: Path) -> None:
+    """Refuses a checkpoint written under other problem settings (ConfigError)."""
+    record = config_record(config)
+    changed = [k for k in _MUST_MATCH if _with_new_defaults(k, meta.get(k)) != record[k]]
+    if changed:
+        raise ConfigError(
+            f"{where} was written with different {changed} settings than this config; these fix the "
+            "problem and the state's layout, so resume with the original settings or pick a new metatrain.out_dir")
+
+
+def _on_one_device(tree):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+class MetaCheckpointer:
+    """Checkpoints of one meta-training directory (see the module docstring)."""
+
+    def __init__(self, out_dir: str | Path, config: MetaTrainConfig, *, keep: int = 3):
+        self.out_dir, self.config = Path(out_dir), config
+        self._checkpointer = Checkpointer(self.out_dir / CHECKPOINTS_DIR, keep=keep)
+
+    def exists(self) -> bool:
+        return self._checkpointer.latest_step() is not None or bool(_legacy_candidates(self.out_dir))
+
+    def save(self, state: MetaState) -> None:
+        """Starts an asynchronous save of the resumable state; writes theta.state now."""
+        record = config_record(self.config)
+        meta = {"step": int(state.step), **{k: record[k] for k in _MUST_MATCH},
+                "resolved_families": record["resolved_families"]}
+        # The trainer's Checkpointer stores "opt_state" as its flat list of leaves: the whole
+        # meta-state goes there, so any PES or optax state round-trips.
+        self._checkpointer.save(int(state.step), {"step": state.step, "opt_state": state}, meta)
+        save_checkpoint(jax.device_get(state.theta), self.out_dir / "theta.state")
+
+    def restore_newest(self, target: MetaState, log: Callable[[str], None] = print) -> MetaState | None:
+        """The newest checkpoint that restores completely (``target``: the state's shapes), or None.
+
+        A damaged one is moved aside with a note and the next older one is tried; one written
+        under other settings is refused (ConfigError), since resuming it would change the problem.
+        """
+        abstract = _on_one_device({"step": target.step, "opt_state": target})
+        where = self.out_dir / CHECKPOINTS_DIR
+        _, state = self._checkpointer.restore_newest(
+            abstract, log=log, check_meta=lambda meta: _check_settings(meta, self.config, where))
+        if state is not None:  # through the host, so no array stays committed to one device
+            return jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), state["opt_state"])
+        return _newest_legacy_state(self.out_dir, target, self.config, log)
+
+    def close(self) -> None:
+        """Waits for the last save to finish."""
+        self._checkpointer.close()
+
+
 def config_record(config: MetaTrainConfig) -> dict:
     record = config.to_dict()
     record["resolved_families"] = [dataclasses.asdict(f) for f in config.all_families()]
     return json.loads(json.dumps(record, default=list))
-
-
-def _candidates(out_dir: Path) -> list[Path]:
-    """Checkpoint directories that hold a meta.json (a save cut short may leave any of them)."""
-    return [out_dir / name for name in (CHECKPOINT_DIR, NEW_DIR, PREVIOUS_DIR)
-            if (out_dir / name / META_FILE).is_file()]
-
-
-def has_checkpoint(out_dir: str | Path) -> bool:
-    return bool(_candidates(Path(out_dir)))
-
-
-def save(out_dir: str | Path, state: MetaState, config: MetaTrainConfig) -> Path:
-    """Writes the resumable state and the official-format theta; returns the checkpoint dir.
-
-    The new checkpoint is complete in checkpoint.new/ before checkpoint/ becomes
-    checkpoint.previous/ and checkpoint.new/ becomes checkpoint/.
-    """
-    out = Path(out_dir)
-    ckpt, new, previous = out / CHECKPOINT_DIR, out / NEW_DIR, out / PREVIOUS_DIR
-    if new.exists():
-        shutil.rmtree(new)  # an unfinished save: the complete checkpoints are the others
-    new.mkdir(parents=True)
-    leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
-    atomic_write(new / STATE_FILE, lambda f: np.savez(f, *leaves))
-    record = config_record(config)
-    write_json(new / META_FILE, {"step": int(state.step), "num_leaves": len(leaves),
-                                 **{k: record[k] for k in _MUST_MATCH}, "resolved_families": record["resolved_families"]})
-    rotate_directories(new, ckpt, previous)
-    save_checkpoint(jax.device_get(state.theta), out / "theta.state")
-    return ckpt
-
-
-def newest_meta_state(out_dir: str | Path, target: MetaState, config: MetaTrainConfig,
-                   log: Callable[[str], None] = print) -> MetaState | None:
-    """The newest checkpoint that restores completely, or None when there is none.
-
-    One that fails to load (a truncated or missing file, garbled metadata) is moved to
-    checkpoint.damaged/ with a note and the next older one is tried; one written under
-    other settings is refused (ConfigError), since resuming it would change the problem.
-    """
-    out = Path(out_dir)
-
-    def step_of(path: Path) -> int:
-        try:
-            return int(json.loads((path / META_FILE).read_text())["step"])
-        except (ValueError, KeyError, TypeError, OSError):
-            return -1  # unreadable: tried last, and found damaged
-
-    for path in sorted(_candidates(out), key=step_of, reverse=True):
-        try:
-            return restore(path, target, config)
-        except ConfigError:  # readable, but another problem or layout: not damage
-            raise
-        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
-            # what numpy, zipfile and json raise for a truncated, missing or garbled file
-            aside = move_aside(path, out / DAMAGED_DIR, f"{path.name}.{step_of(path)}")
-            log(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
-                f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
-    return None
 
 
 def _with_new_defaults(section: str, saved):
@@ -127,19 +121,40 @@ def _with_new_defaults(section: str, saved):
     return saved
 
 
-def restore(ckpt: str | Path, target: MetaState, config: MetaTrainConfig) -> MetaState:
-    """The state saved in the checkpoint directory ``ckpt``, checked leaf by leaf against ``target``
-    (arrays or shape structs)."""
-    ckpt = Path(ckpt)
-    meta = json.loads((ckpt / META_FILE).read_text())
-    record = config_record(config)
-    changed = [k for k in _MUST_MATCH if _with_new_defaults(k, meta.get(k)) != record[k]]
-    if changed:
-        raise ConfigError(
-            f"{ckpt} was written with different {changed} settings than this config; these fix the "
-            "problem and the state's layout, so resume with the original settings or pick a new metatrain.out_dir")
+# --- the npz layout written before orbax (read only) --------------------------------------
+
+
+def _legacy_candidates(out_dir: Path) -> list[Path]:
+    """npz checkpoint directories that hold a meta.json (a save cut short may leave any of them)."""
+    return [out_dir / name for name in LEGACY_DIRS if (out_dir / name / LEGACY_META_FILE).is_file()]
+
+
+def _newest_legacy_state(out: Path, target: MetaState, config: MetaTrainConfig,
+                         log: Callable[[str], None]) -> MetaState | None:
+    def step_of(path: Path) -> int:
+        try:
+            return int(json.loads((path / LEGACY_META_FILE).read_text())["step"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return -1  # unreadable: tried last, and found damaged
+
+    for path in sorted(_legacy_candidates(out), key=step_of, reverse=True):
+        try:
+            return _restore_legacy(path, target, config)
+        except ConfigError:  # readable, but another problem or layout: not damage
+            raise
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+            # what numpy, zipfile and json raise for a truncated, missing or garbled file
+            aside = move_aside(path, out / LEGACY_DAMAGED_DIR, f"{path.name}.{step_of(path)}")
+            log(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
+    return None
+
+
+def _restore_legacy(ckpt: Path, target: MetaState, config: MetaTrainConfig) -> MetaState:
+    """The state saved in the npz checkpoint directory ``ckpt``, checked leaf by leaf against ``target``."""
+    _check_settings(json.loads((ckpt / LEGACY_META_FILE).read_text()), config, ckpt)
     target_leaves, treedef = jax.tree.flatten(target)
-    with np.load(ckpt / STATE_FILE) as data:
+    with np.load(ckpt / LEGACY_STATE_FILE) as data:
         saved = [data[f"arr_{i}"] for i in range(len(data.files))]
     if len(saved) != len(target_leaves):
         raise ConfigError(f"{ckpt}: {len(saved)} saved arrays, but this config's state has {len(target_leaves)}")

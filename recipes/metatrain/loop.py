@@ -82,15 +82,15 @@ class MetaTrainer:
         return ckpt.MetaState(theta, self.outer_tx.init(theta), jnp.zeros((), jnp.int32), pops,
                               jax.random.key_data(jax.random.fold_in(root, 1_000_003)))
 
-    def initial_state(self) -> ckpt.MetaState:
+    def initial_state(self, checkpointer: ckpt.MetaCheckpointer) -> ckpt.MetaState:
         m = self.config.metatrain
-        if ckpt.has_checkpoint(self.out_dir):
+        if checkpointer.exists():
             target = jax.eval_shape(self.fresh_state, resolve_theta("normalized_momentum"))
-            state = ckpt.newest_meta_state(self.out_dir, target, self.config, log=self.log)
+            state = checkpointer.restore_newest(target, log=self.log)
             if state is None:  # starting over would overwrite theta.state and the snapshots
                 raise ConfigError(
-                    f"no checkpoint of {self.out_dir} restores (each is kept in {ckpt.DAMAGED_DIR}/); to start "
-                    "over, move the directory aside or choose another metatrain.out_dir")
+                    f"no checkpoint of {self.out_dir} restores (each was moved to a *.damaged/ directory "
+                    "beside it); to start over, move the directory aside or choose another metatrain.out_dir")
             self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
             return state
         self.log(f"starting from theta {m.init_theta!r}")
@@ -168,7 +168,14 @@ class MetaTrainer:
             lock.release()
 
     def _run(self, m) -> ckpt.MetaState:
-        state = self.initial_state()
+        checkpointer = ckpt.MetaCheckpointer(self.out_dir, self.config)
+        try:
+            return self._train(m, checkpointer)
+        finally:
+            checkpointer.close()  # waits for the last save
+
+    def _train(self, m, checkpointer: ckpt.MetaCheckpointer) -> ckpt.MetaState:
+        state = self.initial_state(checkpointer)
         write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
         wandb_run = self._wandb()
         # The trainer's stop handling: a signal ends the loop, the state is saved, and the
@@ -176,7 +183,7 @@ class MetaTrainer:
         with StopRequest() as stop_request, open(self.out_dir / "metrics.jsonl", "a") as metrics_file:
             try:
                 last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
-                saved_step = int(state.step) if ckpt.has_checkpoint(self.out_dir) else None  # resumed: on disk
+                saved_step = int(state.step) if checkpointer.exists() else None  # resumed: on disk
                 if m.profile and int(state.step) < m.outer_steps:
                     self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
                 while int(state.step) < m.outer_steps and not stop_request:
@@ -195,10 +202,10 @@ class MetaTrainer:
                         self._log_record(self.profile(state), metrics_file, wandb_run, step, "profile")
                         window_start = time.perf_counter()
                     if time.time() - last_save >= m.checkpoint_every_s:
-                        ckpt.save(self.out_dir, state, self.config)
+                        checkpointer.save(state)
                         last_save, saved_step = time.time(), step
-                if saved_step != int(state.step):  # saving a step twice would rotate out the fallback
-                    ckpt.save(self.out_dir, state, self.config)
+                if saved_step != int(state.step):  # a step already on disk is not saved again
+                    checkpointer.save(state)
                 self.stopped_by = stop_request.signal_number
                 if stop_request:
                     self.log(f"stopped by {stop_request.signal_name} at outer step {int(state.step)}; checkpoint saved")

@@ -55,24 +55,40 @@ class Checkpointer:
         state["opt_state"] = jax.tree.unflatten(treedef, opt_leaves)
         return state, dict(restored["meta"])
 
-    def restore_newest(self, abstract: dict, log=print) -> tuple[int | None, dict | None]:
+    def read_meta(self, step: int) -> dict:
+        """The JSON record saved beside the state at ``step``, without reading any array."""
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def restore_newest(self, abstract: dict, log=print, check_meta=None) -> tuple[int | None, dict | None]:
         """(step, state) of the newest checkpoint that restores completely, or (None, None).
 
         A checkpoint that fails to restore (truncated file, missing item, garbled metadata) is
         moved aside to ``<directory>.damaged/<step>``, never deleted, and the next older one is tried.
+        ``check_meta(meta)`` may refuse a readable checkpoint by raising ConfigError (written under
+        other settings); that error propagates and nothing is moved.
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+            except Exception as error:  # orbax raises many types for a damaged directory
+                self._set_aside(step, error, log)
+                continue
+            if check_meta is not None:
+                check_meta(meta)
             try:
                 state, _ = self.restore(step, abstract)
                 jax.block_until_ready(state)
                 return step, state
-            except Exception as error:  # orbax raises many types for a damaged directory
-                aside = move_aside(self.directory / str(step),
-                                   self.directory.with_name(self.directory.name + ".damaged"), str(step))
-                self._manager.reload()
-                reason = " ".join(str(error).split())[:200] or type(error).__name__
-                log(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")
+            except Exception as error:
+                self._set_aside(step, error, log)
         return None, None
+
+    def _set_aside(self, step: int, error: Exception, log) -> None:
+        aside = move_aside(self.directory / str(step),
+                           self.directory.with_name(self.directory.name + ".damaged"), str(step))
+        self._manager.reload()
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        log(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -1,8 +1,8 @@
 """Faults met by real scripts/metatrain.py processes: a signal, a second process on the directory,
 damaged and deleted checkpoint files, bad settings. Each ends in its documented exit code, with one
 `error:` line where it fails, and the run then resumes to the same theta as an undisturbed one."""
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,12 +50,18 @@ def theta_leaves(path: Path):
     return [np.asarray(x) for x in __import__("jax").tree.leaves(load_checkpoint(path))]
 
 
+def saved_steps(run: Path) -> list[int]:
+    """Steps of the finished orbax checkpoints (one being written has a temporary name)."""
+    folder = run / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
 def test_signal_lock_damage_and_bad_settings(tmp_path):
     run = tmp_path / "run"
     first = start(tmp_path, run, "--metatrain.outer_steps=100000")
     try:
         deadline = time.time() + 300
-        while not (run / "checkpoint.previous" / "meta.json").is_file():  # two checkpoints written
+        while len(saved_steps(run)) < 2:  # two checkpoints written
             if first.poll() is not None or time.time() > deadline:
                 first.kill()
                 pytest.fail(f"no second checkpoint: {first.communicate()[1][-3000:]}")
@@ -73,27 +79,30 @@ def test_signal_lock_damage_and_bad_settings(tmp_path):
     assert code == 128 + signal.SIGTERM, err[-3000:]
     assert "checkpoint saved" in out
 
-    stopped_at = json.loads((run / "checkpoint" / "meta.json").read_text())["step"]
+    stopped_at = saved_steps(run)[-1]
+    before = saved_steps(run)[-2]
     end = stopped_at + 1
 
-    # The newest checkpoint cut short: resume falls back to the one before, keeps the damaged one aside,
-    # and reaches the same theta as a run never stopped.
-    state = run / "checkpoint" / "state.npz"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    # The newest checkpoint's arrays cut short: resume falls back to the one before, keeps the damaged
+    # one aside, and reaches the same theta as a run never stopped.
+    for f in (run / "checkpoints" / str(stopped_at) / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
     code, out, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end}"))
     assert code == 0, err[-3000:]
-    assert "checkpoint does not restore" in out and f"at outer step {stopped_at - 1}" in out
-    assert list((run / "checkpoint.damaged").iterdir())
+    assert f"checkpoint {stopped_at} does not restore" in out and f"at outer step {before}" in out
+    assert list((run / "checkpoints.damaged").iterdir())
     undisturbed = tmp_path / "undisturbed"
     code, _, err = finish(start(tmp_path, undisturbed, f"--metatrain.outer_steps={end}"))
     assert code == 0, err[-3000:]
     for a, b in zip(theta_leaves(run / "theta.state"), theta_leaves(undisturbed / "theta.state")):
         np.testing.assert_array_equal(a, b)
 
-    # Deleted state file: the previous checkpoint carries the run on.
-    (run / "checkpoint" / "state.npz").unlink()
+    # Deleted arrays: the previous checkpoint carries the run on.
+    newest, previous = saved_steps(run)[-1], saved_steps(run)[-2]
+    shutil.rmtree(run / "checkpoints" / str(newest) / "state")
     code, out, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end + 1}"))
-    assert code == 0 and f"resumed {run} at outer step {end - 1}" in out, err[-3000:]
+    assert code == 0 and f"resumed {run} at outer step {previous}" in out, err[-3000:]
     assert f"done: outer step {end + 1}" in out
 
     # Settings that change the problem, and a misspelt key: one line each, the directory untouched.

@@ -63,9 +63,14 @@ def load_checkpoint_start():
 def test_state_round_trip(trainer, trained, tmp_path):
     state = trainer.fresh_state(jax.tree.map(np.asarray, load_checkpoint(trainer.out_dir / "theta.state")))
     other = trainer.retarget(out_dir=str(tmp_path))
-    ckpt.save(tmp_path, state, other.config)
-    target = jax.eval_shape(lambda: state)
-    restored = ckpt.restore(tmp_path / ckpt.CHECKPOINT_DIR, target, other.config)
+    saver = ckpt.MetaCheckpointer(tmp_path, other.config)
+    saver.save(state)
+    saver.close()
+    reader = ckpt.MetaCheckpointer(tmp_path, other.config)  # a fresh process's view
+    assert reader.exists()
+    restored = reader.restore_newest(jax.eval_shape(lambda: state))
+    reader.close()
+    assert (tmp_path / ckpt.CHECKPOINTS_DIR / "0").is_dir()
     for a, b in zip(_leaves(state), _leaves(restored)):
         np.testing.assert_array_equal(a, b)
 
@@ -85,8 +90,11 @@ def test_resume_refuses_changed_problem(trainer, tmp_path):
     _run(trainer, tmp_path, 1)
     changed = from_dict({**TINY, "pes": {**TINY["pes"], "sigma": 0.02},
                          "metatrain": {**TINY["metatrain"], "out_dir": str(tmp_path)}})
+    reader = ckpt.MetaCheckpointer(tmp_path, changed)
     with pytest.raises(ValueError, match="different"):
-        ckpt.restore(tmp_path / ckpt.CHECKPOINT_DIR, jax.eval_shape(lambda: trainer.fresh_state(_theta())), changed)
+        reader.restore_newest(jax.eval_shape(lambda: trainer.fresh_state(_theta())))
+    reader.close()
+    assert [p.name for p in (tmp_path / ckpt.CHECKPOINTS_DIR).iterdir()] == ["1"]  # refused, not moved aside
 
 
 def _theta():
