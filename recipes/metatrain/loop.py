@@ -6,9 +6,7 @@ exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +16,7 @@ import numpy as np
 import optax
 
 from recipes.optim.theta import resolve_theta
+from recipes.train.metrics import MetricsLog
 from recipes.train.run_dir import RunDirLock
 from recipes.train.stop import StopRequest
 from recipes.errors import ConfigError
@@ -177,15 +176,18 @@ class MetaTrainer:
     def _train(self, m, checkpointer: ckpt.MetaCheckpointer) -> ckpt.MetaState:
         state = self.initial_state(checkpointer)
         write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
-        wandb_run = self._wandb()
+        if (self.out_dir / "wandb_id").is_file() and not (self.out_dir / "wandb_id.txt").exists():
+            (self.out_dir / "wandb_id").rename(self.out_dir / "wandb_id.txt")  # the name used before
+        metrics_log = MetricsLog(self.out_dir, wandb_mode=m.wandb, project=m.wandb_project, name=self.out_dir.name,
+                                 config=dataclasses.asdict(self.config), resume_step=int(state.step))
         # The trainer's stop handling: a signal ends the loop, the state is saved, and the
         # caller exits with 128 + the signal's number.
-        with StopRequest() as stop_request, open(self.out_dir / "metrics.jsonl", "a") as metrics_file:
+        with StopRequest() as stop_request:
             try:
                 last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
                 saved_step = int(state.step) if checkpointer.exists() else None  # resumed: on disk
                 if m.profile and int(state.step) < m.outer_steps:
-                    self._log_record(self.profile(state), metrics_file, wandb_run, int(state.step), "profile")
+                    self._log_record(self.profile(state), metrics_log, int(state.step), "profile")
                 while int(state.step) < m.outer_steps and not stop_request:
                     state, metrics = self.outer_step(state)
                     step = int(state.step)
@@ -194,12 +196,12 @@ class MetaTrainer:
                         elapsed = time.perf_counter() - window_start
                         metrics["outer_it_per_s"] = window_steps / elapsed
                         metrics["seconds_per_outer_it"] = elapsed / window_steps
-                        self._log_record(metrics, metrics_file, wandb_run, step)
+                        self._log_record(metrics, metrics_log, step)
                         window_start, window_steps = time.perf_counter(), 0
                     if m.snapshot_every and step % m.snapshot_every == 0:
                         ckpt.snapshot_theta(self.out_dir, state.theta, step)
                     if m.profile and m.profile_every and step % m.profile_every == 0 and step < m.outer_steps:
-                        self._log_record(self.profile(state), metrics_file, wandb_run, step, "profile")
+                        self._log_record(self.profile(state), metrics_log, step, "profile")
                         window_start = time.perf_counter()
                     if time.time() - last_save >= m.checkpoint_every_s:
                         checkpointer.save(state)
@@ -210,16 +212,11 @@ class MetaTrainer:
                 if stop_request:
                     self.log(f"stopped by {stop_request.signal_name} at outer step {int(state.step)}; checkpoint saved")
             finally:
-                if wandb_run is not None:
-                    wandb_run.finish()
+                metrics_log.close()
         return state
 
-    def _log_record(self, record: dict, file, wandb_run, step: int, kind: str = "train") -> None:
-        record = {"kind": kind, "outer_step": step, "time": time.time(), **record}
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+    def _log_record(self, record: dict, metrics_log: MetricsLog, step: int, kind: str = "train") -> None:
+        metrics_log.log({"step": step, "kind": kind, "outer_step": step, "time": time.time(), **record})
         if kind == "profile":
             self.log(f"[profile] learned rule {100 * record['rule_share']:.0f}% of unroll time "
                      f"({record['unroll_seconds_per_truncation']:.2f}s per truncation of all families, "
@@ -228,15 +225,3 @@ class MetaTrainer:
             families = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in record.items() if k.startswith("meta_loss/"))
             self.log(f"step {step}: meta_loss {record['meta_loss']:.4f} ({families}) "
                      f"|g| {record['grad_norm']:.3g} {record['outer_it_per_s']:.3f} it/s")
-
-    def _wandb(self):
-        m = self.config.metatrain
-        if m.wandb == "disabled":
-            return None
-        import wandb
-
-        id_file = self.out_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
-        return wandb.init(project=m.wandb_project, id=run_id, resume="allow", mode=m.wandb, dir=str(self.out_dir),
-                          config=dataclasses.asdict(self.config))

@@ -116,7 +116,8 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+            self._wandb.log({k: v for k, v in record.items()
+                             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)},
                             step=record["step"])
 
     def close(self) -> None:

@@ -104,3 +104,16 @@ def _theta():
 
 def _run(trainer, out_dir, steps):
     return trainer.retarget(out_dir=str(out_dir), outer_steps=steps).run()
+
+
+def test_metrics_and_wandb_go_through_the_trainers_log(trainer, tmp_path):
+    """Real W&B in offline mode: one run id per directory (kept across a resume, under the
+    trainer's wandb_id.txt), and metrics.jsonl rows carry the trainer's `step` key."""
+    run = trainer.retarget(out_dir=str(tmp_path), outer_steps=1, wandb="offline")
+    run.run()
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    trainer.retarget(out_dir=str(tmp_path), outer_steps=2, wandb="offline").run()
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == run_id
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["outer_step"]) for r in rows if r["kind"] == "train"] == [(1, 1), (2, 2)]
