@@ -2,14 +2,14 @@
 
     python scripts/metatrain.py --config configs/metatrain/smoke.yaml
 
-    config.py          the settings (read through the trainer's config parsing)
+    config.py          the settings (read through recipes.config_parsing)
     pes.py             the PES estimator
     tasks.py           a task family's interface and the inner optimizer (the harness's)
     tasks_image.py     MLPs on 8x8 image sets (image_datasets.py reads them from installed packages)
     tasks_lm.py        small GPTs on a token corpus
     population.py      one family's particles
     fused.py           families of one shape trained as one population
-    loop.py            the outer loop (the trainer's run-directory lock and stop handling)
+    loop.py            the outer loop (the trainer's run-directory lock, stop handling and metrics log)
     checkpoint.py      save and resume (orbax, via the trainer's Checkpointer; official-format theta.state)
     evaluate.py        held-out evaluation of a theta against tuned baselines
     progress.py        meta-loss and validation loss against outer step
