@@ -1,4 +1,5 @@
 """Families of one shape fused into one population give each family's own results."""
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
     assert any("resumed" in line and "outer step 2" in line for line in lines)
     assert int(state.step) == 3
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.theta))
+    # The npz checkpoint is read; the run goes on in orbax checkpoints, which the next resume takes.
+    assert (out / "checkpoints" / "3").is_dir()
+    lines.clear()
+    again = MetaTrainer(dataclasses.replace(config, metatrain=dataclasses.replace(config.metatrain, outer_steps=4)),
+                        log=lines.append).run()
+    assert any("resumed" in line and "outer step 3" in line for line in lines) and int(again.step) == 4
 
 
 def test_language_model_families_unroll_with_particles_split_over_devices(tmp_path):
