@@ -37,14 +37,14 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(str(row.get(OPTIMIZER, "run")), []).append(row)
-    with_target = any(_steps_to_target(r) is not None for r in rows)
-    target_head = " fewest steps to target (at lr, wd) |" if with_target else ""
+    with_target = any(r.get("target_val_loss") not in (None, "") or _steps_to_target(r) is not None for r in rows)
+    target_head = " steps to target: fewest (at lr, wd); points reaching it, median |" if with_target else ""
     lines = [f"| optimizer | best final val loss | at lr | at weight decay | points within {NEAR_BEST} of best "
              f"| diverged |{target_head}", "|---|---|---|---|---|---|" + ("---|" if with_target else "")]
     for name, members in groups.items():
         scored = [r for r in members if not math.isnan(final_loss(r))]
         diverged = sum(is_diverged(r) for r in members)
-        target_cell = f" {_fewest_steps(members)} |" if with_target else ""
+        target_cell = f" {_steps_cell(members)} |" if with_target else ""
         if not scored:
             lines.append(f"| {name} | n/a | | | 0 of {len(members)} | {diverged} |{target_cell}")
             continue
@@ -60,13 +60,17 @@ def _steps_to_target(row: dict) -> int | None:
     return None if value in (None, "") else int(float(value))
 
 
-def _fewest_steps(rows: list[dict]) -> str:
-    """The point that reached train.target_val_loss first, or "not reached"."""
-    reached = [r for r in rows if _steps_to_target(r) is not None]
+def _steps_cell(rows: list[dict]) -> str:
+    """Fewest steps to train.target_val_loss (and where, when the grid varies lr or wd), how many
+    points reached it, and their median: over seeds, the fewest alone flatters."""
+    reached = sorted(_steps_to_target(r) for r in rows if _steps_to_target(r) is not None)
     if not reached:
-        return "not reached"
-    best = min(reached, key=_steps_to_target)
-    return f"{_steps_to_target(best):,} ({best.get(LR, '')}, {best.get(WD, '')})"
+        return f"not reached (0 of {len(rows)})"
+    best = min((r for r in rows if _steps_to_target(r) is not None), key=_steps_to_target)
+    where = f" ({best.get(LR, '')}, {best.get(WD, '')})" if LR in best or WD in best else ""
+    middle = len(reached) // 2
+    median = reached[middle] if len(reached) % 2 else (reached[middle - 1] + reached[middle]) / 2
+    return f"{reached[0]:,}{where}; {len(reached)} of {len(rows)}, median {median:,g}"
 
 
 def grid_table(rows: list[dict]) -> str:

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
 POINT_FILE = "point.json"
 RESULT_COLUMNS = ("point", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens", "steps",
-                  "wall_time_s", "target_step", "target_tokens", "target_wall_time_s", "diverged", "status")
+                  "wall_time_s", "target_val_loss", "target_step", "target_tokens", "target_wall_time_s", "diverged",
+                  "status")
 
 
 class SweepError(ValueError):
@@ -185,6 +186,8 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     targets = [m for m in metrics if m.get("target_step") is not None]
     reached = next((m for m in targets if m.get("target_val_loss") == targets[-1].get("target_val_loss")), {}) \
         if targets else {}
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     above_start = final is not None and initial is not None and math.isfinite(final) and final > initial
     return {
         "point": point_name(point),
@@ -195,6 +198,7 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
         "tokens": max((m.get("tokens") or 0 for m in trains), default=0),
         "steps": max((m["step"] for m in metrics), default=0),
         "wall_time_s": round(record.get("wall_time_s", 0.0), 2),
+        "target_val_loss": summary.get("target_val_loss", reached.get("target_val_loss")),
         "target_step": reached.get("target_step"),
         "target_tokens": reached.get("target_tokens"),
         "target_wall_time_s": reached.get("target_wall_time_s"),

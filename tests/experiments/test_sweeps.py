@@ -101,7 +101,7 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
     assert f"| adamw | {float(rows[good.name]['final_val_loss']):.3f} |" in table  # adamw's best: its finite point
     assert "| div |" in table  # the diverged learning rate's cell
     assert rows[good.name]["target_step"] == "0" and rows[good.name]["target_tokens"] == "0"
-    assert "fewest steps to target" in table and "| 0 (" in table
+    assert "steps to target" in table and "| 0 (" in table and "; 2 of 2, median 0 |" in table
 
     # Rerunning skips finished points.
     calls.clear()
