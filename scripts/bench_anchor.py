@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from recipes.experiments.benchmarks import TrainingSetup, median_seconds
-from recipes.experiments.torch_reference import median_step_seconds, reference_step
+from recipes.experiments.torch_reference import reference_step
 from recipes.train.cli import run_main
 from recipes.train.config import load_config
 
@@ -54,9 +54,8 @@ def main(argv=None) -> dict:
         steps["torch_compiled"] = reference_step(**shape, compile=True)  # compiled once, timed every round
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(args.rounds):
-        seconds["trainer"].append(median_seconds(trainer_step, args.steps))
-        for name in [n for n in steps if n != "trainer"]:
-            seconds[name].append(median_step_seconds(steps[name], args.steps))
+        for name, step in steps.items():
+            seconds[name].append(median_seconds(step, args.steps))
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in seconds.items()),
               flush=True)
     tokens_per_step = args.batch * args.context

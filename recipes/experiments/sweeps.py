@@ -186,8 +186,7 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     targets = [m for m in metrics if m.get("target_step") is not None]
     reached = next((m for m in targets if m.get("target_val_loss") == targets[-1].get("target_val_loss")), {}) \
         if targets else {}
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = _read_json(run_dir / "summary.json")
     above_start = final is not None and initial is not None and math.isfinite(final) and final > initial
     return {
         "point": point_name(point),

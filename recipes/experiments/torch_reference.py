@@ -7,9 +7,6 @@ to a result; the trainer's own model is ``model/gpt.py``.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -69,12 +66,3 @@ def reference_step(n_layer: int, n_head: int, d_model: int, context_length: int,
 
     step()
     return step
-
-
-def median_step_seconds(step, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)

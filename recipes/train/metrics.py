@@ -66,27 +66,31 @@ def json_safe(value):
     return value
 
 
+def _parse_rows(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return rows
+
+
 def read_records(run_dir: Path) -> list[dict]:
     """The rows of ``run_dir``/metrics.jsonl (a line cut short by a crash is skipped)."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return _parse_rows(path.read_text()) if path.is_file() else []
 
 
 def _keep_records_through(run_dir: Path, step: int) -> list[dict]:
     """Rewrites metrics.jsonl without the rows past ``step`` (and any line a crash cut short);
     returns the rows kept."""
     path = run_dir / "metrics.jsonl"
-    rows = read_records(run_dir)
-    kept = [row for row in rows if row.get("step", 0) <= step]
-    if path.is_file() and len(kept) != len(path.read_text().splitlines()):
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    kept = [row for row in _parse_rows(text) if row.get("step", 0) <= step]
+    if len(kept) != len(text.splitlines()):
         atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
     return kept
 

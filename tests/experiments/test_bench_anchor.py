@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from recipes.experiments.torch_reference import ReferenceGPT, median_step_seconds, reference_step
+from recipes.experiments.benchmarks import median_seconds
+from recipes.experiments.torch_reference import ReferenceGPT, reference_step
 from scripts.bench_anchor import main
 
 
@@ -27,4 +28,4 @@ def test_bench_anchor_reports_tokens_per_second_and_ratios(tmp_path):
     assert math.isclose(ratio, report["tokens_per_s"]["trainer"] / report["tokens_per_s"]["torch_eager"])
     assert report["shape"]["vocab"] == 50304  # GPT-2's vocabulary padded, as nanoGPT does
     assert (tmp_path / "anchor.json").is_file()
-    assert median_step_seconds(reference_step(1, 2, 16, 8, 64, 2, compile=False), steps=2) > 0
+    assert median_seconds(reference_step(1, 2, 16, 8, 64, 2, compile=False), 2) > 0
