@@ -136,7 +136,13 @@ def _rms_scales(features, axes):
     dims = tuple(sorted(a % features[0].ndim for a in axes))
     squares = tuple(x * x for x in features)
     zeros = tuple(jnp.zeros((), jnp.float32) for _ in squares)
-    sums = jax.lax.reduce(squares, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), dims)
+    add = lambda a, b: tuple(x + y for x, y in zip(a, b))  # noqa: E731
+    # Last axis first: XLA:CPU vectorizes a multi-output row reduction, but emits one over
+    # every axis at once as a scalar loop (25% of a Celo2-base update on GPT-2 small).
+    # The small row sums are then reduced one by one, which a sharded axis turns into
+    # an all-reduce of partial sums (a variadic reduction would be all-gathered).
+    sums = jax.lax.reduce(squares, zeros, add, dims[-1:])
+    sums = [jnp.sum(s, axis=dims[:-1]) for s in sums]
     count = math.prod(features[0].shape[d] for d in dims)
     return [jax.lax.rsqrt(jnp.expand_dims(s / count, dims) + 1e-9) for s in sums]
 

@@ -87,9 +87,10 @@ def test_small_matrices_processed_transposed_equal_the_direct_rule(random_theta,
     param = jax.random.normal(jax.random.key(0), shape) * 0.1
     grads = _grads(jax.random.key(1), shape)
     for a, b in zip(_run(direct, param, grads), _run(fast, param, grads)):
-        # Equal up to float32 reassociation in the reductions, which the MLP carries to the
-        # output: measured at most 1.1e-6 of the largest element (updates have RMS 1).
-        assert float(jnp.max(jnp.abs(a - b))) <= 2e-6 * float(jnp.max(jnp.abs(a)))
+        # Equal up to float32 reassociation in the reductions (they sum the last axis first,
+        # which transposing changes), carried to the output by the MLP and Newton-Schulz:
+        # measured at most 2.3e-6 of the largest element (updates have RMS 1).
+        assert float(jnp.max(jnp.abs(a - b))) <= 5e-6 * float(jnp.max(jnp.abs(a)))
     # the state is kept in the parameter's own layout either way
     state_direct = direct.init(param)
     state_fast = fast.init(param)
@@ -236,10 +237,11 @@ def test_sharded_parameters_give_the_same_updates_without_gathering_features(ran
                 np.testing.assert_allclose(steps[name], step_expected[name], atol=5e-5 * scale)
         if not orthogonalize:
             # Celo2-base exchanges only per-shard partial sums and factored statistics:
-            # nothing per element is gathered.
+            # nothing per element is gathered, so every gather is smaller than the smallest
+            # shard of a tensor (the matrix's 96 x 32 / 8 = 384 elements).
             hlo = update.lower(sharded_grads, state, sharded_params).compile().as_text()
             gathered = [_gathered_elements(line) for line in hlo.splitlines() if " all-gather" in line]
-            assert gathered and max(gathered) <= 128, sorted(gathered)[-3:]
+            assert gathered and max(gathered) < 384, sorted(gathered)[-3:]
 
 
 def _gathered_elements(hlo_line: str) -> int:
