@@ -28,7 +28,7 @@ import yaml
 
 from recipes.files import write_json
 from recipes.train.metrics import read_records
-from recipes.experiments.sweep_tables import markdown
+from recipes.experiments.sweep_tables import OPTIMIZER, markdown
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
@@ -190,6 +190,7 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
     above_start = final is not None and initial is not None and math.isfinite(final) and final > initial
     return {
         "point": point_name(point),
+        **_optimizer_of(run_dir, point),
         **point,
         "final_val_loss": final,
         "best_val_loss": min(finite) if finite else None,
@@ -204,6 +205,15 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
         "diverged": bool(nonfinite or above_start),
         "status": record.get("status", "pending"),
     }
+
+
+def _optimizer_of(run_dir: Path, point: dict[str, str]) -> dict:
+    """{optimizer.name: ...} from the settings the run saved, when the grid does not set it."""
+    saved = run_dir / "config.yaml"
+    if OPTIMIZER in point or not saved.is_file():
+        return {}
+    name = ((yaml.safe_load(saved.read_text()) or {}).get("optimizer") or {}).get("name")
+    return {OPTIMIZER: name} if name else {}
 
 
 def _read_json(path: Path) -> dict:
