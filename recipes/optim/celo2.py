@@ -6,7 +6,7 @@ apply unchanged. The difference is cost: the reference stacks 30 input
 channels per parameter element and runs the MLP on that tensor. Here the
 per-channel input normalization is folded into the first layer's weights, the
 twelve channels that are row or column broadcasts are folded into per-row and
-per-column biases, the normalization statistics come from one variadic
+per-column biases, the normalization statistics come from one variadic row
 reduction, and the MLP is written as elementwise arithmetic that XLA fuses
 into one loop: no per-element feature tensor is ever stored. Tensors are
 processed one after another, so the temporaries of one tensor at most are
@@ -139,8 +139,8 @@ def _rms_scales(features, axes):
     add = lambda a, b: tuple(x + y for x, y in zip(a, b))  # noqa: E731
     # Last axis first: XLA:CPU vectorizes a multi-output row reduction, but emits one over
     # every axis at once as a scalar loop (25% of a Celo2-base update on GPT-2 small).
-    # The small row sums are then reduced one by one, which a sharded axis turns into
-    # an all-reduce of partial sums (a variadic reduction would be all-gathered).
+    # The small row sums are then reduced one by one: a sharded row axis then costs an
+    # all-reduce of partial sums, where the partitioner all-gathers a variadic reduction's.
     sums = jax.lax.reduce(squares, zeros, add, dims[-1:])
     sums = [jnp.sum(s, axis=dims[:-1]) for s in sums]
     count = math.prod(features[0].shape[d] for d in dims)
