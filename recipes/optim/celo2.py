@@ -10,7 +10,8 @@ per-column biases, the normalization statistics come from one variadic row
 reduction, and the MLP is written as elementwise arithmetic that XLA fuses
 into one loop: no per-element feature tensor is ever stored. Tensors are
 processed one after another, so the temporaries of one tensor at most are
-alive (0 bytes per parameter for Celo2-base, 6 for Celo2 on CPU).
+alive (XLA:CPU measures 4 bytes per parameter of the largest tensor for
+Celo2-base, 9-12 for Celo2; scripts/bench_optimizer.py).
 
 Usage (the caller scales by the learning rate)::
 
