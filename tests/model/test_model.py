@@ -11,7 +11,7 @@ from flax import nnx
 from model import (LOGICAL_RULES, PAD_LOGIT, SIZES, ModelConfig, abstract_params,
                    count_params, init_params, make_apply, make_loss_fn, next_token_loss,
                    split_inputs_targets)
-from model.gpt import attention_impl
+from model.gpt import attend, attention_impl
 
 # vocab 100 pads to 128, so padding behaviour is exercised at tiny size.
 TINY = ModelConfig.named("tiny", vocab_size=100)
@@ -256,6 +256,29 @@ def test_attention_impl_choice():
     assert attention_impl(TINY, jnp.bfloat16, "tpu") == "xla"
     forced = ModelConfig.named("tiny", attention_impl="xla")
     assert attention_impl(forced, jnp.bfloat16, "gpu") == "xla"
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_attend_equals_dot_product_attention(dtype, tol):
+    B, L, H, K = 2, 16, 3, 8
+    q, k, v, cotangent = (jax.random.normal(key, (B, L, H, K)).astype(dtype)
+                          for key in jax.random.split(jax.random.key(0), 4))
+    causal = jnp.tril(jnp.ones((L, L), bool))
+
+    def ours(q, k, v):
+        return attend(q, k, v, causal)
+
+    def jax_xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    for fn in (ours, jax_xla):
+        assert fn(q, k, v).dtype == dtype
+    np.testing.assert_allclose(ours(q, k, v).astype(jnp.float32), jax_xla(q, k, v).astype(jnp.float32),
+                               atol=tol, rtol=tol)
+    grad = lambda fn: jax.grad(lambda *a: jnp.sum((fn(*a) * cotangent).astype(jnp.float32)),  # noqa: E731
+                               argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(grad(ours), grad(jax_xla)):
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=tol, rtol=tol)
 
 
 # --- loss and gradients -----------------------------------------------------------------
