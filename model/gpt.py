@@ -26,7 +26,8 @@ _ACT_BxLxHxK = ("batch", "seq", "act_heads", "act_head_dim")
 
 
 def attention_impl(config: ModelConfig, dtype, backend: str) -> str:
-    """Which jax.nn.dot_product_attention implementation to use."""
+    """Which attention implementation to use: "xla" runs ``attend``, the others go to
+    jax.nn.dot_product_attention."""
     if config.attention_impl != "auto":
         return config.attention_impl
     # jax picks "xla" when asked for none; the fused cuDNN kernel needs a GPU and bf16.

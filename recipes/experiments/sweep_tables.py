@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 LR, WD, OPTIMIZER = "optimizer.lr", "optimizer.weight_decay", "optimizer.name"
 # A point counts as "near the best" within this many nats of its optimizer's best final loss.
@@ -63,14 +64,13 @@ def _steps_to_target(row: dict) -> int | None:
 def _steps_cell(rows: list[dict]) -> str:
     """Fewest steps to train.target_val_loss (and where, when the grid varies lr or wd), how many
     points reached it, and their median: over seeds, the fewest alone flatters."""
-    reached = sorted(_steps_to_target(r) for r in rows if _steps_to_target(r) is not None)
+    reached = [r for r in rows if _steps_to_target(r) is not None]
     if not reached:
         return f"not reached (0 of {len(rows)})"
-    best = min((r for r in rows if _steps_to_target(r) is not None), key=_steps_to_target)
+    steps = [_steps_to_target(r) for r in reached]
+    best = reached[steps.index(min(steps))]
     where = f" ({best.get(LR, '')}, {best.get(WD, '')})" if LR in best or WD in best else ""
-    middle = len(reached) // 2
-    median = reached[middle] if len(reached) % 2 else (reached[middle - 1] + reached[middle]) / 2
-    return f"{reached[0]:,}{where}; {len(reached)} of {len(rows)}, median {median:,g}"
+    return f"{min(steps):,}{where}; {len(reached)} of {len(rows)}, median {statistics.median(steps):,g}"
 
 
 def grid_table(rows: list[dict]) -> str:
