@@ -34,6 +34,9 @@ class ModelConfig:
     bias: bool = True
     compute_dtype: str = "float32"
     remat: bool = False
+    # Trace each layer on its own instead of one lax.scan over the stacked layers: no stacking
+    # of activations between layers (7% of a 4-layer CPU step), but compile time grows with depth.
+    unroll_layers: bool = False
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     # "auto": cuDNN fused attention on GPU with bf16 compute, XLA otherwise. Set "xla"
@@ -56,7 +59,7 @@ class ModelConfig:
             raise ValueError(
                 f"unknown attention_impl {self.attention_impl!r}; "
                 f"expected one of {ATTENTION_IMPLS}")
-        for name in ("bias", "remat"):
+        for name in ("bias", "remat", "unroll_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("layer_norm_eps", "init_std"):

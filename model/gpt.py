@@ -222,7 +222,7 @@ class GPT(nnx.Module):
         if self.config.remat:
             # Saves only the residual stream between layers; recomputes the rest.
             layer_step = jax.checkpoint(layer_step, prevent_cse=False)
-        x_BxLxD, _ = jax.lax.scan(layer_step, x_BxLxD, stacked)
+        x_BxLxD, _ = jax.lax.scan(layer_step, x_BxLxD, stacked, unroll=self.config.unroll_layers)
         return x_BxLxD
 
     def loss(self, tokens_BxLp1: jax.Array) -> jax.Array:

@@ -7,7 +7,8 @@ them alike: the trainer's fused train step (AdamW, random tokens), the same
 architecture in PyTorch eager, and under torch.compile. Prints tokens/s and the
 trainer's ratio to each; the target is at least 1.0 against compiled. The shape
 is nanoGPT's CPU reference: 4 layers, 4 heads, d=256, context 256, batch 16,
-GPT-2's vocabulary padded to 50,304, tied output layer.
+GPT-2's vocabulary padded to 50,304, tied output layer; the trainer unrolls the
+4 layers (`model.unroll_layers`) unless --scan-layers is given.
 """
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="run the layers as one lax.scan (the default for deep recipes) instead of unrolled")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     config = load_config(None, [f"--model.n_layer={args.layers}", f"--model.n_head={args.heads}",
                                 f"--model.d_model={args.d_model}", f"--model.context_length={args.context}",
                                 f"--data.seq_len={args.context}", f"--data.global_batch={args.batch}",
+                                f"--model.unroll_layers={not args.scan_layers}",
                                 "--optimizer.name=adamw", "--train.steps=1000"])
     setup = TrainingSetup(config, synthetic=True)
     state, tokens = {"state": setup.init()}, setup.batch(0)
@@ -60,7 +64,8 @@ def main(argv=None) -> dict:
               flush=True)
     tokens_per_step = args.batch * args.context
     tokens_per_s = {k: tokens_per_step / statistics.median(v) for k, v in seconds.items()}
-    report = {"device": jax.devices()[0].device_kind, "shape": shape, "tokens_per_s": tokens_per_s,
+    report = {"device": jax.devices()[0].device_kind, "shape": shape, "unroll_layers": not args.scan_layers,
+              "tokens_per_s": tokens_per_s,
               "ratios": {f"trainer/{k}": tokens_per_s["trainer"] / v for k, v in tokens_per_s.items()
                          if k != "trainer"}}
     for name, rate in tokens_per_s.items():

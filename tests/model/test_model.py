@@ -62,6 +62,7 @@ TOKENS = _tokens((2, 33), seed=1)  # the shape every tiny-model test uses
     (dict(compute_dtype="float64"), "unknown compute_dtype"),
     (dict(attention_impl="flash"), "unknown attention_impl"),
     (dict(bias=1), "bias must be a bool"),
+    (dict(unroll_layers="yes"), "unroll_layers must be a bool"),
     (dict(layer_norm_eps=0.0), "layer_norm_eps must be a positive number"),
 ])
 def test_config_validation(overrides, match):
@@ -326,21 +327,35 @@ def test_grads_have_readable_paths_and_train(tiny, run_tiny):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_remat_gives_identical_logits_and_grads(tiny, run_tiny):
-    _, params = tiny
-    remat_graphdef, _ = abstract_params(dataclasses.replace(TINY, remat=True))
-    run_remat = _loss_logits_grads_fn(remat_graphdef)
+def _variant_matches_tiny(run_tiny, params, **overrides):
+    """Compiles TINY with the overrides, asserts the same loss, logits and grads; returns its runner."""
+    graphdef, _ = abstract_params(dataclasses.replace(TINY, **overrides))
+    run_variant = _loss_logits_grads_fn(graphdef)
     (loss_a, logits_a), grads_a = run_tiny(params, TOKENS)
-    (loss_b, logits_b), grads_b = run_remat(params, TOKENS)
+    (loss_b, logits_b), grads_b = run_variant(params, TOKENS)
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     np.testing.assert_allclose(logits_b, logits_a, rtol=1e-6, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7),
-                 grads_a, grads_b)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), grads_a, grads_b)
+    return run_variant
+
+
+def test_remat_gives_identical_logits_and_grads(tiny, run_tiny):
+    _, params = tiny
+    run_remat = _variant_matches_tiny(run_tiny, params, remat=True)
     # ...and remat really is in the traced program, and absent without it.
     def has_remat(run):
         jaxpr = str(jax.make_jaxpr(run)(params, TOKENS))
         return "remat" in jaxpr or "checkpoint" in jaxpr
     assert has_remat(run_remat) and not has_remat(run_tiny)
+
+
+def test_unrolled_layers_give_identical_logits_and_grads(tiny, run_tiny):
+    _, params = tiny
+    run_unrolled = _variant_matches_tiny(run_tiny, params, unroll_layers=True)
+    # ...and the layers really are traced one by one: no loop left in the program.
+    def has_loop(run):
+        return "while" in run.lower(params, TOKENS).as_text()
+    assert has_loop(run_tiny) and not has_loop(run_unrolled)
 
 
 def test_bf16_compute_is_close_to_fp32(tiny, run_tiny):
