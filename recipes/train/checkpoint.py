@@ -39,8 +39,9 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_saveable(state)), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore(self, step: int, abstract: dict) -> tuple[dict, dict]:
-        """(state, meta) saved at ``step``, laid out like ``abstract`` (arrays with shardings)."""
+    def restore(self, step: int, abstract: dict) -> dict:
+        """The state saved at ``step``, laid out like ``abstract`` (arrays with shardings); its JSON
+        record is read_meta's."""
         leaves, treedef = jax.tree.flatten(abstract["opt_state"])
         target = _saveable(abstract)
         # Entries the state no longer has (an unused "rng" key, in checkpoints written before it was
@@ -49,11 +50,11 @@ class Checkpointer:
         former = {key: jax.ShapeDtypeStruct(saved[key].shape, saved[key].dtype, sharding=abstract["step"].sharding)
                   for key in set(saved) - set(target)}
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({**target, **former}), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore({**target, **former})))
         state = {key: value for key, value in restored["state"].items() if key not in former}
         opt_leaves = [state["opt_state"][f"{i:05d}"] for i in range(len(leaves))]
         state["opt_state"] = jax.tree.unflatten(treedef, opt_leaves)
-        return state, dict(restored["meta"])
+        return state
 
     def read_meta(self, step: int) -> dict:
         """The JSON record saved beside the state at ``step``, without reading any array."""
@@ -76,7 +77,7 @@ class Checkpointer:
             if check_meta is not None:
                 check_meta(meta)
             try:
-                state, _ = self.restore(step, abstract)
+                state = self.restore(step, abstract)
                 jax.block_until_ready(state)
                 return step, state
             except Exception as error:
