@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--scan-layers", action="store_true",
-                        help="run the layers as one lax.scan (the default for deep recipes) instead of unrolled")
+                        help="run the layers as one lax.scan (ModelConfig's default) instead of unrolled")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a C++ compiler)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)

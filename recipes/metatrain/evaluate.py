@@ -130,13 +130,25 @@ def summarize(losses: np.ndarray) -> dict:
             "min": float(np.min(losses)), "max": float(np.max(losses)), "per_seed": losses.tolist()}
 
 
+# Fields that change how a point is computed but not its result: left out of its key, so points
+# stored before a field existed stay valid.
+_RESULT_NEUTRAL_MODEL_FIELDS = ("unroll_layers",)
+
+
+def model_key(config) -> str:
+    """The model config as its repr, without the fields that cannot change a result."""
+    fields = (f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+              if f.name not in _RESULT_NEUTRAL_MODEL_FIELDS)
+    return f"{type(config).__name__}({', '.join(fields)})"
+
+
 def point_key(task: TinyLM, settings: EvalSettings, c: Candidate) -> str:
     """What determines a point's result: the task (and its corpus), the settings, the optimizer and theta."""
     theta = "none"
     if c.theta is not None:
         leaves = jax.tree.leaves(c.theta)
         theta = hashlib.sha256(b"".join(np.asarray(x, np.float32).tobytes() for x in leaves)).hexdigest()[:16]
-    return json.dumps([task.name, task.source, repr(task.config), task.batch, dataclasses.asdict(settings), c.name,
+    return json.dumps([task.name, task.source, model_key(task.config), task.batch, dataclasses.asdict(settings), c.name,
                        c.lr, c.adamw_lr_mult, [list(m) for m in c.muon], theta])
 
 

@@ -1,11 +1,12 @@
 """The held-out evaluation runs and tabulates (a tiny task, two steps)."""
+import dataclasses
 import json
 
 import numpy as np
 
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate, format_table
+from recipes.metatrain.evaluate import HELD_OUT, Candidate, EvalSettings, evaluate, format_table, model_key, point_key
 from recipes.metatrain.tasks_lm import TinyLM
 
 
@@ -89,3 +90,15 @@ def test_default_task_is_read_from_the_default_recipe():
     assert settings["steps"] == cfg.train.steps
     assert round(settings["warmup_fraction"] * settings["steps"]) == cfg.optimizer.schedule.warmup_steps
     assert (settings["min_lr_ratio"], settings["weight_decay"]) == (0.1, cfg.optimizer.weight_decay)
+
+
+def test_stored_points_keep_their_keys_when_a_result_neutral_model_field_is_added():
+    # The model part of a key written before ModelConfig had unroll_layers: it must still match.
+    stored = ("ModelConfig(n_layer=2, n_head=2, d_model=48, context_length=48, vocab_size=512, "
+              "pad_vocab_multiple=64, bias=True, compute_dtype='float32', remat=False, layer_norm_eps=1e-05, "
+              "init_std=0.02, attention_impl='xla')")
+    task = TinyLM(HELD_OUT)
+    key = json.loads(point_key(task, EvalSettings(), Candidate("adamw", "adamw", 1e-3)))
+    assert key[2] == stored
+    assert model_key(dataclasses.replace(task.config, unroll_layers=False)) == stored
+    assert model_key(dataclasses.replace(task.config, remat=True)) != stored
