@@ -64,13 +64,13 @@ def _steps_to_target(row: dict) -> int | None:
 def _steps_cell(rows: list[dict]) -> str:
     """Fewest steps to train.target_val_loss (and where, when the grid varies lr or wd), how many
     points reached it, and their median: over seeds, the fewest alone flatters."""
-    reached = [r for r in rows if _steps_to_target(r) is not None]
+    reached = [(steps, r) for r in rows if (steps := _steps_to_target(r)) is not None]
     if not reached:
         return f"not reached (0 of {len(rows)})"
-    steps = [_steps_to_target(r) for r in reached]
-    best = reached[steps.index(min(steps))]
+    fewest, best = min(reached, key=lambda pair: pair[0])
     where = f" ({best.get(LR, '')}, {best.get(WD, '')})" if LR in best or WD in best else ""
-    return f"{min(steps):,}{where}; {len(reached)} of {len(rows)}, median {statistics.median(steps):,g}"
+    median = statistics.median(steps for steps, _ in reached)
+    return f"{fewest:,}{where}; {len(reached)} of {len(rows)}, median {median:,g}"
 
 
 def grid_table(rows: list[dict]) -> str:
