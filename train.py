@@ -19,19 +19,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model import make_loss_fn
 from recipes.errors import ConfigError
-from recipes.optim.optimizers import build_optimizer, learning_rate_reader, param_labels
 from recipes.train import config as config_lib
 from recipes.train import mesh as mesh_lib
+from recipes.train.build import build_program
 from recipes.train.checkpoint import Checkpointer
 from recipes.train.dry_run import dry_run_report
 from recipes.train.metrics import MetricsLog, json_safe, mfu, progress_bar
 from recipes.train.report import summary_lines
-from recipes.train.run_dir import (RunDirLock, check_resumable, keep_config_history, layout_theta, resume_records,
-                                   write_summary)
-from recipes.train.step import (abstract_param_dict, abstract_state, init_state,
-                                make_eval_step, make_train_step, param_sharding_dict, state_shardings)
+from recipes.train.run_dir import RunDirLock, check_resumable, keep_config_history, resume_records, write_summary
 from recipes.train.stop import StopRequest
 
 
@@ -51,13 +47,6 @@ def parse_args(argv):
                         help="build everything abstractly, print sizes as JSON (last line) and exit")
     args, overrides = parser.parse_known_args(argv)
     return args, overrides
-
-
-def data_directory(path: str) -> Path:
-    if path == "shakespeare":
-        from data.shakespeare import ensure_shakespeare
-        return ensure_shakespeare(progress=False)
-    return Path(path)
 
 
 def log0(*args) -> None:
@@ -82,19 +71,12 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     for note in notes:
         log0(note)
     mesh_lib.init_distributed(config.mesh)
-    mesh = mesh_lib.build_mesh(config.mesh)
-    seq_len, accum = config.seq_len, config.data.micro_batches_per_step
-    micro_batch = config.data.global_batch // accum
-    mesh_lib.check_batch(config.data.global_batch, micro_batch, mesh)
+    # Everything is built from shapes first; parameters are allocated only when training.
+    # A dry run needs no Celo2 weights on disk: a placeholder of the right shapes stands in.
+    program = build_program(config, shapes_only=args.dry_run)
+    mesh, table, state_abstract = program.mesh, program.routing, program.state_abstract
+    seq_len, accum, micro_batch = config.seq_len, program.micro_batches, program.micro_batch
     total_steps = config.train.steps
-
-    # Everything below is built from shapes first; parameters are allocated only when training.
-    graphdef, params_abstract = abstract_param_dict(config.model)
-    theta = layout_theta(config) if args.dry_run else None  # weights need not exist for a dry run
-    tx, table = build_optimizer(config.optimizer, params_abstract, theta=theta, total_steps=total_steps)
-    param_sh = param_sharding_dict(config.model, mesh)
-    shardings = state_shardings(tx, params_abstract, param_sh, mesh)
-    state_abstract = abstract_state(tx, params_abstract, shardings)
 
     if args.dry_run:
         report = dry_run_report(config, table, state_abstract, mesh)
@@ -103,7 +85,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         return report
 
     # Data: each process reads only its rows of every global batch.
-    from data.loader import TokenLoader
+    from data.loader import TokenLoader, data_directory
     eval_batch = config.eval.batch_size or micro_batch
     mesh_lib.check_batch(eval_batch, eval_batch, mesh, what="eval.batch_size")
     loader = TokenLoader.open(data_directory(config.data.path), seq_len=seq_len,
@@ -143,7 +125,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     if latest is not None:
         log0(f"resumed {run_dir} at step {latest}")
     else:
-        state = init_state(config.model, tx, config.train.seed, mesh, shardings)
+        state = program.init_state()
     start = int(jax.device_get(state["step"]))
     stop = config.train.stop_at_step or total_steps
     if start >= stop and (run_dir / "summary.json").is_file():
@@ -152,12 +134,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
         log0(json.dumps(finished))
         return finished
 
-    loss_fn = make_loss_fn(graphdef)
-    batch_sh = mesh_lib.batch_sharding(mesh)
-    labels = param_labels(config.optimizer, params_abstract) if config.logging.diagnostics else None
-    train_step = make_train_step(loss_fn, tx, micro_batches=accum, shardings=shardings, batch_sharding=batch_sh,
-                                 labels=labels, learning_rate=learning_rate_reader(config.optimizer, total_steps))
-    eval_step = make_eval_step(loss_fn, param_sh, batch_sh)
+    train_step, eval_step = program.train_step, program.eval_step
 
     def evaluate(params) -> float:
         losses = [eval_step(params, mesh_lib.global_batch_array(b, mesh)) for b in loader.val_batches(eval_batches)]

@@ -27,6 +27,15 @@ from data.tokenizer import VOCAB_SIZE
 _MASK64 = (1 << 64) - 1
 
 
+def data_directory(path: str) -> Path:
+    """A data.path setting as a folder of token shards: "shakespeare" is the bundled corpus,
+    prepared on first use; anything else is a folder path."""
+    if path == "shakespeare":
+        from data.shakespeare import ensure_shakespeare
+        return ensure_shakespeare(progress=False)
+    return Path(path)
+
+
 def _mix64_int(x: int) -> int:
     """splitmix64's finalizer on a Python int (a bijection of 64-bit integers)."""
     x &= _MASK64

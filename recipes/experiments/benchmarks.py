@@ -14,14 +14,13 @@ import jax
 import numpy as np
 import optax
 
-from model import make_loss_fn, make_mesh
-from recipes.train import mesh as mesh_lib
+from model import make_mesh
 from recipes.optim.celo2 import scale_by_celo2
+from recipes.train import mesh as mesh_lib
+from recipes.train.build import build_program
 from recipes.train.config import Config
 from recipes.train.metrics import mfu
-from recipes.optim.optimizers import build_optimizer
-from recipes.train.step import (abstract_param_dict, abstract_state, accumulated_grads, init_state, make_train_step,
-                                param_sharding_dict, state_shardings)
+from recipes.train.step import accumulated_grads
 
 GPT2_SMALL_BLOCK = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]
 GPT3_XL_BLOCK = [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)]
@@ -38,30 +37,23 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 class TrainingSetup:
-    """A recipe's model, optimizer, state and jitted step on a mesh, with synthetic or real batches."""
+    """A recipe's program (recipes.train.build, what train.py runs) with synthetic or real batches."""
 
     def __init__(self, config: Config, theta=None, mesh=None, synthetic: bool = True):
-        self.config = config
-        self.mesh = mesh if mesh is not None else mesh_lib.build_mesh(config.mesh)
-        self.accum, self.seq_len = config.data.micro_batches_per_step, config.seq_len
-        mesh_lib.check_batch(config.data.global_batch, config.data.global_batch // self.accum, self.mesh)
-        graphdef, self.params_abstract = abstract_param_dict(config.model)
-        self.tx, _ = build_optimizer(config.optimizer, self.params_abstract, theta=theta,
-                                     total_steps=config.train.steps)
-        self.shardings = state_shardings(self.tx, self.params_abstract,
-                                         param_sharding_dict(config.model, self.mesh), self.mesh)
-        self.loss_fn = make_loss_fn(graphdef)
-        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-        self.train_step = make_train_step(self.loss_fn, self.tx, micro_batches=self.accum, shardings=self.shardings,
-                                          batch_sharding=self.batch_sharding)
+        self.program = build_program(config, mesh=mesh, theta=theta, diagnostics=False)
+        self.config, self.mesh = config, self.program.mesh
+        self.accum, self.seq_len = self.program.micro_batches, config.seq_len
+        self.params_abstract, self.tx, self.shardings = (self.program.params_abstract, self.program.tx,
+                                                         self.program.shardings)
+        self.loss_fn, self.batch_sharding = self.program.loss_fn, self.program.batch_sharding
+        self.train_step = self.program.train_step
         local_rows = config.data.global_batch // jax.process_count()
         if synthetic:
             rng = np.random.default_rng(0)
             self.host_batch = lambda step: rng.integers(0, config.model.vocab_size, (local_rows, self.seq_len + 1),
                                                         dtype=np.int32)
         else:
-            from data.loader import TokenLoader
-            from train import data_directory
+            from data.loader import TokenLoader, data_directory
             loader = TokenLoader.open(data_directory(config.data.path), seq_len=self.seq_len,
                                       global_batch=config.data.global_batch, seed=config.train.seed,
                                       vocab_size=config.model.vocab_size)
@@ -71,16 +63,12 @@ class TrainingSetup:
         return mesh_lib.global_batch_array(self.host_batch(step), self.mesh)
 
     def init(self) -> dict:
-        return init_state(self.config.model, self.tx, self.config.train.seed, self.mesh, self.shardings)
+        return self.program.init_state()
 
     def compiled_step(self):
         """The train step compiled ahead of time (once), callable as train_step(state, tokens)."""
         if getattr(self, "_compiled", None) is None:
-            state = abstract_state(self.tx, self.params_abstract, self.shardings)
-            tokens = jax.ShapeDtypeStruct((self.config.data.global_batch, self.seq_len + 1), np.int32,
-                                          sharding=self.batch_sharding)
-            with jax.set_mesh(self.mesh):
-                self._compiled = self.train_step.lower(state, tokens).compile()
+            self._compiled = self.program.compile()
         return self._compiled
 
     def compiled_bytes(self) -> dict:

@@ -32,7 +32,8 @@ from recipes.optim.theta import theta_from_source
 from recipes.train.dry_run import dry_run_report
 from recipes.train.metrics import json_safe
 from recipes.optim.optimizers import build_optimizer
-from recipes.train.step import abstract_state, bytes_per_device
+from recipes.train.shardings import bytes_per_device
+from recipes.train.state import abstract_state
 
 THETA = "celo2_lm"  # the default recipe's shipped weights: the authors' cannot be fetched offline
 TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer share

@@ -7,7 +7,7 @@ from model import count_params
 from recipes.train.config import Config
 from recipes.train.mesh import describe
 from recipes.optim.routing import RoutingTable
-from recipes.train.step import bytes_per_device
+from recipes.train.shardings import bytes_per_device
 
 
 def dry_run_report(config: Config, table: RoutingTable, state_abstract: dict, mesh: Mesh) -> dict:

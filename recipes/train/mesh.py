@@ -22,8 +22,10 @@ def init_distributed(config: MeshConfig) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def build_mesh(config: MeshConfig) -> Mesh:
-    devices = jax.devices()
+def build_mesh(config: MeshConfig, devices=None) -> Mesh:
+    """The config's mesh over ``devices`` (default: every visible device; a compile check passes
+    a TPU slice's devices)."""
+    devices = jax.devices() if devices is None else list(devices)
     if config.devices is not None:
         if config.devices > len(devices):
             raise ConfigError(f"mesh.devices={config.devices} but only {len(devices)} devices are visible")

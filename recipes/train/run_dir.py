@@ -15,10 +15,10 @@ import numpy as np
 from recipes.errors import ConfigError
 from recipes.files import atomic_write, write_json
 from recipes.optim.optimizers import build_optimizer
-from recipes.optim.theta import normalized_momentum_theta
 from recipes.train import config as config_lib
 from recipes.train.metrics import json_safe
-from recipes.train.step import abstract_param_dict
+from recipes.train.build import placeholder_theta
+from recipes.train.state import abstract_param_dict
 
 
 class RunDirLock:
@@ -88,13 +88,6 @@ def resume_records(records: list[dict], target: float | None) -> tuple[float, di
     return before, reached
 
 
-def layout_theta(config):
-    """A Celo2 theta of the right shapes where only the optimizer's layout matters (None otherwise)."""
-    if not config.optimizer.name.startswith("celo2"):
-        return None
-    return normalized_momentum_theta()
-
-
 def _flat_keys(values: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in values.items():
@@ -116,7 +109,7 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
     changed = sorted(k for k in set(old_values) | set(new_values)
                      if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
     graphdef, params_abstract = abstract_param_dict(old.model)
-    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=layout_theta(old), total_steps=old.train.steps)
+    old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=placeholder_theta(old), total_steps=old.train.steps)
     old_state = jax.eval_shape(lambda: {"params": params_abstract, "opt_state": old_tx.init(params_abstract)})
     new_state = {"params": state_abstract["params"], "opt_state": state_abstract["opt_state"]}
 

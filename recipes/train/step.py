@@ -1,84 +1,12 @@
-"""The train state, its shardings, and the jitted train and eval steps.
-
-The state is a plain dict, so orbax and optax see ordinary pytrees:
-  params     the model's parameters as a nested dict of arrays (nnx.to_pure_dict)
-  opt_state  the optax state
-  step       int32 scalar, steps taken (skipped non-finite steps included)
-"""
+"""The jitted train and eval steps over the train state (recipes.train.state)."""
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model import abstract_params, constrain, init_params, param_shardings
-from model.config import ModelConfig
+from model import constrain
 from recipes.optim.diagnostics import optimizer_diagnostics
-
-
-# The train state holds parameters as plain nested dicts; model.abstract_params and
-# model.param_shardings give the same as nnx.State, hence the _dict names here.
-def abstract_param_dict(config: ModelConfig):
-    """(graphdef, the parameters as a nested dict of jax.ShapeDtypeStruct); allocates nothing."""
-    graphdef, state = abstract_params(config)
-    return graphdef, nnx.to_pure_dict(state)
-
-
-def param_sharding_dict(config: ModelConfig, mesh: Mesh) -> dict:
-    """The parameters' NamedShardings on ``mesh`` as a nested dict shaped like the state's params."""
-    _, state = abstract_params(config)
-    return nnx.to_pure_dict(param_shardings(state, mesh))
-
-
-def state_shardings(tx: optax.GradientTransformation, abstract_params_tree: dict, param_sh: dict,
-                    mesh: Mesh) -> dict:
-    """Shardings of the whole train state. The optimizer state's follow from compiling tx.init
-    on sharded parameters (moments take their parameter's layout), which allocates nothing."""
-    sharded = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           abstract_params_tree, param_sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    mesh_devices = set(mesh.devices.flat)
-
-    def on_mesh(sharding):  # constants (step counters) come back on one device: replicate them
-        if sharding.device_set != mesh_devices or sharding.is_fully_replicated:
-            return replicated
-        return sharding
-
-    opt_sh = jax.tree.map(on_mesh, jax.jit(tx.init).lower(sharded).compile().output_shardings)
-    return {"params": param_sh, "opt_state": opt_sh, "step": replicated}
-
-
-def abstract_state(tx, abstract_params_tree: dict, shardings: dict) -> dict:
-    """The train state as jax.ShapeDtypeStruct with shardings (for restore and memory estimates)."""
-    shapes = {
-        "params": abstract_params_tree,
-        "opt_state": jax.eval_shape(tx.init, abstract_params_tree),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-    }
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-
-
-def bytes_per_device(tree) -> int:
-    """Largest per-device bytes of an abstract tree with shardings (shards may be uneven)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shard) * np.dtype(x.dtype).itemsize
-    return total
-
-
-def init_state(config: ModelConfig, tx, seed: int, mesh: Mesh, shardings: dict) -> dict:
-    """Fresh parameters and optimizer state, created already sharded."""
-    _, params = init_params(config, seed=seed, mesh=mesh)
-    params = nnx.to_pure_dict(params)
-    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"params": params, "opt_state": opt_state, "step": step}
 
 
 def accumulated_grads(loss_fn, micro_batches: int):

@@ -58,7 +58,7 @@ def test_generation_past_the_context_equals_recomputing_every_window(trained_run
     from model import make_apply
     from model.sampling import generate
     from recipes.train.checkpoint import load_run_params
-    from recipes.train.step import abstract_param_dict
+    from recipes.train.state import abstract_param_dict
 
     config, params, _ = load_run_params(trained_run)
     width = config.model.context_length
