@@ -1,0 +1,89 @@
+"""Collectives of a compiled program, read from its HLO text: counts and bytes per step.
+
+A collective inside a loop body runs once per iteration; the iteration count of a loop
+(the layer scan, the micro-batch scan) is read from its condition, which compares the
+counter with a constant. A loop whose count cannot be read counts once, and is named in
+``uncounted_loops``.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import numpy as np
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(KINDS) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_CALLEE = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"\swhile\(.*condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"s(?:32|64)\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
+
+
+def _array_bytes(shape: str) -> list[int]:
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype in _DTYPE_BYTES:
+            out.append(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1])))
+    return out
+
+
+def _split(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line) if not line[:1].isspace() else None
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            if header.group(1):
+                entry = current
+        elif current is not None:
+            computations[current].append(line)
+    return computations, entry
+
+
+def collectives(hlo_text: str) -> dict:
+    """{kind: {count, bytes}} per execution of the program, plus the loops whose trip count was unknown."""
+    computations, entry = _split(hlo_text)
+    edges = defaultdict(list)  # caller -> [(callee, times)]
+    uncounted = []
+    for name, lines in computations.items():
+        for line in lines:
+            loop = _WHILE.search(line)
+            if loop:
+                condition, body = loop.groups()
+                bounds = [int(c) for c in _CONSTANT.findall("\n".join(computations.get(condition, [])))]
+                if not bounds:
+                    uncounted.append(body)
+                edges[name] += [(body, max(bounds) if bounds else 1), (condition, 1)]
+                continue
+            edges[name] += [(callee, 1) for callee in _CALLEE.findall(line)]
+            for group in _BRANCHES.findall(line):
+                edges[name] += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+    times = defaultdict(int)
+
+    def visit(name: str, factor: int, depth: int = 0) -> None:
+        if depth > 64:
+            return
+        times[name] += factor
+        for callee, n in edges.get(name, ()):
+            visit(callee, factor * n, depth + 1)
+
+    visit(entry or next(iter(computations), ""), 1)
+    totals = {kind: {"count": 0, "bytes": 0} for kind in KINDS}
+    for name, lines in computations.items():
+        for line in lines:
+            found = _INSTRUCTION.search(line)
+            if not found or not times.get(name):
+                continue
+            shape, kind, is_start = found.groups()
+            sizes = _array_bytes(shape)
+            # An async start's result holds its operand and its result: the result is the last array.
+            moved = sizes[-1] if is_start and len(sizes) > 1 else sum(sizes)
+            totals[kind]["count"] += times[name]
+            totals[kind]["bytes"] += times[name] * moved
+    return {"per_step": totals, "uncounted_loops": uncounted}

@@ -1,0 +1,95 @@
+"""Will a recipe fit a TPU slice? Compile its real train step for the slice, with no TPU here.
+
+    python scripts/aot_check.py --config gpt3xl_celo2.yaml --topology v5e-8 [--section.key=value ...] [--out DIR]
+
+Slices are named as Cloud TPU names them: v5e-8 and v6e-16 count chips, v4-8 and v5p-32
+count TensorCores (two per chip). Writes OUT/aot_check.json and OUT/aot_check.md: whether
+it fits, bytes per device against the chip's memory, FLOPs and bytes of a step, a roofline
+step time and MFU at the chip's bf16 peak, the optimizer's share, and the collectives.
+Exit codes: 0 fits, 2 does not fit (one line says what to change), 1 an error.
+Needs the TPU runtime: pip install -e '.[tpu]'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recipes.experiments.tpu_slices import parse_slice, quiet_tpu_environment, runtime_missing
+
+EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
+
+
+def advice(config, slice_) -> str:
+    """What to change when a recipe does not fit: the knobs that trade memory, in order of cost."""
+    from recipes.experiments.tpu_slices import GRIDS_2D, GRIDS_3D
+
+    steps = []
+    micro = config.data.micro_batch or config.data.global_batch
+    if micro > 1:
+        steps.append(f"lower data.micro_batch (now {micro}; the step's batch stays {config.data.global_batch})")
+    if not config.model.remat:
+        steps.append("set model.remat=true")
+    grids = GRIDS_3D if slice_.chip.grid_rank == 3 else GRIDS_2D
+    bigger = [n for n in sorted(grids) if n > slice_.chips]
+    if bigger:
+        count = bigger[0] * (2 if slice_.chip.cores_in_name else 1)
+        steps.append(f"or use more chips ({slice_.chip.kind}-{count})")
+    return ", ".join(steps)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="YAML recipe: a path or a name in configs/")
+    parser.add_argument("--topology", required=True, help="a TPU slice as Cloud TPU names it: v5e-8, v5p-32, ...")
+    parser.add_argument("--out", type=Path, help="where aot_check.json and .md go "
+                        "(default runs/aot_check/RECIPE_SLICE)")
+    parser.add_argument("--no-optimizer-share", action="store_true",
+                        help="skip compiling the optimizer's update alone (saves a compile)")
+    args, overrides = parser.parse_known_args(argv)
+
+    quiet_tpu_environment()  # before JAX starts
+    from recipes.experiments import aot_check
+    from recipes.train import config as config_lib
+    from recipes.train.cli import one_line, ordinary_errors
+
+    try:
+        slice_ = parse_slice(args.topology)
+        missing = runtime_missing()
+        if missing:
+            raise RuntimeError(missing)
+        config = config_lib.load_config(args.config, overrides)
+    except (ValueError, RuntimeError, *ordinary_errors()) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    recipe = Path(args.config).stem
+    out = args.out or Path("runs/aot_check") / f"{recipe}_{slice_.name}"
+    try:
+        report = aot_check.check(config, slice_, log=lambda line: print(line, flush=True),
+                                 optimizer_share=not args.no_optimizer_share)
+    except aot_check.DoesNotFit as refusal:
+        needed = "more than it has" if refusal.needed is None else f"{refusal.needed / 2**30:.1f} GiB"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "aot_check.json").write_text(json.dumps(
+            {"recipe": recipe, "slice": slice_.name, "fits": False, "needed_bytes": refusal.needed,
+             "available_bytes": refusal.available, "compiler": str(refusal)}, indent=2) + "\n")
+        print(f"error: {recipe} does not fit {slice_.name}: the compiler needs {needed} per device, a "
+              f"{slice_.chip.kind} chip has {slice_.chip.hbm_bytes / 2**30:.2f} GiB; {advice(config, slice_)}",
+              file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    except (ValueError, *ordinary_errors()) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"recipe": recipe, **report}
+    (out / "aot_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = aot_check.markdown(recipe, report)
+    (out / "aot_check.md").write_text(text)
+    print(text + f"\nwrote {out / 'aot_check.json'} and {out / 'aot_check.md'}", flush=True)
+    return EXIT_FITS if report["fits"] else EXIT_DOES_NOT_FIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
