@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from model import make_loss_fn
+from model.config import ModelConfig
+from model.gpt import attention_impl
 from recipes.optim.optimizers import build_optimizer, learning_rate_reader, param_labels
 from recipes.optim.routing import RoutingTable
 from recipes.optim.theta import normalized_momentum_theta
@@ -27,6 +30,15 @@ def placeholder_theta(config: Config):
     """A Celo2 theta of the right shapes where only shapes matter (dry runs, compile checks), so
     no weights need to be on disk; None for optimizers without one."""
     return normalized_momentum_theta() if config.optimizer.name.startswith("celo2") else None
+
+
+def for_platform(model: ModelConfig, platform: str) -> ModelConfig:
+    """The model config with attention chosen for the devices the program targets, not for this
+    host's backend (a compile check on a CPU for a GPU must pick the GPU's kernel)."""
+    if model.attention_impl != "auto":
+        return model
+    dtype = jnp.bfloat16 if model.compute_dtype == "bfloat16" else jnp.float32
+    return dataclasses.replace(model, attention_impl=attention_impl(model, dtype, platform))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +100,7 @@ def build_program(config: Config, *, devices=None, mesh: Mesh | None = None, the
                          mesh)
     if shapes_only and theta is None:
         theta = placeholder_theta(config)
-    graphdef, params_abstract = abstract_param_dict(config.model)
+    graphdef, params_abstract = abstract_param_dict(for_platform(config.model, mesh.devices.flat[0].platform))
     steps = config.train.steps
     tx, routing = build_optimizer(config.optimizer, params_abstract, theta=theta, total_steps=steps)
     param_sh = param_sharding_dict(config.model, mesh)
