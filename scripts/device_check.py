@@ -6,7 +6,8 @@ dry run, and fp32 losses on the device against the CPU.
     python scripts/device_check.py --tiny --out runs/device_check     # the same code on small shapes
 
 Writes OUT/device_check.json and OUT/device_check.md after every section, so a run cut short
-keeps what it measured. Without an accelerator the small shapes are used.
+keeps what it measured; on a GPU, first of all OUT/gpu_target_config.txtpb, the GPU's target
+description, for compiling for it elsewhere. Without an accelerator the small shapes are used.
 """
 from __future__ import annotations
 
@@ -50,4 +51,5 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     result = main()
-    sys.exit(1 if any("error" in r for r in result["sections"].values()) else 0)  # each failure is in the report
+    parts = [*result["sections"].values(), result.get("gpu_target_config", {})]
+    sys.exit(1 if any("error" in r for r in parts) else 0)  # each failure is in the report

@@ -10,13 +10,19 @@ keeps what it measured):
   updates    one optimizer update on GPT-2 small and GPT-3 XL hidden matrices
   numerics   the default recipe's first steps in fp32 on the accelerator against
              the same steps on the host CPU
+Before them, on a GPU, the GPU's target description (XLA's GpuTargetConfigProto, as
+text) is saved beside the report, so that programs can later be compiled for this GPU
+on a machine without one; after them, that file is read back into a compile-only
+topology and a small program compiled for it.
 ``tiny`` runs the same code on small shapes (a CPU, a test).
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
+import re
 import time
 import traceback
 from pathlib import Path
@@ -39,6 +45,7 @@ THETA = "celo2_lm"  # the default recipe's shipped weights: the authors' cannot 
 TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer share
 NUMERICS_TOLERANCE = 1e-3  # largest |loss difference| over the steps compared, fp32 with full-precision matmuls
 MEMORY_HEADROOM = 0.92  # a micro-batch fits when XLA's estimate is under this share of device memory
+TARGET_CONFIG_FILE = "gpu_target_config.txtpb"  # beside device_check.json, on a GPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +203,72 @@ def check_numerics(sizes: Sizes, log) -> dict:
             "tolerance": NUMERICS_TOLERANCE, "within_tolerance": worst <= NUMERICS_TOLERANCE}
 
 
+def target_description(devices=None) -> tuple[str, str | None]:
+    """The platform of ``devices`` (default: all) and, on a GPU, its target description: XLA's
+    GpuTargetConfigProto in text format, which the GPU runtime lists among its topology's attributes
+    as ``target_config``. None elsewhere (a CPU's or TPU's topology has no such attribute)."""
+    from jax._src.lib import xla_client  # get_topology_for_devices is not public API (jax 0.10, 0.11)
+
+    devices = list(devices or jax.devices())
+    topology = xla_client.get_topology_for_devices(devices)
+    if devices[0].platform != "gpu":
+        return topology.platform, None
+    text = topology.target_config
+    return topology.platform, text.decode() if isinstance(text, bytes) else text
+
+
+def runtime_target_description() -> tuple[str, str | None]:
+    """The same description by a second way: a one-GPU topology that the GPU runtime makes afresh
+    (given no target, it describes the GPU it finds), for when the attached devices' topology lacks it."""
+    from jax._src import xla_bridge
+
+    platform = jax.devices()[0].client.platform
+    text = xla_bridge.make_pjrt_topology(platform, "", topology="1x1x1").target_config
+    return platform, text.decode() if isinstance(text, bytes) else text
+
+
+def save_target_description(out_dir: Path, log, describe=None) -> dict:
+    """Writes the GPU's target description to OUT/gpu_target_config.txtpb; what the report records of it."""
+    began = time.perf_counter()
+    try:
+        platform, text = (describe or target_description)()
+    except Exception as error:  # recorded like a failed section; the sections still run
+        log(f"  failed: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}",
+                "wall_s": round(time.perf_counter() - began, 1)}
+    if text is None:
+        log(f"  skipped: the {platform} backend has no GPU target description")
+        return {"skipped": f"{platform} backend"}
+    (out_dir / TARGET_CONFIG_FILE).write_text(text)
+    found = re.search(r'device_description_str:\s*"([^"]*)"', text)
+    # Text protos leave out fields at their default: an H200's minor version 0 is not written.
+    capability = re.search(r"cuda_compute_capability\s*\{\s*major:\s*(\d+)(?:\s*minor:\s*(\d+))?", text)
+    result = {"file": TARGET_CONFIG_FILE, "platform": platform, "bytes": len(text.encode()),
+              "sha256": hashlib.sha256(text.encode()).hexdigest(),
+              "device_description": found.group(1) if found else None,
+              "compute_capability": f"{capability.group(1)}.{capability.group(2) or 0}" if capability else None,
+              "wall_s": round(time.perf_counter() - began, 1)}
+    log(f"  saved {TARGET_CONFIG_FILE} ({result['bytes']:,} bytes, {result['device_description']}, "
+        f"compute capability {result['compute_capability']})")
+    return result
+
+
+def compile_for_target(text: str, platform: str = "cuda") -> dict:
+    """Builds a one-GPU compile-only topology from a saved target description, as a compile check
+    would, and compiles a small program for it: proof that the saved file is enough."""
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    began = time.perf_counter()
+    devices = topologies.get_topology_desc(platform=platform, topology="1x1x1", target_config=text).devices
+    sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+    arg = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=sharding)
+    jax.jit(lambda a: jnp.tanh(a @ a), out_shardings=sharding).lower(arg).compile()
+    return {"devices": len(devices), "device_kind": devices[0].device_kind,
+            "wall_s": round(time.perf_counter() - began, 1)}
+
+
 SECTIONS = {"memory": check_memory, "training": check_training, "updates": check_updates,
             "numerics": check_numerics}
 
@@ -206,6 +279,9 @@ def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
     device = jax.devices()[0]
     report = {"device": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
               "jax": jax.__version__, "mode": "tiny" if tiny else "full", "theta": THETA, "sections": {}}
+    log("[target description]")  # first, and written at once: cheap, and kept whatever happens later
+    report["gpu_target_config"] = save_target_description(out_dir, log)
+    write(out_dir, report)
     for name in sections:
         log(f"[{name}]")
         began = time.perf_counter()
@@ -219,6 +295,25 @@ def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
         report["sections"][name] = result
         jax.clear_caches()
         gc.collect()
+        write(out_dir, report)
+    # Last, so that nothing measured is lost if these fail.
+    target = report["gpu_target_config"]
+    if "error" in target:
+        log("[target description, second way]")
+        retry = save_target_description(out_dir, log, runtime_target_description)
+        target = {**retry, "first_try_error": target["error"]} if "file" in retry else \
+            {**target, "second_try_error": retry.get("error")}
+        report["gpu_target_config"] = target
+        write(out_dir, report)
+    if "file" in target:
+        log("[target description read back]")
+        try:
+            target["compile_check"] = compile_for_target((out_dir / TARGET_CONFIG_FILE).read_text(),
+                                                         target["platform"])
+            log(f"  compiled for {target['compile_check']['device_kind']} from {TARGET_CONFIG_FILE}")
+        except Exception as error:
+            target["compile_check"] = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"}
+            log(f"  failed: {target['compile_check']['error']}")
         write(out_dir, report)
     return report
 
@@ -240,6 +335,16 @@ def markdown(report: dict) -> str:
     s = report["sections"]
     lines = [f"Device check on {report['device']} ({report['platform']}, {report['mode']} shapes, jax "
              f"{report['jax']}, Celo2 theta `{report['theta']}`).", ""]
+    target = report.get("gpu_target_config", {})
+    if "file" in target:
+        check = target.get("compile_check", {})
+        lines += [f"GPU target description ({target['device_description']}, compute capability "
+                  f"{target['compute_capability']}) saved as `{target['file']}`"
+                  + (f"; a program compiled for it from that file alone ({check['device_kind']})." if "device_kind"
+                     in check else f"; compiling for it from that file failed: {check['error']}" if "error" in check
+                     else "."), ""]
+    elif "error" in target:
+        lines += [f"**GPU target description** failed: {target['error']}", ""]
     for name, result in s.items():
         if "error" in result:
             lines += [f"**{name}** failed: {result['error']}", ""]
