@@ -5,7 +5,8 @@
 Slices are named as Cloud TPU names them: v5e-8 and v6e-16 count chips, v4-8 and v5p-32
 count TensorCores (two per chip). Writes OUT/aot_check.json and OUT/aot_check.md: whether
 it fits, bytes per device against the chip's memory, FLOPs and bytes of a step, a roofline
-step time and MFU at the chip's bf16 peak, the optimizer's share, and the collectives.
+step time and MFU at the chip's bf16 peak (a compute roofline), the optimizer's share, and the
+collectives per step.
 Exit codes: 0 fits, 2 does not fit (one line says what to change), 1 an error.
 Needs the TPU runtime: pip install -e '.[tpu]'.
 """
@@ -46,8 +47,6 @@ def main(argv=None) -> int:
     parser.add_argument("--topology", required=True, help="a TPU slice as Cloud TPU names it: v5e-8, v5p-32, ...")
     parser.add_argument("--out", type=Path, help="where aot_check.json and .md go "
                         "(default runs/aot_check/RECIPE_SLICE)")
-    parser.add_argument("--no-optimizer-share", action="store_true",
-                        help="skip compiling the optimizer's update alone (saves a compile)")
     args, overrides = parser.parse_known_args(argv)
 
     quiet_tpu_environment()  # before JAX starts
@@ -67,8 +66,7 @@ def main(argv=None) -> int:
     recipe = Path(args.config).stem
     out = args.out or Path("runs/aot_check") / f"{recipe}_{slice_.name}"
     try:
-        report = aot_check.check(config, slice_, log=lambda line: print(line, flush=True),
-                                 optimizer_share=not args.no_optimizer_share)
+        report = aot_check.check(config, slice_, log=lambda line: print(line, flush=True))
     except aot_check.DoesNotFit as refusal:
         needed = "more than it has" if refusal.needed is None else f"{refusal.needed / 2**30:.1f} GiB"
         out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def fit(recipe: str, out: Path, ladder: list[str]) -> dict:
         began = time.perf_counter()
         folder = out / recipe / slice_name
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_check.py"), "--config", recipe,
-                               "--topology", slice_name, "--out", str(folder), "--no-optimizer-share"],
+                               "--topology", slice_name, "--out", str(folder)],
                               capture_output=True, text=True)
         seconds = round(time.perf_counter() - began, 1)
         line = next((l for l in done.stderr.splitlines() if l.startswith("error:")), "")

@@ -71,7 +71,7 @@ def aot_check(tmp_path, *args):
 
 
 def test_a_tiny_model_fits_a_v5e_4_and_the_report_adds_up(tmp_path):
-    done = aot_check(tmp_path, "--topology", "v5e-4", *TINY)
+    done = aot_check(tmp_path, "--topology", "v5e-4", *TINY, "--optimizer.name=adamw")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "aot_check.json").read_text())
     assert report["fits"] and report["devices"] == 4 and report["mesh"]["fsdp"] == 4
@@ -83,16 +83,18 @@ def test_a_tiny_model_fits_a_v5e_4_and_the_report_adds_up(tmp_path):
     from recipes.train.shardings import bytes_per_device
     import jax
 
-    config = config_lib.load_config("shakespeare_celo2", TINY)
+    config = config_lib.load_config("shakespeare_celo2", [*TINY, "--optimizer.name=adamw"])
     from model import make_mesh
     program = build_program(config, mesh=make_mesh(1, 4, 1, devices=jax.devices()[:4]), shapes_only=True)
     state = bytes_per_device(program.state_abstract)
     batch = 16 * 33 * 4 // 4
     assert state <= b["argument"] <= 1.05 * state + batch
     assert b["peak"] < report["hbm_bytes_per_device"]
-    # Compiled FLOPs cover at least the model's 6N per token (plus the optimizer's work).
-    assert report["step"]["flops_per_device"] >= report["step"]["model_flops_per_device"]
-    assert 0 < report["optimizer_share"]["flops"] < 1
+    # The step's FLOPs are the model's 6N per token plus attention, then LayerNorm, softmax and
+    # AdamW's few per parameter: no remat here, so nothing is recomputed.
+    step = report["step"]
+    assert step["model_flops_per_device"] <= step["flops_per_device"] <= 1.3 * step["model_flops_per_device"]
+    assert 0 < report["optimizer_share"]["flops"] < 0.05
     assert report["collectives"]["per_step"]["all-gather"]["count"] > 0  # fsdp gathers weights
     assert 0 < report["roofline"]["mfu"] <= 1
     assert "Fits" in (tmp_path / "aot_check.md").read_text()
@@ -100,7 +102,7 @@ def test_a_tiny_model_fits_a_v5e_4_and_the_report_adds_up(tmp_path):
 
 def test_an_oversized_setting_exits_2_with_one_line(tmp_path):
     done = aot_check(tmp_path, "--topology", "v5e-4", "--model.size=tiny", "--data.seq_len=64",
-                     "--data.global_batch=65536", "--data.micro_batch=65536", "--no-optimizer-share")
+                     "--data.global_batch=65536", "--data.micro_batch=65536")
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not fit v5e-4" in errors[0] and "GiB" in errors[0]
