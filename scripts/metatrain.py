@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from recipes.train.cli import run_main
+from data.cache import jax_cache_dir
 from recipes.errors import ConfigError
 from recipes.metatrain.config import load_config
 from recipes.metatrain.loop import MetaTrainer
@@ -20,8 +21,9 @@ from recipes.metatrain.loop import MetaTrainer
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML file, e.g. configs/metatrain/smoke.yaml")
-    parser.add_argument("--compilation-cache", default="cache/jax",
-                        help="JAX's persistent compilation cache (reruns and resumes skip most compiling); '' disables")
+    parser.add_argument("--compilation-cache", default=str(jax_cache_dir()),
+                        help="JAX's persistent compilation cache (reruns and resumes skip most compiling; "
+                        "default: %(default)s); '' disables")
     parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
                         help="CPU devices the particles are split over, one thread each (default: every core)")
     args, overrides = parser.parse_known_args(argv)
@@ -29,6 +31,11 @@ def main(argv=None) -> int:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"unexpected argument {item!r}: overrides look like --metatrain.outer_steps=10")
     config = load_config(args.config, overrides)
+    # The particles' devices meet in collectives, which XLA:CPU aborts after 40 s by default; a
+    # niced run on a busy machine can wait longer than that for a core. Read when JAX starts.
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
+                                        "--xla_cpu_collective_timeout_seconds=86400",
+                                        "--xla_cpu_collective_call_terminate_timeout_seconds=86400"]).strip()
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
