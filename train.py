@@ -142,7 +142,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
 
     metrics_log = MetricsLog(run_dir, wandb_mode=config.logging.wandb, project=config.logging.wandb_project,
                              name=config.logging.wandb_name or run_dir.name, config=config_lib.to_dict(config),
-                             resume_step=start)
+                             resume_step=latest)
     summary = {"start_step": start, "train_loss": None, "val_loss": None, "stopped_by": None,
                "skipped_steps": 0}
     target = config.train.target_val_loss
@@ -294,6 +294,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
                     if config.train.stop_at_target and summary.get("target_step") == step:
                         summary["ended_at_target"] = True
                         break
+                checkpointer.check()  # a failed write stops the run now, not at the next save
                 stopping = stop_request.agreed(check_others=step % config.logging.every == 0)
                 if (step % config.train.checkpoint_every == 0 or stopping) and pending is not None:
                     record(*pending)  # the guard must see the step it would save
@@ -343,15 +344,22 @@ def sample_text(config, params) -> str:
 
 
 if __name__ == "__main__":
-    from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors
+    from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors, quiet_library_logs
 
+    quiet_library_logs()
     try:
         result = main()
-        if result.get("stopped_by"):  # saved, but unfinished: exit as the signal would, for schedulers
+        # Saved but unfinished: exit as the signal would, so a scheduler reruns. A finished run
+        # exits 0 even when a signal came during its last step (else reruns would never end).
+        if result.get("stopped_by") and not result.get("finished"):
             import signal
             sys.exit(128 + int(getattr(signal, result["stopped_by"], signal.SIGTERM)))
     except (*ordinary_errors(), NonFiniteError) as error:
         if os.environ.get("CELO2_DEBUG"):
             raise
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(EXIT_CODES["nonfinite"] if isinstance(error, NonFiniteError) else EXIT_CODES["error"])
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        code = EXIT_CODES["nonfinite"] if isinstance(error, NonFiniteError) else EXIT_CODES["error"]
+        # After a failed write, orbax's writer threads would print their own tracebacks while the
+        # interpreter shuts down; the one line above says it all, and everything is closed.
+        os._exit(code) if isinstance(error, OSError) or "checkpoint" in type(error).__name__.lower() \
+            else sys.exit(code)

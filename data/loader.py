@@ -27,6 +27,10 @@ from data.tokenizer import VOCAB_SIZE
 _MASK64 = (1 << 64) - 1
 
 
+class DataSizeError(ValueError):
+    """The data is too small for the batch or the window asked of it."""
+
+
 def data_directory(path: str) -> Path:
     """A data.path setting as a folder of token shards: "shakespeare" is the bundled corpus,
     prepared on first use; anything else is a folder path."""
@@ -117,7 +121,7 @@ class _Windows:
         window = seq_len + 1
         longest = int(data.lengths.max())
         if window > longest:
-            raise ValueError(
+            raise DataSizeError(
                 f"seq_len {seq_len} needs windows of {window} tokens, but the longest '{data.split}' shard "
                 f"holds only {longest} tokens ({data.shards[int(data.lengths.argmax())].path}). "
                 "Use a shorter seq_len, or prepare the data with larger shards (--shard-size)."
@@ -194,7 +198,7 @@ class TokenLoader:
 
         self._train = _Windows(train, seq_len)
         if global_batch > self._train.count:
-            raise ValueError(
+            raise DataSizeError(
                 f"global_batch {global_batch} is larger than the data: the train split holds "
                 f"{self._train.count} windows of {seq_len + 1} tokens ({train.num_tokens} tokens). "
                 "Lower global_batch or seq_len, or prepare more data."

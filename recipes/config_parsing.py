@@ -181,7 +181,9 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"config {path.name} includes itself through 'base:'")
     try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+        # Interpolations stay unresolved, and are refused below: a resolved ${oc.env:TOKEN} would be
+        # written out with the run's config.yaml and its W&B config.
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -189,6 +191,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file and rerun") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path.name} must be a mapping of sections, got {type(loaded).__name__}")
+    _refuse_interpolations(loaded, path)
     # Keys starting with "_" hold YAML anchors only (e.g. `_common: &common ...`).
     loaded = {k: v for k, v in loaded.items() if not str(k).startswith("_")}
     base = loaded.pop("base", None)
@@ -196,6 +199,17 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         return loaded
     base_path = Path(base) if Path(base).is_absolute() else path.parent / base
     return merge_configs(read_yaml(base_path if base_path.is_file() else base, _seen + (path,)), loaded)
+
+
+def _refuse_interpolations(tree, path: Path, prefix: str = "") -> None:
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        where = f"{prefix}{key}"
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{path}: {where} is an interpolation ({value!r}), which recipes do not resolve: a "
+                              "run saves its settings in plain text, so an environment variable would be written "
+                              "out. Write the value itself, or pass it as --" + where + "=VALUE")
+        _refuse_interpolations(value, path, f"{where}.")
 
 
 def parse_overrides(args: list[str]) -> dict:

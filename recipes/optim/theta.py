@@ -77,6 +77,11 @@ def validate_theta(theta, source: str = "theta") -> dict:
             raise ThetaFormatError(f"{source}: key '{name}' has shape {shape}, expected {expected}")
         if dtype != np.float32:
             raise ThetaFormatError(f"{source}: key '{name}' has dtype {dtype}, expected float32")
+        # Concrete weights only (a traced theta, as in meta-training, has no values to check).
+        if not isinstance(value, jax.core.Tracer) and not np.isfinite(np.asarray(value)).all():
+            bad = int((~np.isfinite(np.asarray(value))).sum())
+            raise ThetaFormatError(f"{source}: key '{name}' holds {bad} non-finite value(s) (NaN or inf); "
+                                   "these weights would turn every update into NaN: use another theta")
         checked[name] = value
     return _wrap(checked)
 

@@ -3,11 +3,17 @@
     config.py          one typed run config: sections as frozen dataclasses, load_config
                        (read through recipes.config_parsing)
     mesh.py            the device mesh, multi-host start-up, global batches from per-process rows
-    step.py            the train state (a plain dict), its shardings, the jitted train and eval steps
-    run_dir.py         the run directory: its lock, resume checks, config history, summary.json
-    checkpoint.py      orbax checkpoints of the train state; parameters of a run for sampling/export
+    build.py           the one build path: config -> mesh, abstract state, optimizer, jitted steps
+    state.py           the train state (a plain dict): abstract and fresh
+    shardings.py       where each state array lives: parameters by the model's rules, optimizer
+                       state by its parameters
+    step.py            the jitted train and eval steps
+    run_dir.py         the run directory: what may be in it, its lock, resume checks (from the
+                       checkpoints' own records), config history, summary.json
+    checkpoint.py      orbax checkpoints of the train state; write failures as one line
+    run_params.py      a run's parameters for sampling and export (the trainer's fallback)
     stop.py            SIGTERM/SIGINT -> save and exit (meta-training stops the same way)
-    metrics.py         metrics.jsonl, W&B, the progress bar, MFU, JSON-safe values
+    metrics.py         metrics.jsonl (rows set aside, never deleted), W&B, the progress bar, MFU
     dry_run.py         sizes, tokens and bytes per device of a config, computed from shapes
     report.py          the closing lines a finished run prints
     cli.py             how entry points end: a result, or one `error:` line and an exit code

@@ -8,6 +8,9 @@ state given to ``restore``.
 """
 from __future__ import annotations
 
+import os
+import re
+import sys
 from pathlib import Path
 
 import jax
@@ -21,6 +24,29 @@ def _saveable(state: dict) -> dict:
     return {**state, "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
 
 
+def drop_closed_loop_errors() -> None:
+    """From now on in this process, drops the "Event loop is closed" errors a failed restore leaves
+    behind: orbax gives up on a damaged checkpoint while other array reads are still in flight, and
+    each of them, finishing up to seconds later, reports back to the closed event loop as an
+    unraisable RuntimeError: dozens of tracebacks on stderr that would bury the one line saying what
+    happened. Every other unraisable error is shown as before."""
+    shown = sys.unraisablehook
+    if getattr(shown, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (unraisable.exc_type is RuntimeError and unraisable.object is None
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            shown(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a file-size limit, permissions)."""
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 3):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -29,15 +55,63 @@ class Checkpointer:
         # Handlers named up front, so a fresh process can read a checkpoint's metadata before restoring.
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._writing = None  # the step whose asynchronous save may still be under way
+        drop_closed_loop_errors()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints present, newest first."""
+        return sorted(self._manager.all_steps(), reverse=True)
+
     def save(self, step: int, state: dict, meta: dict) -> None:
         """Starts an asynchronous save; a later save or close() waits for it. Orbax copies the
-        arrays to host memory before returning, so the next (state-donating) step is safe."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saveable(state)), meta=ocp.args.JsonSave(meta)), force=True)
+        arrays to host memory before returning, so the next (state-donating) step is safe.
+        A failed write (this one or the one before) raises CheckpointWriteError."""
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_saveable(state)), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as error:
+            raise self._write_failure(error, self._writing or step) from error
+        self._writing = step
+
+    def saved_abstract(self, steps: list[int], sharding) -> dict | None:
+        """The state's shapes and dtypes as saved, placed by ``sharding``, from the first of ``steps``
+        whose record of them is readable (one run's checkpoints share one layout); None if none is."""
+        for step in steps:
+            try:
+                saved = self._manager.item_metadata(step)["state"]
+            except Exception:  # a damaged record: restoring that step fails too, and restore_newest says so
+                continue
+            return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved)
+        return None
+
+    def check(self) -> None:
+        """Raises CheckpointWriteError as soon as a save under way has failed (cheap: no waiting)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as error:
+            raise self._write_failure(error, self._writing) from error
+
+    def wait(self) -> None:
+        """Waits for the save under way; CheckpointWriteError if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_failure(error, self._writing) from error
+        self._writing = None
+
+    def _write_failure(self, error: Exception, step: int | None) -> CheckpointWriteError:
+        text = " ".join(str(error).split())
+        code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's wording of an OSError
+        reason = (os.strerror(int(code.group(1))) if code else
+                  error.strerror if isinstance(error, OSError) and error.strerror else text[:300])
+        older = [s for s in self.steps() if s != step]
+        kept = (f"the checkpoint of step {older[0]} is intact and a rerun resumes from it" if older
+                else "no earlier checkpoint exists, so a rerun starts afresh")
+        return CheckpointWriteError(f"could not write the checkpoint of step {step} in {self.directory}: "
+                                    f"{reason}; {kept}. Free space (or raise the file-size limit) and rerun")
 
     def restore(self, step: int, abstract: dict) -> dict:
         """The state saved at ``step``, laid out like ``abstract`` (arrays with shardings); its JSON
@@ -68,7 +142,7 @@ class Checkpointer:
         ``check_meta(meta)`` may refuse a readable checkpoint by raising ConfigError (written under
         other settings); that error propagates and nothing is moved.
         """
-        for step in sorted(self._manager.all_steps(), reverse=True):
+        for step in self.steps():
             try:
                 meta = self.read_meta(step)
             except Exception as error:  # orbax raises many types for a damaged directory
@@ -92,27 +166,10 @@ class Checkpointer:
         log(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-
-def load_run_params(run_dir: str | Path, step: int | None = None):
-    """(config, params as a dict of arrays on one device, step) of a run directory's checkpoint
-    (its latest unless ``step`` is given), whatever mesh it was trained on."""
-    from recipes.train.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): pass train.out_dir of a run")
-    config = load_config(run_dir / "config.yaml")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    # Handlers named for both items: otherwise orbax warns that the one not restored "could not be".
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints", item_handlers=handlers) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no checkpoint yet: train first")
-        metadata = manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return config, restored["state"]["params"], step
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # a failed write is already being reported by wait()
+                pass

@@ -13,16 +13,30 @@ EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal:
 
 
 def ordinary_errors() -> tuple[type[BaseException], ...]:
+    from data.loader import DataSizeError
     from data.shards import ShardError
     from data.tokenizer import TokenizerUnavailableError
     from recipes.optim.theta import ThetaFormatError
     from recipes.errors import ConfigError
+    from recipes.train.checkpoint import CheckpointWriteError
 
-    return (ConfigError, FileNotFoundError, NotADirectoryError, ShardError, ThetaFormatError,
-            TokenizerUnavailableError)
+    # OSError last: a full disk, a file-size limit or permissions anywhere else get one line too.
+    return (ConfigError, DataSizeError, FileNotFoundError, NotADirectoryError, ShardError, ThetaFormatError,
+            TokenizerUnavailableError, CheckpointWriteError, OSError)
+
+
+def quiet_library_logs() -> None:
+    """Libraries' own error logs (orbax's through absl) would repeat, in pages, what the one error
+    line says; CELO2_DEBUG=1 keeps them."""
+    if not os.environ.get("CELO2_DEBUG"):
+        import logging
+
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"could not use {error.filename}: {error.strerror}"
     return " ".join(str(error).split()) or type(error).__name__
 
 

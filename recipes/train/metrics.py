@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -82,15 +83,23 @@ def read_records(run_dir: Path) -> list[dict]:
     return _parse_rows(path.read_text()) if path.is_file() else []
 
 
-def _keep_records_through(run_dir: Path, step: int) -> list[dict]:
-    """Rewrites metrics.jsonl without the rows past ``step`` (and any line a crash cut short);
-    returns the rows kept."""
+def _keep_records_through(run_dir: Path, step: int | None) -> list[dict]:
+    """Keeps in metrics.jsonl the rows through ``step`` (none when the run starts afresh) and moves
+    the others, written after the checkpoint a killed run resumes from, to metrics.set_aside.jsonl:
+    replayed steps are not counted twice, and no row is ever deleted. Returns the rows kept."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
     text = path.read_text()
-    kept = [row for row in _parse_rows(text) if row.get("step", 0) <= step]
+    rows = _parse_rows(text)
+    kept = [row for row in rows if step is not None and row.get("step", 0) <= step]
     if len(kept) != len(text.splitlines()):
+        aside = [line for line in text.splitlines() if line.strip() and line not in
+                 {json.dumps(row) for row in kept}]
+        with open(run_dir / "metrics.set_aside.jsonl", "a") as f:  # appended before metrics.jsonl shrinks
+            f.write("".join(line + "\n" for line in aside))
+            f.flush()
+            os.fsync(f.fileno())
         atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
     return kept
 
@@ -99,9 +108,9 @@ class MetricsLog:
     """Appends one JSON record per call to metrics.jsonl and mirrors it to W&B (process 0 only)."""
 
     def __init__(self, run_dir: Path, *, wandb_mode: str, project: str, name: str, config: dict,
-                 resume_step: int = 0):
-        """``resume_step``: the step training restarts from; records past it (written after the
-        checkpoint a killed run resumes from) are dropped, so replayed steps are not counted twice.
+                 resume_step: int | None = 0):
+        """``resume_step``: the step training restarts from, None for a fresh start; records past it
+        (written after the checkpoint a killed run resumes from) are set aside (_keep_records_through).
         The rows kept are ``self.records`` (on process 0; empty on the others)."""
         self.enabled = jax.process_index() == 0
         self.records = _keep_records_through(run_dir, resume_step) if self.enabled else []

@@ -7,6 +7,7 @@ and whether its target was already reached.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -98,13 +99,70 @@ def _flat_keys(values: dict, prefix: str = "") -> dict:
     return out
 
 
+# Everything a trainer (or a sweep, for its points) writes into a run directory; temporaries of
+# atomic writes start with a dot and are ignored.
+RUN_DIR_ENTRIES = {"config.yaml", "config_history", "routing.json", "routing.txt", "metrics.jsonl",
+                   "metrics.set_aside.jsonl", "summary.json", "checkpoints", "checkpoints.damaged", "wandb",
+                   "wandb_id.txt", "train.log", "point.json"}
+RUN_DIR_MARKS = ("config.yaml", "checkpoints", "routing.json")
+SWEEP_ENTRIES = {"train.log", "point.json"}  # any of them: a trainer wrote here
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuses a train.out_dir that is a file, or a directory holding files no trainer wrote
+    (a run would append to, rewrite or set aside the user's files)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.out_dir {run_dir} is a file, not a directory: pick another train.out_dir")
+    if not run_dir.is_dir():
+        return
+    entries = sorted(e.name for e in run_dir.iterdir() if not e.name.startswith("."))
+    foreign = [e for e in entries if e not in RUN_DIR_ENTRIES]
+    # A sweep opens its point's train.log (and point.json) before the trainer starts: those alone are ours.
+    if set(entries) - SWEEP_ENTRIES and not foreign and not any((run_dir / m).exists() for m in RUN_DIR_MARKS):
+        foreign = entries  # metrics.jsonl and the like, but no trace of a trainer: not ours either
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"train.out_dir {run_dir} holds files a trainer did not write ({shown}); nothing was "
+                          "changed in it. Pick an empty or new train.out_dir, or the directory of an earlier run")
+
+
+def saved_settings(run_dir: Path, log=print):
+    """The settings the run directory's checkpoints were trained with: the newest checkpoint's own
+    record, else config.yaml (checkpoints written before records carried it). None for a new run."""
+    # The records are read as files, not through orbax: its manager synchronizes processes, and
+    # processes may reach this before or after process 0 created the checkpoints folder.
+    folder = run_dir / "checkpoints"
+    steps = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit()), reverse=True) \
+        if folder.is_dir() else []
+    for step in steps:
+        try:
+            settings = json.loads((folder / str(step) / "meta" / "metadata").read_text()).get("config")
+            if settings:
+                return config_lib.build_config(settings)
+        except (OSError, ValueError, ConfigError):  # damaged, or written under older names: look further
+            continue
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        try:
+            return config_lib.load_config(saved)
+        except Exception as error:  # random bytes fail in YAML's reader or in decoding
+            if steps:
+                raise ConfigError(f"{saved} is not readable ({error}) and no checkpoint records its "
+                                  "settings; restore the file or pick a new train.out_dir") from None
+            log(f"note: {saved} is not readable; no checkpoint depends on it, so it goes to config_history/")
+    return None
+
+
 def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
     """Refuses to rerun into a run directory whose checkpoints another parameter or optimizer-state
-    layout wrote; other changes (learning rate, steps, data) are allowed, with a note."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
+    layout wrote (read from the checkpoints themselves, so a lost config.yaml changes nothing);
+    other changes (learning rate, steps, data) are allowed, with a note."""
+    check_run_dir(run_dir)
+    if not (run_dir / "checkpoints").is_dir():
         return
-    old = config_lib.load_config(saved)
+    old = saved_settings(run_dir, log)
+    if old is None:
+        return
     old_values, new_values = _flat_keys(config_lib.to_dict(old)), _flat_keys(config_lib.to_dict(config))
     changed = sorted(k for k in set(old_values) | set(new_values)
                      if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
@@ -133,7 +191,7 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
 def keep_config_history(run_dir: Path, new_yaml: str) -> None:
     """config.yaml is the settings now; settings a rerun changed go to config_history/, never lost."""
     current = run_dir / "config.yaml"
-    if current.is_file() and current.read_text() != new_yaml:
+    if current.is_file() and current.read_bytes() != new_yaml.encode():  # bytes: the old file may not be text
         history = run_dir / "config_history"
         history.mkdir(exist_ok=True)
         current.rename(history / f"config.{len(list(history.glob('config.*.yaml'))) + 1}.yaml")

@@ -38,7 +38,7 @@ def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_s
     """jit(step(state, tokens_GxLp1) -> (state, metrics)), the state donated.
 
     Gradients are averaged over micro_batches micro-batches (accumulated_grads). A step with
-    a non-finite loss or gradient norm leaves params and optimizer state as they were
+    a non-finite loss, gradient norm or update leaves params and optimizer state as they were
     (metrics["finite"] is False). ``labels`` (parameter -> branch name) adds per-branch
     update diagnostics as metrics["diagnostics"]; ``learning_rate`` (opt_state -> rate,
     recipes.optim.optimizers.learning_rate_reader) adds metrics["lr"], the rate this step's
@@ -50,16 +50,13 @@ def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_s
         params, opt_state = state["params"], state["opt_state"]
         loss, grads = grads_of(params, tokens_GxLp1)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply(_):
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt_state, updates
-
-        def skip(_):
-            return params, opt_state, jax.tree.map(jnp.zeros_like, params)
-
-        new_params, new_opt_state, updates = jax.lax.cond(finite, apply, skip, None)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # The update is checked too: a finite gradient can still give a non-finite update (a broken
+        # theta, an overflow in the optimizer), and it must not reach the parameters.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        new_params, new_opt_state, updates = jax.lax.cond(
+            finite, lambda: (optax.apply_updates(params, updates), new_opt_state, updates),
+            lambda: (params, opt_state, jax.tree.map(jnp.zeros_like, updates)))
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
         if learning_rate is not None:
             metrics["lr"] = learning_rate(opt_state)
