@@ -15,6 +15,12 @@ def default_cache_dir() -> Path:
     return Path(base) / APP_NAME
 
 
+def jax_cache_dir() -> Path:
+    """`<default_cache_dir()>/jax`: the default of the scripts' --compilation-cache, JAX's persistent
+    compilation cache, kept out of the directory a script is run from."""
+    return default_cache_dir() / "jax"
+
+
 def tiktoken_cache_dir() -> Path | None:
     """The directory tiktoken caches downloads in, resolved by tiktoken's own rules (tiktoken/load.py).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from flax import nnx
@@ -16,6 +17,7 @@ from safetensors.numpy import save_file
 
 from data.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, gpt2_vocab_files
 from model.config import ModelConfig
+from recipes.files import atomic_path
 
 
 def _to_numpy_tree(params) -> dict:
@@ -103,36 +105,40 @@ def generation_config(config: ModelConfig) -> dict:
     return {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "do_sample": True, "temperature": 0.8}
 
 
-def write_tokenizer(out_dir: Path, config: ModelConfig) -> list[Path]:
-    """GPT-2's tokenizer files, from the offline copies the data pipeline verified."""
+def tokenizer_files(config: ModelConfig) -> dict[str, Callable[[Path], None]]:
+    """GPT-2's tokenizer files, from the offline copies the data pipeline verified: name -> writer."""
     encoder_json, vocab_bpe = gpt2_vocab_files()
-    shutil.copyfile(encoder_json, out_dir / "vocab.json")
-    shutil.copyfile(vocab_bpe, out_dir / "merges.txt")
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
-    _write_json(out_dir / "special_tokens_map.json", special)
-    _write_json(out_dir / "tokenizer_config.json", {
-        **special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.context_length,
-        "add_prefix_space": False})
-    return [out_dir / n for n in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")]
+    return {
+        "vocab.json": lambda path: shutil.copyfile(encoder_json, path),
+        "merges.txt": lambda path: shutil.copyfile(vocab_bpe, path),
+        "special_tokens_map.json": _json_file(special),
+        "tokenizer_config.json": _json_file({
+            **special, "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.context_length,
+            "add_prefix_space": False}),
+    }
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
+def _json_file(value: dict) -> Callable[[Path], None]:
+    return lambda path: path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def export_hf(params, config: ModelConfig, out_dir: str | Path, tokenizer: bool | None = None) -> Path:
     """Write a directory that `transformers` loads offline: `model.safetensors`, `config.json`,
     `generation_config.json` and, for the GPT-2 vocabulary (``tokenizer=None``) or when asked,
     the tokenizer files, so `AutoTokenizer` and `pipeline("text-generation")` work from it alone.
-    Every file is readable by all (0644). Returns out_dir."""
+    Each file is written under a temporary name and renamed into place, readable by all (0644);
+    other files in out_dir are left as they are. Returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "model.safetensors", out_dir / "config.json", out_dir / "generation_config.json"]
-    save_file(hf_state_dict(params, config), str(written[0]), metadata={"format": "pt"})
-    _write_json(written[1], hf_config(config))
-    _write_json(written[2], generation_config(config))
+    tensors = hf_state_dict(params, config)
+    files = {"model.safetensors": lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+             "config.json": _json_file(hf_config(config)),
+             "generation_config.json": _json_file(generation_config(config))}
     if tokenizer or (tokenizer is None and config.vocab_size == VOCAB_SIZE):
-        written += write_tokenizer(out_dir, config)
-    for path in written:
-        path.chmod(0o644)  # a model directory is meant to be shared
+        files.update(tokenizer_files(config))
+    for name, write in files.items():
+        with atomic_path(out_dir / name) as tmp:
+            write(tmp)
+            tmp.chmod(0o644)  # a model directory is meant to be shared
     return out_dir

@@ -7,32 +7,44 @@ aside (``move_aside``), never deleted. Every layer writes through here, data/ in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
-def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], Any]) -> Path:
-    """Replaces ``path`` with ``content``: bytes, text (UTF-8), or a function that writes to the binary file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` for a writer that wants a file name (a library's save function):
+    once the block ends without an error the file there is flushed to disk and renamed over ``path``;
+    otherwise it is removed and ``path`` is left as it was."""
     path = Path(path)
     # A fresh name per writer, so two processes writing one file never share a temporary.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode() if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], Any]) -> Path:
+    """Replaces ``path`` with ``content``: bytes, text (UTF-8), or a function that writes to the binary file."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode() if isinstance(content, str) else content)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, value, **dumps_args) -> Path:

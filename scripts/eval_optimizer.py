@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from recipes.train.cli import run_main
+from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import (
     EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
 )
@@ -60,8 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--results", type=Path, default=None,
                    help="a JSON file keeping every finished point: rerunning skips them (a long table resumes)")
-    p.add_argument("--compilation-cache", default="cache/jax",
-                   help="JAX's persistent compilation cache (reruns and resumes skip most compiling); '' disables")
+    p.add_argument("--compilation-cache", default=str(jax_cache_dir()),
+                   help="JAX's persistent compilation cache (reruns and resumes skip most compiling; "
+                   "default: %(default)s); '' disables")
     args = p.parse_args(argv)
     if args.compilation_cache:
         import jax

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from recipes.train.cli import run_main
+from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings
 from recipes.metatrain.progress import plot, update_scores
 from recipes.metatrain.tasks_lm import TinyLM
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--adamw-mult", type=float, default=20.0, help="Celo2's AdamW-side multiplier")
-    p.add_argument("--compilation-cache", default="cache/jax", help="'' disables JAX's persistent cache")
+    p.add_argument("--compilation-cache", default=str(jax_cache_dir()),
+                   help="JAX's persistent compilation cache (default: %(default)s); '' disables")
     args = p.parse_args(argv)
     if not (args.run / "config.json").is_file():
         p.error(f"{args.run} is not a meta-training run directory (no config.json)")

@@ -5,16 +5,20 @@
 
 --temperature 0 is greedy decoding. Each new token is one forward pass on the cached
 keys and values of the text so far, until the text fills the context; after that
-each token is predicted from the last context_length tokens.
+each token is predicted from the last context_length tokens. Without --step the newest
+checkpoint that restores is used, as train.py resumes: a damaged one is moved aside to
+checkpoints.damaged/ (said on stderr) and the next older one is taken.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from recipes.train.cli import run_main
 from data.tokenizer import gpt2_encoding
 from model.sampling import generate
-from recipes.train.checkpoint import load_run_params
+from recipes.errors import ConfigError, check_number
+from recipes.train.run_params import load_run_params
 
 
 def main(argv: list[str] | None = None) -> list[int]:
@@ -22,17 +26,29 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--checkpoint", required=True, help="a run directory (train.out_dir)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=100, help=">= 0")
+    parser.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0: greedy")
+    parser.add_argument("--top-k", type=int, default=None, help=">= 1: sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config, params, _ = load_run_params(args.checkpoint, args.step)
+    check_arguments(args)
+    config, params, _ = load_run_params(args.checkpoint, args.step, log=lambda line: print(line, file=sys.stderr))
     encoding = gpt2_encoding()
     prompt_ids = encoding.encode(args.prompt, allowed_special={"<|endoftext|>"})
-    ids = generate(config.model, params, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    top_k = None if args.top_k is None else min(args.top_k, config.model.vocab_size)  # k >= vocab: every token
+    ids = generate(config.model, params, prompt_ids, args.max_new_tokens, args.temperature, top_k, args.seed)
     print(encoding.decode(ids))
     return ids
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuses, before any checkpoint is read, what generate() could only fail on or silently ignore."""
+    if not args.prompt:
+        raise ConfigError("--prompt must not be empty: give at least one character, e.g. --prompt $'\\n'")
+    check_number("--max-new-tokens", args.max_new_tokens, integer=True, low=0)
+    check_number("--temperature", args.temperature, low=0, hint="0 is greedy decoding")
+    if args.top_k is not None:
+        check_number("--top-k", args.top_k, integer=True, low=1, hint="leave it out to sample from every token")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 Trains the validation task (scripts/eval_optimizer.py --task validation) with
 every snapshot under RUN/thetas/ (one compilation per learning rate serves them
 all; snapshots scripts/plot_metatrain.py already scored with the same settings
-are taken from RUN/validation.json), then writes recipes/optim/weights/NAME/ with theta.state, the run's config.json
-and provenance.json. The held-out task stays unseen by the choice: report the
+are taken from RUN/validation.json), then writes recipes/optim/weights/NAME/ with
+theta.state, the run's config.json and provenance.json. NAME is a plain name
+(letters, digits, _ and -); a theta already shipped under it is replaced only
+with --overwrite. The held-out task stays unseen by the choice: report the
 shipped theta with scripts/eval_optimizer.py --theta NAME.
 """
 from __future__ import annotations
@@ -15,9 +17,10 @@ import argparse
 from pathlib import Path
 
 from recipes.train.cli import run_main
+from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table
 from recipes.metatrain.progress import scored_snapshots
-from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, snapshots
+from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, ship_target, snapshots
 from recipes.metatrain.tasks_lm import TinyLM
 
 
@@ -31,8 +34,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
-    p.add_argument("--compilation-cache", default="cache/jax", help="'' disables JAX's persistent cache")
+    p.add_argument("--overwrite", action="store_true", help="replace a theta already shipped as NAME")
+    p.add_argument("--compilation-cache", default=str(jax_cache_dir()),
+                   help="JAX's persistent compilation cache (default: %(default)s); '' disables")
     args = p.parse_args(argv)
+    ship_target(args.name, args.weights_dir, args.overwrite)  # refused before minutes of scoring, not after
     if args.compilation_cache:
         import jax
 
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
     if todo:
         rows += score_snapshots(todo, task, settings, lrs, args.adamw_mult, log=lambda line: print(line, flush=True))
     print(format_table(rows, settings))
-    path = ship(args.run, args.name, rows, paths, describe(settings, task, lrs), args.weights_dir)
+    path = ship(args.run, args.name, rows, paths, describe(settings, task, lrs), args.weights_dir, args.overwrite)
     print(f"shipped {path}")
     return 0
 

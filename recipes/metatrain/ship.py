@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
-from recipes.files import write_json
+from recipes.errors import ConfigError
+from recipes.files import atomic_path, write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.tasks_lm import TinyLM
 
 _SNAPSHOT = re.compile(r"theta_(\d+)\.state$")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def snapshots(run_dir: Path, every: int = 1) -> dict[int, Path]:
@@ -44,23 +46,41 @@ def score_snapshots(paths: dict[int, Path], task: TinyLM, settings: EvalSettings
     return rows
 
 
+def ship_target(name: str, weights_dir: Path = WEIGHTS_DIR, overwrite: bool = False) -> Path:
+    """weights_dir/name, once ``name`` is a plain name (letters, digits, _ and -: nothing outside
+    weights_dir) and nothing is shipped under it yet, unless ``overwrite``; else ConfigError."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"--name must be a plain name of letters, digits, '_' and '-' (it names a folder "
+                          f"of {weights_dir}), got {name!r}")
+    out = weights_dir / name
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a shipped theta's folder: move it, or pick another --name")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"a theta is already shipped as {name!r} ({out}); nothing was changed. Pick another "
+                          "--name, or pass --overwrite to replace it")
+    return out
+
+
 def ship(run_dir: Path, name: str, rows: list[dict], paths: dict[int, Path], selected_by: str,
-         weights_dir: Path = WEIGHTS_DIR) -> Path:
-    """Copies the best-scoring snapshot and the run's config to weights_dir/name; returns the theta path."""
+         weights_dir: Path = WEIGHTS_DIR, overwrite: bool = False) -> Path:
+    """Copies the best-scoring snapshot and the run's config to weights_dir/name (refused by
+    ship_target); returns the theta path."""
+    out = ship_target(name, weights_dir, overwrite)
     finite = [r for r in rows if math.isfinite(r["mean"])]
     if not finite:
         raise ValueError(f"every snapshot of {run_dir} diverged on the validation task; nothing to ship")
     best = min(finite, key=lambda r: r["mean"])
-    out = weights_dir / name
+    load_checkpoint(paths[best["outer_step"]])  # refuse to ship a file the loader would reject
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(paths[best["outer_step"]], out / "theta.state")
-    shutil.copyfile(run_dir / "config.json", out / "config.json")
+    for source, target in ((paths[best["outer_step"]], out / "theta.state"),
+                           (run_dir / "config.json", out / "config.json")):
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
     write_json(out / "provenance.json", {
         "outer_step": best["outer_step"], "lr": best["lr"], "validation_loss": best["mean"],
         "selected_by": selected_by,
         "scores": [{k: r[k] for k in ("outer_step", "lr", "mean", "std")} for r in sorted(rows, key=lambda r: r["outer_step"])],
     })
-    load_checkpoint(out / "theta.state")  # refuse to leave a file the loader would reject
     return out / "theta.state"
 
 

@@ -11,6 +11,7 @@ def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache.default_cache_dir() == tmp_path / "home" / ".cache" / "celo2-gpt"
+    assert cache.jax_cache_dir() == tmp_path / "home" / ".cache" / "celo2-gpt" / "jax"  # not ./cache/jax
 
 
 def test_tiktoken_cache_dir_follows_tiktoken_rules(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

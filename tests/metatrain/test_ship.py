@@ -1,4 +1,5 @@
-"""Shipping a meta-trained theta: snapshots scored on a validation task, the best copied with its provenance."""
+"""Shipping a meta-trained theta: snapshots scored on a validation task, the best copied with its provenance;
+a name is a plain folder name, and a shipped theta is replaced only when asked."""
 import json
 
 import jax
@@ -11,6 +12,8 @@ from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import EvalSettings
 from recipes.metatrain.ship import score_snapshots, ship, snapshots
 from recipes.metatrain.tasks_lm import TinyLM
+from tests.train.test_faults import one_error_line
+from tests.train.test_sample import run_at_once
 
 
 @pytest.fixture
@@ -47,6 +50,13 @@ def test_ship_copies_the_best_scoring_snapshot(run_dir, tmp_path):
     assert provenance["outer_step"] == best["outer_step"] and provenance["selected_by"] == "a test"
     assert [s["outer_step"] for s in provenance["scores"]] == [10, 20, 25]
     assert json.loads((shipped.parent / "config.json").read_text())["metatrain"]["init_theta"] == "normalized_momentum"
+    before = {p.name: p.read_bytes() for p in shipped.parent.iterdir()}
+    with pytest.raises(ConfigError, match="already shipped as 'tiny'.*--overwrite"):
+        ship(run_dir, "tiny", rows, paths, "another test", weights_dir=tmp_path / "weights")
+    assert {p.name: p.read_bytes() for p in shipped.parent.iterdir()} == before
+    ship(run_dir, "tiny", rows, paths, "another test", weights_dir=tmp_path / "weights", overwrite=True)
+    assert json.loads((shipped.parent / "provenance.json").read_text())["selected_by"] == "another test"
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["config.json", "provenance.json", "theta.state"]
 
 
 def test_ship_refuses_when_every_snapshot_diverged(run_dir, tmp_path):
@@ -85,3 +95,19 @@ def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_pat
     assert shipped.is_file()
     with pytest.raises(ConfigError, match="other settings"):  # never mixes scores of two settings
         update_scores(run_dir, task, settings, 3.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+
+
+def test_ship_theta_refuses_a_path_as_name_and_an_existing_theta_in_one_line(run_dir, tmp_path):
+    weights = tmp_path / "weights"
+    (weights / "taken").mkdir(parents=True)
+    (weights / "taken" / "theta.state").write_bytes(b"shipped before")
+    cases = {"../x": "error: --name must be a plain name", "a/b": "error: --name must be a plain name",
+             "..": "error: --name must be a plain name", "taken": "error: a theta is already shipped as 'taken'"}
+    results = run_at_once({name: ["scripts/ship_theta.py", "--run", str(run_dir), "--name", name, "--weights-dir",
+                                  str(weights), "--compilation-cache", ""] for name in cases}, tmp_path)
+    for name, result in results.items():
+        assert result.returncode == 1 and one_error_line(result).startswith(cases[name]), (name, result.stderr[-2000:])
+        assert "scoring" not in result.stdout  # refused before minutes of scoring
+    assert {p.name for p in tmp_path.iterdir()} <= {"run", "weights", "jax_cache"}  # no x beside the weights
+    assert [p.name for p in weights.iterdir()] == ["taken"]
+    assert (weights / "taken" / "theta.state").read_bytes() == b"shipped before"

@@ -1,29 +1,63 @@
-"""scripts/sample.py greedy decoding == the exported Hugging Face model's greedy generate."""
+"""scripts/sample.py greedy decoding == the exported Hugging Face model's greedy generate; a damaged
+newest checkpoint is passed over as train.py passes it over; bad arguments are one line each."""
 import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-import train
-from tests.train.test_train import TINY
+from tests.train.test_faults import one_error_line, process_env
 
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def script(name):
     return importlib.import_module(f"scripts.{name}")
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sample") / "run"
-    train.main([*TINY, "--train.steps=8", f"--train.out_dir={run_dir}", "--eval.at_start=false"])
-    return run_dir
+@pytest.fixture
+def trained_run(tiny_run):
+    return tiny_run
+
+
+def run_script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """scripts/NAME.py in a real process, as a user runs it."""
+    return subprocess.run([sys.executable, f"scripts/{name}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=process_env(tmp_path))
+
+
+def run_at_once(commands: dict, tmp_path: Path) -> dict:
+    """key -> CompletedProcess of each command line (a list of words after the interpreter), run side by
+    side in real processes."""
+    env = process_env(tmp_path)
+    started = {key: subprocess.Popen([sys.executable, *words], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for key, words in commands.items()}
+    results = {}
+    for key, process in started.items():
+        out, err = process.communicate(timeout=300)
+        results[key] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return results
+
+
+def damaged_copy(run_dir: Path, tmp_path: Path) -> tuple[Path, int, int]:
+    """A copy of ``run_dir`` whose newest checkpoint has its arrays cut short: (copy, newest, older step)."""
+    copy = tmp_path / "damaged_run"
+    shutil.copytree(run_dir, copy)
+    steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
+    for f in (copy / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:10])
+    return copy, steps[-1], steps[-2]
 
 
 def test_greedy_sample_matches_exported_hf_model(trained_run, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     out = script("export_hf").main(["--checkpoint", str(trained_run), "--out", str(tmp_path / "hf")])
+    capsys.readouterr()
     prompt = "ROMEO: But soft, what light"
     ours = script("sample").main(["--checkpoint", str(trained_run), "--prompt", prompt,
                                   "--max-new-tokens", "12", "--temperature", "0"])
@@ -57,7 +91,7 @@ def test_generation_past_the_context_equals_recomputing_every_window(trained_run
 
     from model import make_apply
     from model.sampling import generate
-    from recipes.train.checkpoint import load_run_params
+    from recipes.train.run_params import load_run_params
     from recipes.train.state import abstract_param_dict
 
     config, params, _ = load_run_params(trained_run)
@@ -71,3 +105,32 @@ def test_generation_past_the_context_equals_recomputing_every_window(trained_run
         logits = apply(params, jnp.asarray([window]))[0, -1, :config.model.vocab_size]
         reference.append(int(jnp.argmax(logits)))
     assert ours == reference
+
+
+def test_sample_passes_over_a_damaged_newest_checkpoint_as_train_does(trained_run, tmp_path, capsys):
+    run_dir, newest, older = damaged_copy(trained_run, tmp_path)
+    args = ["--prompt", "To be", "--max-new-tokens", "4", "--temperature", "0"]
+    asked = run_script("sample", "--checkpoint", str(run_dir), "--step", str(newest), *args, tmp_path=tmp_path)
+    assert asked.returncode == 1 and f"checkpoint {newest} in" in one_error_line(asked)
+    assert (run_dir / "checkpoints" / str(newest)).is_dir()  # a step asked for is never moved aside
+
+    fell_back = run_script("sample", "--checkpoint", str(run_dir), *args, tmp_path=tmp_path)
+    assert fell_back.returncode == 0, fell_back.stderr[-3000:]
+    notes = [line for line in fell_back.stderr.splitlines() if line.strip()]
+    assert notes[0].startswith(f"checkpoint {newest} does not restore") and len(notes) == 2, notes
+    assert notes[1] == f"using checkpoint {older}, the newest of {run_dir} that restores"
+    assert (run_dir / "checkpoints.damaged" / str(newest)).is_dir()  # kept for inspection, as train.py keeps it
+    script("sample").main(["--checkpoint", str(trained_run), "--step", str(older), *args])  # an older step, asked
+    assert fell_back.stdout == capsys.readouterr().out
+
+
+def test_bad_arguments_are_one_line_each_before_any_checkpoint_is_read(trained_run, tmp_path):
+    cases = {("--prompt", ""): "error: --prompt must not be empty",
+             ("--temperature", "-0.5"): "error: --temperature must be a number >= 0, got -0.5",
+             ("--top-k", "0"): "error: --top-k must be an int >= 1, got 0",
+             ("--top-k", "-3"): "error: --top-k must be an int >= 1, got -3",
+             ("--max-new-tokens", "-1"): "error: --max-new-tokens must be an int >= 0, got -1"}
+    results = run_at_once({case: ["scripts/sample.py", "--checkpoint", str(trained_run), *case] for case in cases},
+                          tmp_path)
+    for case, result in results.items():
+        assert result.returncode == 1 and one_error_line(result).startswith(cases[case]), (case, result.stderr[-2000:])
