@@ -6,7 +6,10 @@
     python scripts/sweep.py --sweep shakespeare_cpu.yaml          # a file in configs/sweeps/
 
 Each point is a normal run directory under --out. Rerunning skips finished
-points and resumes interrupted ones. Results go to OUT/results.csv and
+points and resumes interrupted ones. One sweep at a time per --out: a second is
+refused. SIGTERM or Ctrl-C stops the running points with a checkpoint (the
+sweep exits 143/130; rerun it to resume); a killed sweep's training child stops
+too, and a rerun waits for it to end. Results go to OUT/results.csv and
 results.json, plots to OUT/*.png. --print-commands prints one train.py command
 per point (for a cluster scheduler) and runs nothing; --wandb-sweep FILE writes
 the equivalent W&B sweep definition.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from recipes.train.cli import run_main
 from recipes.experiments.sweep_plots import plot_sweep
-from recipes.experiments.sweeps import SweepError, commands, make_spec, run_sweep, wandb_sweep_yaml
+from recipes.experiments.sweeps import SweepError, SweepStop, commands, make_spec, run_sweep, wandb_sweep_yaml
 
 
 def main(argv=None, runner=None) -> int:
@@ -43,12 +46,16 @@ def main(argv=None, runner=None) -> int:
         if args.print_commands:
             print("\n".join(commands(spec)))
         return 0
-    rows = run_sweep(spec, runner=runner)
+    stop = SweepStop()
+    rows = run_sweep(spec, runner=runner, stop=stop)
     for path in plot_sweep(rows, spec.out):
         print(f"wrote {path}")
     failed = [r["point"] for r in rows if r["status"] == "failed"]
     print(f"results: {spec.out / 'results.csv'} ({len(rows)} points, {sum(r['diverged'] for r in rows)} diverged"
           f"{', failed: ' + ', '.join(failed) if failed else ''})")
+    unfinished = [r for r in rows if r["status"] in ("interrupted", "pending")]
+    if stop.signal_number is not None and unfinished:  # exit as the signal would, so a scheduler reruns
+        return 128 + stop.signal_number
     return 1 if failed else 0
 
 

@@ -5,18 +5,30 @@ Cartesian product gives the points) and fixed overrides. Every point is an
 ordinary run directory under the sweep directory, trained by
 ``python train.py --config BASE --key=value ... --train.out_dir=POINT``; since
 train.py resumes a run directory, rerunning a sweep continues interrupted
-points, and points with a ``point.json`` marked finished are skipped.
+points, and points whose own ``summary.json`` says finished are skipped.
+
+One sweep at a time per sweep directory (its ``.lock``, a RunDirLock); a second is refused
+and changes nothing. The train.py children cannot outlive the sweep: each runs in its own
+session (a terminal's Ctrl-C reaches the sweep only, which passes it on once), a SIGTERM or
+SIGINT to the sweep goes on to every running child, which saves a checkpoint and exits
+143/130, and on Linux each child asks the kernel for a SIGTERM when the sweep dies
+(PR_SET_PDEATHSIG), so a SIGKILLed sweep leaves no orphan training on. A rerun that finds a
+point's run directory still locked by a live trainer waits for it, then resumes the point.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
+import functools
 import itertools
 import json
 import math
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +40,8 @@ import yaml
 
 from recipes.files import write_json
 from recipes.train.metrics import read_records
+from recipes.train.run_dir import RunDirLock
+from recipes.train.stop import StopRequest
 from recipes.experiments.sweep_tables import OPTIMIZER, markdown
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,8 +217,19 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
         "target_tokens": reached.get("target_tokens"),
         "target_wall_time_s": reached.get("target_wall_time_s"),
         "diverged": bool(nonfinite or above_start),
-        "status": record.get("status", "pending"),
+        "status": point_status(record, summary),
     }
+
+
+def point_status(record: dict, summary: dict) -> str:
+    """How a point stands. The run's own summary.json is the truth on whether it finished (a
+    point.json may be stale: written by a sweep that saw only a refused or killed child); the
+    sweep's record says how its last child ended otherwise."""
+    if summary.get("finished"):
+        return "finished"
+    if summary.get("stopped_by") == "nonfinite":
+        return "diverged"
+    return record.get("status") or ("interrupted" if summary else "pending")
 
 
 def _optimizer_of(run_dir: Path, point: dict[str, str]) -> dict:
@@ -231,37 +256,146 @@ def _write_point(run_dir: Path, record: dict) -> None:
 Runner = Callable[[list[str], Path], int]
 
 
-def subprocess_runner(python: str = sys.executable) -> Runner:
-    """Runs train.py in a child process, its output appended to the point's train.log."""
+class SweepStop(StopRequest):
+    """SIGTERM/SIGINT to the sweep: no further point starts, and the signal goes on to every
+    running train.py child, which saves a checkpoint and exits 143/130; the sweep then writes
+    its results and exits as the signal would. A second signal is passed on too (a second
+    Ctrl-C interrupts the children at once, as it does train.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.children: set[subprocess.Popen] = set()
+
+    def _handle(self, signum, frame):
+        for child in list(self.children):  # list(set) is atomic: children come and go in other threads
+            _send(child, signum)
+        super()._handle(signum, frame)
+
+
+def _send(child: subprocess.Popen, signum: int) -> None:
+    try:
+        child.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl, or None where there is none (macOS)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """For a child's preexec_fn: ask Linux for a SIGTERM when the sweep (the thread that started
+    the child, which waits on it) dies, however it dies; train.py then saves and exits. prctl is
+    looked up here, in the parent: the child, forked from a threaded process, only calls it (no
+    import, no lock). None where there is no prctl: a rerun then waits for an orphan to end."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the sweep died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def subprocess_runner(python: str = sys.executable, stop: SweepStop | None = None) -> Runner:
+    """Runs train.py in a child process, its output appended to the point's train.log. The child
+    has its own session (a terminal's signals reach the sweep only, which passes them on once
+    through ``stop``) and dies with the sweep (``_die_with_parent``)."""
     def run(argv: list[str], log_path: Path) -> int:
         with open(log_path, "a") as log:
-            return subprocess.run([python, str(REPO / "train.py"), *argv], stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=REPO, check=False).returncode
+            child = subprocess.Popen([python, str(REPO / "train.py"), *argv], stdout=log, stderr=subprocess.STDOUT,
+                                     cwd=REPO, start_new_session=True, preexec_fn=_die_with_parent())
+        if stop is None:
+            return child.wait()
+        stop.children.add(child)
+        try:
+            if stop.signal_number is not None:  # the signal came while the child was starting
+                _send(child, stop.signal_number)
+            return child.wait()
+        finally:
+            stop.children.discard(child)
     return run
 
 
-def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Callable[[str], None] = print) -> dict:
+def _holder(run_dir: Path) -> str | None:
+    """Who is training in run_dir now ("pid N", from its RunDirLock), or None."""
+    if not (run_dir / ".lock").is_file():
+        return None
+    probe = RunDirLock(run_dir)
+    try:
+        probe.acquire(log=lambda *_: None)
+    except RuntimeError:
+        return _read_text(probe.path) or "another process"
+    probe.release()
+    return None
+
+
+def _wait_for_holder(run_dir: Path, stop, log: Callable[[str], None], poll_s: float = 1.0) -> None:
+    """A run directory still locked by a live trainer (the child of a sweep that was killed, or a
+    train.py started by hand) is waited for, not failed: the point is resumed when it ends."""
+    holder = _holder(run_dir)
+    if holder:
+        log(f"wait   {run_dir.name}: {holder} is still training it; resuming the point when it ends")
+    while holder and not stop:
+        time.sleep(poll_s)
+        holder = _holder(run_dir)
+
+
+def _done(run_dir: Path) -> str | None:
+    status = point_status(_read_point(run_dir), _read_json(run_dir / "summary.json"))
+    return status if status in ("finished", "diverged") else None
+
+
+def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Callable[[str], None] = print,
+              stop: SweepStop | None = None) -> dict:
     run_dir = spec.out / point_name(point)
-    record = _read_point(run_dir)
-    if record.get("status") in ("finished", "diverged"):
-        log(f"skip   {run_dir.name} ({record['status']})")
+    if not stop:
+        _wait_for_holder(run_dir, stop, log)
+    done = _done(run_dir)
+    if done:
+        log(f"skip   {run_dir.name} ({done})")
+    if done or stop:  # stopped before this point began: it stays as it was
         return summarize(run_dir, point)
+    record = _read_point(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"{'resume' if record else 'start '} {run_dir.name}")
+    log(f"{'resume' if record or (run_dir / 'checkpoints').is_dir() else 'start '} {run_dir.name}")
     start = time.perf_counter()
     code = runner(train_argv(spec, point), run_dir / "train.log")
-    # Exit code 1 with a non-finite loss is a diverged point: recorded, never fatal to the sweep.
-    status = "finished" if code == 0 else ("interrupted" if code < 0 or code in (130, 143) else "failed")
-    if code == 0 and not _read_json(run_dir / "summary.json").get("finished", False):
-        status = "interrupted"  # stopped by a signal with a checkpoint: the next sweep resumes it
-    metrics_nonfinite = any(m.get("val_loss", 0.0) is None or m.get("loss", 0.0) is None for m in read_records(run_dir))
-    if code != 0 and (metrics_nonfinite or "non-finite" in _tail(run_dir / "train.log")):
-        status = "diverged"
-    record = {"point": point, "status": status, "exit_code": code, "runs": record.get("runs", 0) + 1,
+    record = {"point": point, "status": _status_of(run_dir, code, stopped=bool(stop)), "exit_code": code,
+              "runs": record.get("runs", 0) + 1,
               "wall_time_s": record.get("wall_time_s", 0.0) + time.perf_counter() - start}
     _write_point(run_dir, record)
-    log(f"{status:<8} {run_dir.name} ({record['wall_time_s']:.0f} s)")
+    log(f"{record['status']:<8} {run_dir.name} ({record['wall_time_s']:.0f} s)")
     return summarize(run_dir, point)
+
+
+def _status_of(run_dir: Path, code: int, stopped: bool) -> str:
+    """How a child that exited with ``code`` left its point. A signal (the child's own exit
+    130/143, or death by one), a clean exit short of the end, or any exit while the sweep was
+    being stopped leaves it interrupted: the next sweep resumes it. A non-finite loss is a
+    diverged point: recorded, never fatal to the sweep."""
+    if _read_json(run_dir / "summary.json").get("finished", False):
+        return "finished"
+    if code == 0 or code < 0 or code in (130, 143):
+        return "interrupted"
+    metrics_nonfinite = any(m.get("val_loss", 0.0) is None or m.get("loss", 0.0) is None for m in read_records(run_dir))
+    if metrics_nonfinite or "non-finite" in _tail(run_dir / "train.log"):
+        return "diverged"
+    return "interrupted" if stopped else "failed"
 
 
 def _tail(path: Path, size: int = 4000) -> str:
@@ -272,23 +406,53 @@ def _tail(path: Path, size: int = 4000) -> str:
         return f.read().decode(errors="replace")
 
 
-def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Runs every point (skipping finished ones), then writes results.csv and results.json."""
-    runner = runner or subprocess_runner()
-    spec.out.mkdir(parents=True, exist_ok=True)
-    saved = _read_json(spec.out / "sweep.json")
-    if saved and (saved["config"], saved["set"]) != (spec.config, spec.overrides):
-        raise SweepError(
-            f"{spec.out} holds a sweep of {saved['config']} with --set {saved['set']}; this one is "
-            f"{spec.config} with --set {spec.overrides}. Finished points would be reused with the wrong "
-            "settings: choose another --out (the grid itself may grow between runs)")
-    (spec.out / "sweep.json").write_text(json.dumps(
-        {"config": spec.config, "grid": spec.grid, "set": spec.overrides}, indent=2))
-    points = spec.points()
-    log(f"sweep of {len(points)} points into {spec.out} ({spec.workers} at a time)")
-    with ThreadPoolExecutor(max_workers=spec.workers) as pool:
-        rows = list(pool.map(lambda p: run_point(spec, p, runner, log), points))
-    write_results(spec, rows)
+def lock_sweep_dir(out: Path, log: Callable[[str], None] = print) -> RunDirLock:
+    """One sweep at a time per sweep directory; a second is refused before it changes anything
+    (the lock file of the holder is only opened, and reading it tells who holds it)."""
+    lock = RunDirLock(out)
+    try:
+        lock.acquire(log=log)
+    except RuntimeError:
+        raise SweepError(f"{out} is in use by {_read_text(lock.path) or 'another process'} (another sweep, or a "
+                         "trainer): nothing was changed in it; "
+                         "wait for it to finish or stop it, or choose another --out") from None
+    return lock
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str], None] = print,
+              stop: SweepStop | None = None) -> list[dict]:
+    """Runs every point (skipping finished ones), then writes results.csv and results.json. A
+    SIGTERM or SIGINT stops it (see SweepStop; ``stop`` tells the caller which came)."""
+    stop = stop if stop is not None else SweepStop()
+    runner = runner or subprocess_runner(stop=stop)
+    lock = lock_sweep_dir(spec.out, log)  # creates spec.out
+    try:
+        saved = _read_json(spec.out / "sweep.json")
+        if saved and (saved["config"], saved["set"]) != (spec.config, spec.overrides):
+            raise SweepError(
+                f"{spec.out} holds a sweep of {saved['config']} with --set {saved['set']}; this one is "
+                f"{spec.config} with --set {spec.overrides}. Finished points would be reused with the wrong "
+                "settings: choose another --out (the grid itself may grow between runs)")
+        (spec.out / "sweep.json").write_text(json.dumps(
+            {"config": spec.config, "grid": spec.grid, "set": spec.overrides}, indent=2))
+        points = spec.points()
+        log(f"sweep of {len(points)} points into {spec.out} ({spec.workers} at a time)")
+        with stop:
+            try:
+                with ThreadPoolExecutor(max_workers=spec.workers) as pool:
+                    rows = list(pool.map(lambda p: run_point(spec, p, runner, log, stop), points))
+            except KeyboardInterrupt:  # a second Ctrl-C: the children were interrupted as well
+                rows = collect(spec)
+        if stop:
+            log(f"{stop.signal_name} received: the running points were stopped with a checkpoint; "
+                "rerun the same command to resume them")
+        write_results(spec, rows)
+    finally:
+        lock.release()
     return rows
 
 

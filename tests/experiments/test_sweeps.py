@@ -1,17 +1,28 @@
 """Sweeps: grid expansion and parsing, commands for schedulers, a real tiny sweep that skips,
-resumes, records a diverged point, and writes its table and plots."""
+resumes, records a diverged point, and writes its table and plots; real sweep processes: a second
+sweep into a busy --out is refused, a SIGTERM stops the child with a checkpoint, a SIGKILLed
+sweep leaves no child training, and reruns resume and finish every point."""
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 import train
-from recipes.experiments.sweeps import SweepError, commands, make_spec, parse_grid, point_name, wandb_sweep_yaml
+from recipes.experiments.sweeps import (SweepError, collect, commands, make_spec, parse_grid, point_name,
+                                        wandb_sweep_yaml)
+from tests.train.test_faults import one_error_line, process_env
 
 from scripts import plot_sweep, sweep
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ["model.size=tiny", "data.seq_len=32", "data.global_batch=16", "optimizer.schedule.warmup_steps=1",
         "eval.batches=2", "eval.every=2", "train.steps=4", "train.checkpoint_every=2",
@@ -128,3 +139,162 @@ def _resumed(run_dir: Path) -> bool:
     would log steps 0 and 2 twice)."""
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in log if "val_loss" in r] == [0, 2, 4] and [r["step"] for r in log if "loss" in r] == [2, 4]
+
+
+def test_the_table_takes_finished_from_the_points_own_summary(tmp_path):
+    """point.json is the sweep's note of how its last child ended; a run's summary.json says
+    whether it finished, and wins (a stale "failed" never hides a finished point)."""
+    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1,2,3,4"], sets=[], out=str(tmp_path),
+                     workers=None)
+    cases = [({"status": "failed"}, {"finished": True}, "finished"),
+             ({}, {"finished": False, "stopped_by": "nonfinite"}, "diverged"),
+             ({}, {"finished": False, "stopped_by": "SIGTERM"}, "interrupted"),
+             ({}, {}, "pending")]
+    for point, (record, summary, _) in zip(spec.points(), cases):
+        run_dir = tmp_path / point_name(point)
+        run_dir.mkdir()
+        for name, value in (("point.json", record), ("summary.json", summary)):
+            if value:
+                (run_dir / name).write_text(json.dumps(value))
+    assert [row["status"] for row in collect(spec)] == [expected for *_, expected in cases]
+
+
+# A real sweep of one point, long enough to be caught training (a metrics row per step).
+LIVE = [*TINY, "optimizer.name=adamw", "train.steps=20", "train.checkpoint_every=10", "eval.every=20",
+        "eval.at_start=false", "logging.every=1", "sample.max_new_tokens=0"]
+
+
+def sweep_command(out: Path) -> list[str]:
+    return [sys.executable, "scripts/sweep.py", "--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3",
+            "--out", str(out), *[f"--set={s}" for s in LIVE]]
+
+
+def sweep_env(tmp_path: Path) -> dict:
+    return {**process_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+
+
+def start_sweep(tmp_path: Path, out: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as f:
+        return subprocess.Popen(sweep_command(out), cwd=ROOT, env=sweep_env(tmp_path), stdout=f,
+                                stderr=subprocess.STDOUT), log
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None or time.time() > deadline:
+            pytest.fail(f"{what} did not happen (exit {process.poll()}): {log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _text(path: Path) -> str:
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def training_child(run_dir: Path, sweep_process: subprocess.Popen, log: Path) -> int:
+    """The pid of the train.py child once it is in its training loop, stopped there (SIGSTOP)
+    so that a signal reaches it mid-run however fast this machine trains."""
+    def training() -> bool:
+        return _text(run_dir / ".lock").startswith("pid ") and '"loss"' in _text(run_dir / "metrics.jsonl")
+    wait_for(training, sweep_process, log, "a training train.py child")
+    pid = int(_text(run_dir / ".lock").split()[1])
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def alive(pid: int) -> bool:
+    """Whether pid is a live process (a zombie, ended but not reaped by its new parent, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def end_all(processes: list[subprocess.Popen], pids: list[int]) -> None:
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def results(out: Path) -> list[dict]:
+    return list(csv.DictReader(open(out / "results.csv")))
+
+
+def finish_by_rerun(tmp_path: Path, out: Path, run_dir: Path, stopped_at: int) -> None:
+    """A rerun of the same command resumes the point at its checkpoint and finishes it."""
+    rerun = subprocess.run(sweep_command(out), cwd=ROOT, env=sweep_env(tmp_path), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert [r["status"] for r in results(out)] == ["finished"] and results(out)[0]["steps"] == "20"
+    assert f"resumed {run_dir} at step {stopped_at}" in _text(run_dir / "train.log")
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] is True
+
+
+@pytest.mark.slow
+def test_a_second_sweep_is_refused_and_sigterm_stops_the_child_with_a_checkpoint(tmp_path):
+    out = tmp_path / "sweep"
+    run_dir = out / "lr=3e-3"
+    first, log = start_sweep(tmp_path, out, "first")
+    child = None
+    try:
+        child = training_child(run_dir, first, log)
+        assert _text(out / ".lock") == f"pid {first.pid}"
+
+        # A second sweep into the same --out: one line naming the holder, and the folder untouched.
+        def snapshot():
+            return {e.name: None if e.is_dir() else (e.read_bytes(), e.stat().st_mtime_ns) for e in out.iterdir()}
+        before = snapshot()
+        second = subprocess.run(sweep_command(out), cwd=ROOT, env=sweep_env(tmp_path), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 1
+        assert f"is in use by pid {first.pid}" in one_error_line(second)
+        assert snapshot() == before
+
+        # SIGTERM to the sweep goes on to its child, which saves a checkpoint and exits 143; so does the sweep.
+        first.send_signal(signal.SIGTERM)
+        os.kill(child, signal.SIGCONT)
+        assert first.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        end_all([first], [child] if child else [])
+    assert not alive(child)
+    assert "SIGTERM received" in log.read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["finished"] is False
+    assert (run_dir / "checkpoints" / str(summary["step"])).is_dir()
+    assert [r["status"] for r in results(out)] == ["interrupted"]  # not failed: the rerun resumes it
+    finish_by_rerun(tmp_path, out, run_dir, summary["step"])
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_leaves_no_child_training_and_a_rerun_adopts_the_point(tmp_path):
+    out = tmp_path / "sweep"
+    run_dir = out / "lr=3e-3"
+    first, log = start_sweep(tmp_path, out, "first")
+    rerun, rerun_log = None, tmp_path / "rerun.log"
+    child = None
+    try:
+        child = training_child(run_dir, first, log)
+        first.kill()  # SIGKILL: the sweep can pass nothing on; the kernel sends the child SIGTERM
+        first.wait()
+        # A rerun at once finds the point still locked by the (stopped) orphan: it waits, not fails.
+        rerun, rerun_log = start_sweep(tmp_path, out, "rerun")
+        wait_for(lambda: f"pid {child} is still training it" in rerun_log.read_text(), rerun, rerun_log,
+                 "the rerun waiting for the orphan")
+        os.kill(child, signal.SIGCONT)
+        deadline = time.time() + 60
+        while alive(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "the killed sweep's child is still training"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["stopped_by"] == "SIGTERM" and summary["finished"] is False  # it saved on the way out
+        assert rerun.wait(timeout=600) == 0, rerun_log.read_text()[-3000:]
+    finally:
+        end_all([p for p in (first, rerun) if p], [child] if child else [])
+    assert [r["status"] for r in results(out)] == ["finished"] and results(out)[0]["steps"] == "20"
+    assert f"resumed {run_dir} at step {summary['step']}" in _text(run_dir / "train.log")
