@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from recipes.errors import ConfigError
+from recipes.files import atomic_write
 from recipes.train import config as config_lib
 from recipes.train import mesh as mesh_lib
 from recipes.train.build import build_program
@@ -113,7 +114,7 @@ def _main(argv: list[str] | None, held_locks: list) -> dict:
     if jax.process_index() == 0:
         keep_config_history(run_dir, config_lib.to_yaml(config))
         table.save(run_dir / "routing.json")
-        (run_dir / "routing.txt").write_text(table.format() + "\n")
+        atomic_write(run_dir / "routing.txt", table.format() + "\n")
     log0(table.format())
     log0(f"mesh {mesh_lib.describe(mesh)} on {mesh.size} {jax.devices()[0].device_kind} device(s), "
          f"{jax.process_count()} process(es); {config.tokens_per_step:,} tokens/step "

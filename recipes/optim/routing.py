@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from recipes.files import atomic_write
 from recipes.optim.config import RoutingConfig, RoutingRule
 
 _VALUE_ATTR = "value"  # nnx.Variable leaves flatten through their .value attribute
@@ -197,8 +198,7 @@ class RoutingTable:
         if path.suffix not in writers:
             raise ValueError(f"cannot save a routing table as {path.name!r}: use a .json or .csv file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(writers[path.suffix]())
-        return path
+        return atomic_write(path, writers[path.suffix]())  # a full disk leaves the old table, not 0 bytes
 
 
 def _human_bytes(n: int) -> str:
