@@ -73,9 +73,7 @@ def main(argv=None) -> int:
         (out / "aot_check.json").write_text(json.dumps(
             {"recipe": recipe, "slice": slice_.name, "fits": False, "needed_bytes": refusal.needed,
              "available_bytes": refusal.available, "compiler": str(refusal)}, indent=2) + "\n")
-        print(f"error: {recipe} does not fit {slice_.name}: the compiler needs {needed} per device, a "
-              f"{slice_.chip.kind} chip has {slice_.chip.hbm_bytes / 2**30:.2f} GiB; {advice(config, slice_)}",
-              file=sys.stderr)
+        print(does_not_fit(recipe, slice_, config, f"the compiler needs {needed}"), file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     except (ValueError, *ordinary_errors()) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -86,7 +84,17 @@ def main(argv=None) -> int:
     text = aot_check.markdown(recipe, report)
     (out / "aot_check.md").write_text(text)
     print(text + f"\nwrote {out / 'aot_check.json'} and {out / 'aot_check.md'}", flush=True)
-    return EXIT_FITS if report["fits"] else EXIT_DOES_NOT_FIT
+    if report["fits"]:
+        return EXIT_FITS
+    # Compiled, but its peak (arguments, outputs, temporaries, code) is over the chip's memory.
+    peak = report["bytes_per_device"]["peak"] / 2**30
+    print(does_not_fit(recipe, slice_, config, f"its compiled step peaks at {peak:.1f} GiB"), file=sys.stderr)
+    return EXIT_DOES_NOT_FIT
+
+
+def does_not_fit(recipe: str, slice_, config, needed: str) -> str:
+    return (f"error: {recipe} does not fit {slice_.name}: {needed} per device, a {slice_.chip.kind} chip has "
+            f"{slice_.chip.hbm_bytes / 2**30:.2f} GiB; {advice(config, slice_)}")
 
 
 if __name__ == "__main__":
