@@ -155,3 +155,42 @@ def test_a_kill_before_the_first_checkpoint_leaves_one_step_0_row(tmp_path):
     assert train_process(run_dir, "--train.steps=4", "--eval.at_start=true").returncode == 0
     assert [r["step"] for r in rows(run_dir) if "val_loss" in r].count(0) == 1
     assert rows(run_dir, "metrics.set_aside.jsonl") == killed_rows  # set aside, never deleted
+
+
+def test_a_batch_larger_than_the_data_is_one_line(tmp_path):
+    done = train_process(tmp_path / "run", "--data.global_batch=100000", "--data.micro_batch=16")
+    assert done.returncode == 1
+    assert "global_batch 100000 is larger than the data" in one_error_line(done)
+
+
+def test_a_non_finite_update_is_skipped_like_a_non_finite_loss():
+    """A finite loss and gradient can still give a NaN update (a broken theta, an overflow): the
+    parameters and optimizer state must stay as they were."""
+    import jax.numpy as jnp
+    import optax
+
+    from model import make_mesh
+    from recipes.train import config as config_lib
+    from recipes.train.build import build_program
+    from recipes.train.step import make_train_step
+
+    config = config_lib.load_config("shakespeare_celo2", ["--model.size=tiny", "--model.vocab_size=512",
+                                                          "--data.seq_len=16", "--data.global_batch=4",
+                                                          "--optimizer.name=adamw"])
+    program = build_program(config, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    def nan_update(grads, opt_state, params=None):  # NaN updates whatever the gradient; same state
+        updates, opt_state = program.tx.update(grads, opt_state, params)
+        return jax.tree.map(lambda u: u * jnp.nan, updates), opt_state
+
+    poisoned = optax.GradientTransformation(program.tx.init, nan_update)
+    step = make_train_step(program.loss_fn, poisoned, micro_batches=1, shardings=program.shardings,
+                           batch_sharding=program.batch_sharding)
+    state = program.init_state()
+    before = jax.tree.map(np.asarray, state)
+    tokens = jax.device_put(np.random.default_rng(0).integers(0, 512, (4, 17), dtype=np.int32), program.batch_sharding)
+    with jax.set_mesh(program.mesh):
+        state, metrics = step(state, tokens)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+    for kept, original in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"])):
+        np.testing.assert_array_equal(np.asarray(kept), original)
