@@ -2,12 +2,15 @@
 
     python scripts/bench_metatrain.py                                  # the authors' shape
     python scripts/bench_metatrain.py --config configs/metatrain/lm.yaml --steps 5
+    python scripts/bench_metatrain.py --config configs/metatrain/lm_fast.yaml --baseline-config configs/metatrain/lm.yaml
 
 Runs the config's outer steps twice in one process: as meta-training runs now
 (families of one shape fused into one population, particles split over the CPU
 devices, small tall matrices transposed inside Celo2) and as it ran before
 (one population per family on one device, no transposing), and prints the
-ratio. Achieved GFLOP/s counts XLA's cost analysis of one inner step of every
+ratio. ``--baseline-config`` instead compares against another config on the
+current path, the two timed in alternating rounds so that load from other
+processes falls on both. Achieved GFLOP/s counts XLA's cost analysis of one inner step of every
 particle; the matmul peak is a 1024x1024 float32 product timed in the same run.
 Nothing is written to the config's out_dir.
 """
@@ -62,11 +65,28 @@ def timed_steps(trainer, state, steps: int, warmup: int):
         state, _ = trainer.outer_step(state)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, metrics = time.perf_counter(), None
     for _ in range(steps):
         state, metrics = trainer.outer_step(state)
     jax.block_until_ready(state)
-    return state, steps / (time.perf_counter() - start), compile_s, metrics
+    return state, steps / max(time.perf_counter() - start, 1e-9), compile_s, metrics
+
+
+def alternating_rates(trainers_states: list, steps: int, rounds: int) -> list[float]:
+    """Outer steps/s of each (trainer, state), timed in ``rounds`` alternating rounds."""
+    import jax
+
+    states = [state for _, state in trainers_states]
+    seconds = [0.0] * len(states)
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for i, (trainer, _) in enumerate(trainers_states):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                states[i], _ = trainer.outer_step(states[i])
+            jax.block_until_ready(states[i])
+            seconds[i] += time.perf_counter() - start
+    return [per_round * rounds / s for s in seconds]
 
 
 def main(argv=None) -> int:
@@ -76,12 +96,20 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="outer steps first (compilation)")
     p.add_argument("--cpu-devices", type=int, default=os.cpu_count(), help="CPU devices the particles split over")
     p.add_argument("--no-baseline", action="store_true", help="time the current path only")
+    p.add_argument("--baseline-config", default=None,
+                   help="compare against this config on the current path (alternating rounds) instead")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds with --baseline-config")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args, overrides = p.parse_known_args(argv)
+    from recipes.metatrain.xla_flags import allow_slow_collectives
 
+    allow_slow_collectives()  # a busy machine can keep a device's thread waiting past XLA's 40 s
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from data.cache import jax_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir()))  # reruns skip most compiling
     from recipes.optim import celo2
     from recipes.metatrain.config import load_config
     from recipes.metatrain.loop import MetaTrainer
@@ -97,13 +125,27 @@ def main(argv=None) -> int:
                "devices": len(jax.local_devices())}
     trainer = MetaTrainer(config, log=lambda line: None)
     state = trainer.fresh_state(trainer.initial_theta())
-    state, rate, compile_s, _ = timed_steps(trainer, state, args.steps, args.warmup)
+    alternate = bool(args.baseline_config) and not args.no_baseline  # then timed below, with the baseline
+    state, rate, compile_s, _ = timed_steps(trainer, state, 0 if alternate else args.steps, args.warmup)
     profile = trainer.profile(state)
     flops = flops_per_outer_step(trainer, state)
     results["current"] = {"outer_steps_per_s": rate, "inner_steps_per_s": rate * inner_per_outer,
                           "compile_and_warmup_s": compile_s, "rule_share": profile["rule_share"],
                           "gflop_per_outer_step": flops / 1e9, "achieved_gflops": flops * rate / 1e9}
-    if not args.no_baseline:
+    if alternate:
+        base_config = load_config(args.baseline_config, overrides)
+        base_inner = len(base_config.all_families()) * base_config.pes.particles * base_config.pes.truncation
+        before = MetaTrainer(base_config, log=lambda line: None)
+        base_state, _, compile0, _ = timed_steps(before, before.fresh_state(before.initial_theta()), 0, args.warmup)
+        rate, rate0 = alternating_rates([(trainer, state), (before, base_state)], args.steps, args.rounds)
+        results["current"].update(outer_steps_per_s=rate, inner_steps_per_s=rate * inner_per_outer,
+                                  achieved_gflops=flops * rate / 1e9)
+        flops0 = flops_per_outer_step(before, base_state)
+        results["before"] = {"config": args.baseline_config, "outer_steps_per_s": rate0,
+                             "inner_steps_per_s": rate0 * base_inner, "compile_and_warmup_s": compile0,
+                             "gflop_per_outer_step": flops0 / 1e9}
+        results["speedup"] = rate / rate0
+    elif not args.no_baseline:
         saved = celo2.TRANSPOSE_BELOW
         celo2.TRANSPOSE_BELOW = 0
         try:
@@ -118,14 +160,15 @@ def main(argv=None) -> int:
 
     cur = results["current"]
     print(f"matmul peak (1024^2 float32, {results['devices']} device(s) available): {peak:.1f} GFLOP/s")
-    print(f"current: {cur['outer_steps_per_s']:.2f} outer steps/s, {cur['inner_steps_per_s']:,.0f} inner steps/s, "
+    print(f"current: {cur['outer_steps_per_s']:.3f} outer steps/s, {cur['inner_steps_per_s']:,.0f} inner steps/s, "
           f"learned rule {100 * cur['rule_share']:.0f}% of unroll time, {cur['gflop_per_outer_step']:.1f} GFLOP per "
           f"outer step = {cur['achieved_gflops']:.1f} GFLOP/s ({100 * cur['achieved_gflops'] / peak:.0f}% of the "
           f"matmul), compile+warmup {cur['compile_and_warmup_s']:.0f} s")
     if "before" in results:
         b = results["before"]
-        print(f"before:  {b['outer_steps_per_s']:.2f} outer steps/s, {b['inner_steps_per_s']:,.0f} inner steps/s, "
-              f"compile+warmup {b['compile_and_warmup_s']:.0f} s")
+        extra = f", {b['gflop_per_outer_step']:.1f} GFLOP per outer step ({b['config']})" if "config" in b else ""
+        print(f"before:  {b['outer_steps_per_s']:.3f} outer steps/s, {b['inner_steps_per_s']:,.0f} inner steps/s, "
+              f"compile+warmup {b['compile_and_warmup_s']:.0f} s{extra}")
         print(f"speedup: {results['speedup']:.2f}x")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

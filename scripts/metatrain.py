@@ -16,6 +16,7 @@ from data.cache import jax_cache_dir
 from recipes.errors import ConfigError
 from recipes.metatrain.config import load_config
 from recipes.metatrain.loop import MetaTrainer
+from recipes.metatrain.xla_flags import allow_slow_collectives
 
 
 def main(argv=None) -> int:
@@ -31,11 +32,7 @@ def main(argv=None) -> int:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"unexpected argument {item!r}: overrides look like --metatrain.outer_steps=10")
     config = load_config(args.config, overrides)
-    # The particles' devices meet in collectives, which XLA:CPU aborts after 40 s by default; a
-    # niced run on a busy machine can wait longer than that for a core. Read when JAX starts.
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                        "--xla_cpu_collective_timeout_seconds=86400",
-                                        "--xla_cpu_collective_call_terminate_timeout_seconds=86400"]).strip()
+    allow_slow_collectives()  # read when JAX starts
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)

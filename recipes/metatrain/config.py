@@ -164,7 +164,9 @@ class FamilyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LMSamplerConfig:
-    """Adds ``count`` lm families with layers/width/context drawn from the choices."""
+    """Adds ``count`` lm families with layers/width/context drawn from the choices, or, when
+    ``shapes`` lists [n_layer, d_model, context_length] triples, taken from them in turn: families
+    of one shape then share a fusion key and train as one population (see ``fused``)."""
 
     count: int = 0
     seed: int = 0
@@ -174,9 +176,17 @@ class LMSamplerConfig:
     n_head: int = 2
     batch: int = 8
     vocab: int = 512
+    shapes: tuple[tuple[int, ...], ...] = ()  # empty: random draws from the choices above
 
     def __post_init__(self):
         check_number("lm_sampler.count", self.count, low=0, integer=True)
+        shapes = tuple(tuple(shape) for shape in self.shapes)
+        for shape in shapes:
+            if len(shape) != 3:
+                raise ConfigError(f"lm_sampler.shapes[] must be [n_layer, d_model, context_length], got {list(shape)}")
+            for value in shape:
+                check_number("lm_sampler.shapes[][]", value, low=0, low_open=True, integer=True)
+        object.__setattr__(self, "shapes", shapes)
         for name in ("n_layer", "d_model", "context_length"):
             value = getattr(self, name)
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
@@ -184,16 +194,22 @@ class LMSamplerConfig:
                 raise ConfigError(f"lm_sampler.{name} needs at least one choice")
             object.__setattr__(self, name, value)
 
-    def families(self) -> list[FamilyConfig]:
+    def _drawn_shapes(self) -> list[tuple[int, ...]]:
+        if self.shapes:  # in turn, so each shape gets count / len(shapes) families
+            return [self.shapes[i % len(self.shapes)] for i in range(self.count)]
         rng = random.Random(self.seed)
-        out, seen = [], set()
-        shapes = set()
+        out: list[tuple[int, ...]] = []
         for _ in range(self.count):
             for _attempt in range(100):  # prefer shapes not drawn yet while there are any
                 shape = (rng.choice(self.n_layer), rng.choice(self.d_model), rng.choice(self.context_length))
-                if shape not in shapes:
+                if shape not in out:
                     break
-            shapes.add(shape)
+            out.append(shape)
+        return out
+
+    def families(self) -> list[FamilyConfig]:
+        out, seen = [], set()
+        for shape in self._drawn_shapes():
             name = f"lm_l{shape[0]}_d{shape[1]}_c{shape[2]}"
             suffix = 1
             while name in seen:  # the same shape drawn twice: a second, independent population
