@@ -362,5 +362,8 @@ if __name__ == "__main__":
         code = EXIT_CODES["nonfinite"] if isinstance(error, NonFiniteError) else EXIT_CODES["error"]
         # After a failed write, orbax's writer threads would print their own tracebacks while the
         # interpreter shuts down; the one line above says it all, and everything is closed.
-        os._exit(code) if isinstance(error, OSError) or "checkpoint" in type(error).__name__.lower() \
-            else sys.exit(code)
+        from recipes.train.checkpoint import CheckpointWriteError
+
+        if isinstance(error, (OSError, CheckpointWriteError)):
+            os._exit(code)
+        sys.exit(code)

@@ -3,12 +3,14 @@
 The program is train.py's own (recipes.train.build: mesh, micro-batches, remat, dtypes,
 optimizer with a placeholder Celo2 theta of the right shapes), lowered for the slice's
 devices as the TPU runtime describes them and compiled by the TPU compiler, which refuses
-a program that does not fit the chip's memory. From the compiled program come the bytes
-per device, the FLOPs and bytes of a step (and of the optimizer's update alone), the
-collectives, and a roofline step time and MFU at the chip's peak.
+a program that does not fit the chip's memory. The compiled program gives the bytes per
+device and the collectives; the step's FLOPs (and the optimizer update's share) come from
+a lowering with its loops unrolled (step_cost), and give a compute-roofline step time and
+MFU at the chip's peak.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -16,6 +18,7 @@ import time
 import jax
 import optax
 
+from model import make_mesh
 from recipes.experiments.hlo_collectives import collectives
 from recipes.experiments.tpu_slices import GIB, Slice, slice_devices
 from recipes.train.build import TrainProgram, build_program
@@ -80,24 +83,20 @@ def step_cost(config: Config) -> dict:
     so the step is lowered (not compiled: seconds) for one host device with its layers unrolled
     and one micro-batch, and its cost scaled by the micro-batch count. Remat's recomputation is
     in the program, so it is counted. Bytes are those of the unfused program: an upper bound."""
-    import dataclasses
-
-    from model import make_mesh
-
     micro = config.data.global_batch // config.data.micro_batches_per_step
     single = dataclasses.replace(config, model=dataclasses.replace(config.model, unroll_layers=True),
                                  data=dataclasses.replace(config.data, global_batch=micro, micro_batch=None))
     host = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     program = build_program(single, mesh=host, shapes_only=True, diagnostics=False)
     micro_step = _cost(program.lower())
-    update = _cost(_optimizer_update(program, compile=False))
+    update = _cost(_lowered_update(program))
     times = config.data.micro_batches_per_step
     return {key: times * (micro_step[key] - update[key]) + update[key] for key in micro_step} | \
         {f"optimizer_{key}": update[key] for key in update}
 
 
-def _optimizer_update(program: TrainProgram, compile: bool = True):
-    """The optimizer's update alone on the sharded state (gradients laid out like parameters)."""
+def _lowered_update(program: TrainProgram):
+    """The optimizer's update alone, lowered (gradients laid out like parameters)."""
     tx, sh = program.tx, program.shardings
 
     def update(params, opt_state, grads):
@@ -108,8 +107,7 @@ def _optimizer_update(program: TrainProgram, compile: bool = True):
     jitted = jax.jit(update, in_shardings=(sh["params"], sh["opt_state"], sh["params"]),
                      out_shardings=(sh["params"], sh["opt_state"]), donate_argnums=(0, 1))
     with jax.set_mesh(program.mesh):
-        lowered = jitted.lower(abstract["params"], abstract["opt_state"], abstract["params"])
-    return lowered.compile() if compile else lowered
+        return jitted.lower(abstract["params"], abstract["opt_state"], abstract["params"])
 
 
 def check(config: Config, slice_: Slice, log=print) -> dict:

@@ -37,9 +37,7 @@ from recipes.experiments.benchmarks import GPT2_SMALL_BLOCK, GPT3_XL_BLOCK, Trai
 from recipes.optim.theta import theta_from_source
 from recipes.train.dry_run import dry_run_report
 from recipes.train.metrics import json_safe
-from recipes.optim.optimizers import build_optimizer
 from recipes.train.shardings import bytes_per_device
-from recipes.train.state import abstract_state
 
 THETA = "celo2_lm"  # the default recipe's shipped weights: the authors' cannot be fetched offline
 TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer share
@@ -116,7 +114,7 @@ def largest_fitting(configs: Callable[[int], list], micro_batches, log,
     for micro in micro_batches:
         # Compiling is the slow part: judge by the config whose optimizer state is largest.
         setups = [TrainingSetup(config) for config in configs(micro)]
-        largest = max(setups, key=lambda t: bytes_per_device(abstract_state(t.tx, t.params_abstract, t.shardings)))
+        largest = max(setups, key=lambda t: bytes_per_device(t.program.state_abstract))
         b = largest.compiled_bytes()
         worst = b.get("argument", 0) + b.get("output", 0) + b.get("temp", 0) - b.get("alias", 0)
         if limit is None or worst <= MEMORY_HEADROOM * limit:
@@ -131,9 +129,7 @@ def check_memory(sizes: Sizes, log) -> dict:
     micro, estimate, setup = largest_fitting(lambda m: [_config("gpt3xl_celo2", sizes.memory_overrides, m)],
                                               sizes.memory_micro_batches, log)
     config = setup.config
-    _, table = build_optimizer(config.optimizer, setup.params_abstract, total_steps=config.train.steps)
-    report = dry_run_report(config, table, abstract_state(setup.tx, setup.params_abstract, setup.shardings),
-                            setup.mesh)
+    report = dry_run_report(config, setup.program.routing, setup.program.state_abstract, setup.mesh)
     state = setup.init()
     began = time.perf_counter()
     with jax.set_mesh(setup.mesh):

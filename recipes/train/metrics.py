@@ -94,8 +94,8 @@ def _keep_records_through(run_dir: Path, step: int | None) -> list[dict]:
     rows = _parse_rows(text)
     kept = [row for row in rows if step is not None and row.get("step", 0) <= step]
     if len(kept) != len(text.splitlines()):
-        aside = [line for line in text.splitlines() if line.strip() and line not in
-                 {json.dumps(row) for row in kept}]
+        kept_lines = {json.dumps(row) for row in kept}
+        aside = [line for line in text.splitlines() if line.strip() and line not in kept_lines]
         with open(run_dir / "metrics.set_aside.jsonl", "a") as f:  # appended before metrics.jsonl shrinks
             f.write("".join(line + "\n" for line in aside))
             f.flush()

@@ -104,8 +104,8 @@ def _flat_keys(values: dict, prefix: str = "") -> dict:
 RUN_DIR_ENTRIES = {"config.yaml", "config_history", "routing.json", "routing.txt", "metrics.jsonl",
                    "metrics.set_aside.jsonl", "summary.json", "checkpoints", "checkpoints.damaged", "wandb",
                    "wandb_id.txt", "train.log", "point.json"}
-RUN_DIR_MARKS = ("config.yaml", "checkpoints", "routing.json")
-SWEEP_ENTRIES = {"train.log", "point.json"}  # any of them: a trainer wrote here
+RUN_DIR_MARKS = ("config.yaml", "checkpoints", "routing.json")  # any of them: a trainer wrote here
+SWEEP_ENTRIES = {"train.log", "point.json"}  # written by a sweep before its trainer starts
 
 
 def check_run_dir(run_dir: Path) -> None:
