@@ -50,3 +50,30 @@ def run_main(main: Callable, argv=None, extra: tuple[type[BaseException], ...] =
         print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_CODES["error"]
     return result if isinstance(result, int) else EXIT_CODES["finished"]
+
+
+def exit_after_training(main: Callable) -> None:
+    """Runs a trainer's main() and exits as a scheduler expects: 0 when finished; 128 + the signal's
+    number when a signal stopped it after saving (so it is rerun); 3 after too many non-finite
+    steps; 1 with one `error:` line for any ordinary error."""
+    import signal
+
+    from recipes.train.checkpoint import CheckpointWriteError
+    from recipes.train.health import NonFiniteError
+
+    quiet_library_logs()
+    try:
+        result = main()
+    except (*ordinary_errors(), NonFiniteError) as error:
+        if os.environ.get("CELO2_DEBUG"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        code = EXIT_CODES["nonfinite"] if isinstance(error, NonFiniteError) else EXIT_CODES["error"]
+        if isinstance(error, (OSError, CheckpointWriteError)):
+            # orbax's writer threads would print their own tracebacks while the interpreter shuts
+            # down; the line above says it all, and everything is closed.
+            os._exit(code)
+        sys.exit(code)
+    # A finished run exits 0 even when a signal came during its last step (else reruns never end).
+    if result.get("stopped_by") and not result.get("finished"):
+        sys.exit(128 + int(getattr(signal, result["stopped_by"], signal.SIGTERM)))

@@ -46,3 +46,15 @@ def _shell(text: str) -> str:
         return shlex.quote(text)
     escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\t", "\\t")
     return f"$'{escaped}'"
+
+
+def sample_text(config, params) -> str:
+    """``config.sample.max_new_tokens`` tokens the model writes after ``config.sample.prompt``."""
+    from data.tokenizer import gpt2_encoding
+    from model.sampling import generate
+
+    encoding = gpt2_encoding()
+    s = config.sample
+    prompt_ids = encoding.encode(s.prompt, allowed_special={"<|endoftext|>"})
+    ids = generate(config.model, params, prompt_ids, s.max_new_tokens, s.temperature, s.top_k, s.seed)
+    return encoding.decode(ids)

@@ -7,6 +7,7 @@ and whether its target was already reached.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -202,3 +203,29 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     """summary.json: what sweeps and schedulers read to tell a finished run from a stopped one."""
     if jax.process_index() == 0:
         write_json(run_dir / "summary.json", json_safe(summary), allow_nan=False, sort_keys=False)
+
+
+@contextlib.contextmanager
+def open_run_dir(program, log=print):
+    """The run directory of ``program``'s config, checked (check_resumable) before anything in it
+    is rewritten, locked for this process, with its config, routing table and history written.
+    Yields its absolute path; the lock is released however the block ends."""
+    config = program.config
+    run_dir = Path(config.train.out_dir).absolute()
+    check_resumable(run_dir, config, program.state_abstract, log=log)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(run_dir) if jax.process_index() == 0 else None  # one trainer per run directory
+    if lock is not None:
+        try:
+            lock.acquire(log=log)
+        except RuntimeError as error:
+            raise ConfigError(str(error)) from None
+    try:
+        if lock is not None:
+            keep_config_history(run_dir, config_lib.to_yaml(config))
+            program.routing.save(run_dir / "routing.json")
+            atomic_write(run_dir / "routing.txt", program.routing.format() + "\n")
+        yield run_dir
+    finally:
+        if lock is not None:
+            lock.release()
