@@ -68,10 +68,9 @@ def update_count(opt_state) -> jax.Array:
     return counts[0]
 
 
-def learning_rate_reader(config: OptimizerConfig, total_steps: int | None = None):
-    """opt_state -> the main branch's learning rate for the next update (the schedule at
-    ``update_count``), for logging the rate the optimizer actually applies."""
-    schedule = learning_rate_schedules(config, total_steps)[config.name]
+def learning_rate_reader(schedule: optax.Schedule):
+    """opt_state -> ``schedule`` (the main branch's, as built for the optimizer) at the next
+    update (``update_count``): the rate the optimizer actually applies, for logging."""
     return lambda opt_state: schedule(update_count(opt_state))
 
 
@@ -177,6 +176,7 @@ def build_optimizer(
     theta=None,
     *,
     total_steps: int | None = None,
+    schedules: dict[str, optax.Schedule] | None = None,
 ) -> tuple[optax.GradientTransformation, RoutingTable]:
     """The harness's transformation and its routing table.
 
@@ -186,6 +186,8 @@ def build_optimizer(
         only paths and shapes are read, so abstract parameters suffice.
       theta: Celo2's weights; None loads ``config.theta`` (celo2 and celo2_base only).
       total_steps: the run length, used when ``config.schedule.total_steps`` is None.
+      schedules: learning_rate_schedules(config, total_steps), when the caller built them
+        already (to log the rate the optimizer applies).
     """
     if not isinstance(config, OptimizerConfig):
         raise TypeError(f"build_optimizer needs an OptimizerConfig, got {type(config).__name__}")
@@ -193,7 +195,7 @@ def build_optimizer(
     _check_routes(config, routes)
     if config.name in ("celo2", "celo2_base") and theta is None:
         theta = resolve_theta(config.theta, config.theta_seed, setting="optimizer.theta")
-    schedules = learning_rate_schedules(config, total_steps)
+    schedules = schedules or learning_rate_schedules(config, total_steps)
     branches = _branches(config, theta, schedules)
     # Labels come from paths and shapes, so one function serves params, grads and abstract trees.
     tx = optax.partition(branches, lambda tree: param_labels(config, tree))

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from model import make_loss_fn
 from model.config import ModelConfig
 from model.gpt import attention_impl
-from recipes.optim.optimizers import build_optimizer, learning_rate_reader, param_labels
+from recipes.optim.optimizers import build_optimizer, learning_rate_reader, learning_rate_schedules, param_labels
 from recipes.optim.routing import RoutingTable
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.train import mesh as mesh_lib
@@ -101,8 +101,9 @@ def build_program(config: Config, *, devices=None, mesh: Mesh | None = None, the
     if shapes_only and theta is None:
         theta = placeholder_theta(config)
     graphdef, params_abstract = abstract_param_dict(for_platform(config.model, mesh.devices.flat[0].platform))
-    steps = config.train.steps
-    tx, routing = build_optimizer(config.optimizer, params_abstract, theta=theta, total_steps=steps)
+    # The schedules are built once: the optimizer applies them and the step logs the main one.
+    schedules = learning_rate_schedules(config.optimizer, config.train.steps)
+    tx, routing = build_optimizer(config.optimizer, params_abstract, theta=theta, schedules=schedules)
     param_sh = param_sharding_dict(config.model, mesh)
     shardings = state_shardings(tx, params_abstract, param_sh, mesh)
     loss_fn = make_loss_fn(graphdef)
@@ -111,7 +112,7 @@ def build_program(config: Config, *, devices=None, mesh: Mesh | None = None, the
     labels = param_labels(config.optimizer, params_abstract) if diagnostics else None
     train_step = make_train_step(loss_fn, tx, micro_batches=config.data.micro_batches_per_step,
                                  shardings=shardings, batch_sharding=batch_sh, labels=labels,
-                                 learning_rate=learning_rate_reader(config.optimizer, steps))
+                                 learning_rate=learning_rate_reader(schedules[config.optimizer.name]))
     return TrainProgram(config=config, mesh=mesh, graphdef=graphdef, params_abstract=params_abstract, tx=tx,
                         routing=routing, shardings=shardings,
                         state_abstract=abstract_state(tx, params_abstract, shardings), loss_fn=loss_fn,

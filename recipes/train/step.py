@@ -41,7 +41,7 @@ def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_s
     a non-finite loss, gradient norm or update leaves params and optimizer state as they were
     (metrics["finite"] is False). ``labels`` (parameter -> branch name) adds per-branch
     update diagnostics as metrics["diagnostics"]; ``learning_rate`` (opt_state -> rate,
-    recipes.optim.optimizers.learning_rate_reader) adds metrics["lr"], the rate this step's
+    recipes.optim.optimizers.learning_rate_reader over the optimizer's own schedule) adds metrics["lr"], the rate this step's
     update was taken with.
     """
     grads_of = accumulated_grads(loss_fn, micro_batches)

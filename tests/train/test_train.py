@@ -143,20 +143,21 @@ def test_logged_learning_rate_is_read_from_the_optimizer_state():
     """The logged rate is the schedule at the optimizer's own update count: it stands still on
     a skipped step (the train step counter does not) and advances once per accumulated step."""
     from recipes.optim.config import OptimizerConfig, ScheduleConfig
-    from recipes.optim.optimizers import build_optimizer, learning_rate_reader, update_count
+    from recipes.optim.optimizers import build_optimizer, learning_rate_reader, learning_rate_schedules, update_count
     from recipes.train.step import make_train_step
 
     params = {"w": jax.numpy.ones((4, 4)), "b": jax.numpy.ones(4)}
     config = OptimizerConfig(name="adamw", lr=1.0, grad_accum_steps=2,
                              schedule=ScheduleConfig(kind="linear", min_lr_ratio=0.0))  # lr(n) = 1 - n / 4
-    tx, _ = build_optimizer(config, params, total_steps=4)
+    schedules = learning_rate_schedules(config, total_steps=4)
+    tx, _ = build_optimizer(config, params, schedules=schedules)
     state = {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), "int32")}
     shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
 
     def loss_fn(p, tokens):
         return (jax.numpy.sum(p["w"]) + jax.numpy.sum(p["b"])) * tokens.sum() / tokens.sum()
     step = make_train_step(loss_fn, tx, micro_batches=1, shardings=shardings, batch_sharding=None,
-                           learning_rate=learning_rate_reader(config, total_steps=4))
+                           learning_rate=learning_rate_reader(schedules["adamw"]))
     good, bad = jax.numpy.ones((2, 3), "int32"), jax.numpy.zeros((2, 3), "int32")  # bad: 0/0 -> NaN
     rates = []
     for tokens in (good, bad, good, good, good):
