@@ -42,7 +42,7 @@ class TrainingSetup:
     def __init__(self, config: Config, theta=None, mesh=None, synthetic: bool = True):
         self.program = build_program(config, mesh=mesh, theta=theta, diagnostics=False)
         self.config, self.mesh = config, self.program.mesh
-        self.accum, self.seq_len = self.program.micro_batches, config.seq_len
+        self.micro_batches, self.seq_len = self.program.micro_batches, config.seq_len
         self.params_abstract, self.tx, self.shardings = (self.program.params_abstract, self.program.tx,
                                                          self.program.shardings)
         self.loss_fn, self.batch_sharding = self.program.loss_fn, self.program.batch_sharding
@@ -53,10 +53,9 @@ class TrainingSetup:
             self.host_batch = lambda step: rng.integers(0, config.model.vocab_size, (local_rows, self.seq_len + 1),
                                                         dtype=np.int32)
         else:
-            from data.loader import TokenLoader, data_directory
-            loader = TokenLoader.open(data_directory(config.data.path), seq_len=self.seq_len,
-                                      global_batch=config.data.global_batch, seed=config.train.seed,
-                                      vocab_size=config.model.vocab_size)
+            from recipes.train.trainer import TrainData
+
+            loader = TrainData.open(config, self.program, log=lambda *_: None).loader  # as train.py reads
             self.host_batch = loader.train_batch
 
     def batch(self, step: int = 0) -> jax.Array:
@@ -90,7 +89,7 @@ def time_training(setup: TrainingSetup, repeats: int, fwd_bwd_seconds: float | N
     counter = iter(range(1, 10**9))
     tx = setup.tx
     with jax.set_mesh(mesh):
-        grads_fn = jax.jit(accumulated_grads(setup.loss_fn, setup.accum),
+        grads_fn = jax.jit(accumulated_grads(setup.loss_fn, setup.micro_batches),
                            in_shardings=(setup.shardings["params"], setup.batch_sharding))
         # Gradient-shaped inputs for the optimizer alone; computing real ones costs a compilation.
         grads = jax.tree.map(lambda p: 1e-3 * jax.numpy.ones_like(p), state["params"]) if fwd_bwd_seconds \
@@ -117,7 +116,7 @@ def time_training(setup: TrainingSetup, repeats: int, fwd_bwd_seconds: float | N
     return {
         "optimizer": config.optimizer.name, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
         "mesh": mesh_lib.describe(mesh), "tokens_per_step": config.tokens_per_step,
-        "micro_batches_per_step": setup.accum, "seconds": {k: round(v, 6) for k, v in seconds.items()},
+        "micro_batches_per_step": setup.micro_batches, "seconds": {k: round(v, 6) for k, v in seconds.items()},
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": mfu(tokens_per_s, config.model, setup.seq_len, list(mesh.devices.flat)),
     }
