@@ -1,9 +1,10 @@
 """How a model is trained, in subpackages along the data flow; each imports only those above it.
 
-    errors.py     ConfigError, raised by every layer for a setting that cannot be used, and the
-                  one way configs check their numbers and choices (check_number, check_choice)
-    config_parsing.py  YAML files with base:, --section.key=value overrides and checked dict ->
-                  dataclass conversion, shared by the optimizer, trainer and meta-training configs
+    errors.py     ConfigError, raised by every layer for a setting that cannot be used, and
+                  check_number for values that are not config keys
+    config_parsing.py  YAML files with base:, --section.key=value overrides, and the config
+                  classes (pydantic dataclasses) of the model, optimizer, trainer and meta-training,
+                  with the one translation of their refusals into ConfigError messages
     files.py      atomic file writes, checkpoint-directory rotation, moving damaged ones aside
     optim/        Celo2, its theta format and shipped weights, routing, the optimizer harness,
                   schedules, diagnostics

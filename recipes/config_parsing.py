@@ -1,94 +1,149 @@
-"""From YAML files and --section.key=value strings to checked dataclasses; the optimizer's config
-(recipes.optim.config), the trainer's (recipes.train.config) and meta-training's
-(recipes.metatrain.config) are all read through here, and check their values with
-recipes.errors.check_number / check_choice.
+"""From YAML files and --section.key=value strings to checked, frozen config classes.
 
-Every key is checked against the dataclass it lands in: an unknown key names the closest valid
-one, a wrong type the expected type. A YAML file may name another with ``base: other.yaml``.
+The model's, optimizer's, trainer's and meta-training's configs are pydantic dataclasses made by
+``config_class``: types, bounds and choices sit on their fields, rules that span fields in their
+validators. ``load`` builds one from nested dicts and ``to_dict`` turns one back; ``config_error``
+words whatever pydantic refuses as the one line users see: the key, the bad value, the closest
+valid key. A YAML file may name another with ``base: other.yaml``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from omegaconf import OmegaConf
+from pydantic import BeforeValidator, ConfigDict, StrictBool, StrictInt, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
-from model.config import SIZES, ModelConfig
-from recipes.errors import ConfigError
+from recipes.errors import ConfigError, bounds_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-# --- typed conversion of plain dicts -----------------------------------------------------------
+# --- field types -------------------------------------------------------------------------------
 
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if typing.get_origin(tp) is tuple:
-        return "list"
-    return getattr(tp, "__name__", str(tp))
+def _number(value):
+    """A float from a number or a numeric string ("3e-4" from a command line); bools, nan and inf refused."""
+    if isinstance(value, bool):  # float() would take True as 1.0
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    if isinstance(value, (int, str)):
+        try:
+            value = float(value)
+        except (ValueError, OverflowError):
+            return value  # refused as a float by pydantic, naming the value as given
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
+    return value
 
 
-def _convert(value, tp, key: str):
-    """value checked (and, for floats given as ints or strings, converted) against type tp."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
+Int = StrictInt  # no bools, no "3", no 3.0
+Bool = StrictBool  # true or false only
+Float = Annotated[float, BeforeValidator(_number)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Must:
+    """Field metadata: what a value must be, where its type and bounds say it less well."""
+
+    text: str
+
+
+def config_class(key_prefix: str = "", extra_keys: tuple[str, ...] = ()):
+    """Makes a class a frozen pydantic dataclass that refuses unknown keys and raises ConfigError.
+
+    ``key_prefix`` names its keys in messages when it is built on its own ("optimizer." ->
+    optimizer.lr); ``extra_keys`` are keys its own validators take besides its fields. The class
+    gains ``from_dict`` (``load``) and ``to_dict``.
+    """
+    def make(cls):
+        cls = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+        validate = cls.__init__
+
+        @functools.wraps(validate)
+        def __init__(self, *args, **kwargs):
             try:
-                return _convert(value, option, key)
-            except ConfigError:
-                pass
-        raise _type_error(key, tp, value)
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _type_error(key, tp, value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise _type_error(key, tp, value)
-        return dataclass_from_dict(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, tp, value)
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(key, tp, value)
-    if tp is float:
-        if isinstance(value, str):  # "3e-4" from a command line
-            try:
-                value = float(value)
-            except ValueError:
-                raise _type_error(key, tp, value) from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise _type_error(key, tp, value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(key, tp, value)
-    return value  # Any, callables (routing predicates): passed through
+                validate(self, *args, **kwargs)
+            except ValidationError as error:
+                raise config_error(error, type(self), from_keys=False) from None
+
+        cls.__init__ = __init__
+        cls.KEY_PREFIX, cls.EXTRA_KEYS = key_prefix, extra_keys
+        cls.from_dict = classmethod(load)
+        cls.to_dict = to_dict
+        return cls
+    return make
 
 
-def _type_error(key: str, tp, value) -> ConfigError:
-    return ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+# --- dicts in and out --------------------------------------------------------------------------
+
+@functools.cache
+def _adapter(cls) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def load(cls, values: Mapping[str, Any], context: dict | None = None):
+    """``cls`` built from a nested mapping (parsed YAML plus overrides); ``context`` reaches its
+    validators. A refusal is a ConfigError naming the key."""
+    try:
+        return _adapter(cls).validate_python(values, context=context)
+    except ValidationError as error:
+        raise config_error(error, cls, from_keys=True) from None
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config (what is saved as the run's resolved YAML): tuples become
+    lists, callables their names."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if callable(config):
+        return getattr(config, "__name__", repr(config))
+    return config
+
+
+# --- pydantic's refusals as messages -----------------------------------------------------------
+
+# Errors of a value of the right type outside what the field allows; others are of the wrong type.
+_LIMIT_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "literal_error",
+                 "too_short", "too_long", "string_too_short", "string_too_long"}
+
+
+def config_error(error: ValidationError, cls, from_keys: bool) -> ConfigError:
+    """The first of pydantic's refusals as a ConfigError. ``from_keys``: the values came as keys of
+    a mapping (a file, overrides), so a value of the wrong type is named with its expected type;
+    otherwise (Python arguments) with what the field allows."""
+    problems = error.errors(include_url=False)
+    unknown = [p for p in problems if p["type"] in ("unexpected_keyword_argument", "extra_forbidden")]
+    problem = (unknown or problems)[0]
+    loc, value, kind = problem["loc"], problem.get("input"), problem["type"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    key = cls.KEY_PREFIX + where
+    if kind == "value_error":  # a validator's own message
+        cause = problem["ctx"]["error"]
+        return ConfigError(str(cause) if isinstance(cause, ConfigError) or not where else f"invalid {where}: {cause}")
+    if unknown:
+        return _unknown_key_error(key, loc[-1], _owner_keys(cls, loc[:-1]))
+    if kind == "missing":
+        return ConfigError(f"config key {key!r} is required")
+    if kind in ("dataclass_type", "dataclass_exact_type"):
+        return ConfigError(f"config section {key!r} must be a mapping of keys, got {value!r}")
+    try:
+        annotation, metadata, hint = _field_at(cls, loc)
+    except (KeyError, IndexError, AttributeError):  # not a field's own value
+        return ConfigError(f"{key}: {problem['msg']}")
+    if from_keys and kind not in _LIMIT_ERRORS:
+        return ConfigError(f"config key {key!r} expects {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return ConfigError(_must_be(key, value, annotation, metadata, hint))
 
 
 def _unknown_key_error(key: str, name: str, valid) -> ConfigError:
@@ -99,56 +154,101 @@ def _unknown_key_error(key: str, name: str, valid) -> ConfigError:
                        f"{prefix.rstrip('.') or 'the top level'}: {sorted(valid)}")
 
 
-def renamed_keys(cls, values: Mapping[str, Any]) -> dict:
-    """``values`` with keys a dataclass has renamed (its RENAMED_KEYS) under their current names."""
-    renamed = getattr(cls, "RENAMED_KEYS", {})
-    return {(renamed[key] if key in renamed and renamed[key] not in values else key): value
-            for key, value in values.items()}
+def _must_be(key: str, value, annotation, metadata: list, hint: str | None) -> str:
+    """'<key> must be <what the field allows>, got <value>[; hint]'."""
+    base, optional, inner = _unwrap(annotation)
+    metadata = metadata + inner
+    must = next((m.text for m in metadata if isinstance(m, Must)), None)
+    limits = {name: getattr(m, name) for m in metadata for name in ("gt", "ge", "lt", "le", "min_length")
+              if hasattr(m, name)}
+    close = ""
+    if typing.get_origin(base) is Literal:
+        choices = list(typing.get_args(base))
+        allowed = f"one of {choices}"
+        match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        close = f"; did you mean {match[0]!r}?" if match and not isinstance(value, bool) else ""
+    else:
+        kind = {int: "an int", float: "a number", bool: "true or false", str: "a string"}.get(base, "a list")
+        if limits.get("min_length") == 1:
+            kind = f"a non-empty {kind.split()[-1]}"
+        low, high = limits.get("gt", limits.get("ge")), limits.get("lt", limits.get("le"))
+        allowed = kind + bounds_text(low, high, "gt" in limits, "lt" in limits)
+    allowed = must or allowed + (" or null" if optional else "")
+    if base is float and not isinstance(value, bool):
+        try:  # as the field would hold it
+            value = float(value)
+        except (TypeError, ValueError):
+            pass
+    return f"{key} must be {allowed}, got {value!r}{close}" + (f"; {hint}" if hint else "")
 
 
-def dataclass_from_dict(cls, values: Mapping[str, Any], where: str = ""):
-    """Builds dataclass ``cls`` from a (nested) mapping, refusing unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    values = renamed_keys(cls, values)
-    size = None
-    if cls is ModelConfig:  # `size` picks a preset; the other keys override it
-        size = values.pop("size", None)
-        if size is not None and size not in SIZES:
-            close = difflib.get_close_matches(str(size), list(SIZES), n=1)
-            raise ConfigError(f"model.size={size!r} is not a known size"
-                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; sizes: {list(SIZES)}")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{where}.{name}" if where else name
-        if name not in fields:
-            valid = list(fields) + (["size"] if cls is ModelConfig else [])
-            raise _unknown_key_error(key, name, valid)
-        kwargs[name] = _convert(value, hints[name], key)
-    try:
-        if size is not None:
-            return ModelConfig(**{**SIZES[size], **kwargs})
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"invalid {where or 'config'}: {error}") from None
+def _unwrap(annotation) -> tuple[Any, bool, list]:
+    """(the type without Annotated or Optional, whether None is allowed, the Annotated metadata)."""
+    optional, metadata = False, []
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation, *extra = typing.get_args(annotation)
+            for item in extra:
+                metadata.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+        elif origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
+            optional = True
+            (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        else:
+            return annotation, optional, metadata
 
 
-def to_dict(config) -> dict:
-    """Plain nested dict of a config (what is saved as the run's resolved YAML)."""
-    def plain(x):
-        if dataclasses.is_dataclass(x):
-            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if callable(x):
-            return getattr(x, "__name__", repr(x))
-        return x
-    return plain(config)
+def _field_at(cls, loc) -> tuple[Any, list, str | None]:
+    """The annotation, constraints and description of the field (or list item) at ``loc``."""
+    annotation, metadata, description = cls, [], None
+    for part in loc:
+        base = _unwrap(annotation)[0]
+        if isinstance(part, int):  # an item of tuple[X, ...] or of a fixed tuple[X, Y, Z]
+            args = typing.get_args(base)
+            annotation, metadata, description = args[0 if args[-1] is Ellipsis else part], [], None
+        else:
+            field = base.__pydantic_fields__[part]
+            annotation, metadata, description = field.annotation, list(field.metadata), field.description
+    return annotation, metadata, description
+
+
+def _owner_keys(cls, loc) -> list[str]:
+    """The keys the config class at ``loc`` takes."""
+    owner = _unwrap(_field_at(cls, loc)[0])[0]
+    return list(owner.__pydantic_fields__) + list(owner.EXTRA_KEYS)
+
+
+def _type_name(tp) -> str:
+    base, optional, _ = _unwrap(tp)
+    name = "list" if typing.get_origin(base) is tuple else getattr(base, "__name__", str(base))
+    return name + (" or null" if optional else "")
 
 
 # --- files and command-line overrides ----------------------------------------------------------
+
+class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Safe YAML, plus: 1e-3 is a float (YAML 1.1 wants 1.0e-3), dates stay text, a key given
+    twice is an error."""
+
+    def flatten_mapping(self, node):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:str":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key_node.value}",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        super().flatten_mapping(node)
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789."))
+
 
 def resolve_path(name: str | Path) -> Path:
     """A path as given, else a bare name looked up in configs/ (".yaml" optional)."""
@@ -181,9 +281,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"config {path.name} includes itself through 'base:'")
     try:
-        # Interpolations stay unresolved, and are refused below: a resolved ${oc.env:TOKEN} would be
-        # written out with the run's config.yaml and its W&B config.
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -191,6 +289,8 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file and rerun") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path.name} must be a mapping of sections, got {type(loaded).__name__}")
+    # Interpolations are refused, not resolved: a resolved ${oc.env:TOKEN} would be written out
+    # with the run's config.yaml and its W&B config.
     _refuse_interpolations(loaded, path)
     # Keys starting with "_" hold YAML anchors only (e.g. `_common: &common ...`).
     loaded = {k: v for k, v in loaded.items() if not str(k).startswith("_")}

@@ -1,5 +1,5 @@
-"""The error type every layer raises for a setting that cannot be used, and the one way configs
-check their numbers and choices.
+"""The error type every layer raises for a setting that cannot be used, and the wording of numeric
+limits in its messages.
 
 It lives outside the trainer so the optimizer library can raise it without importing the
 trainer; the command-line entry points turn it into one `error:` line. Messages read
@@ -8,16 +8,15 @@ trainer; the command-line entry points turn it into one `error:` line. Messages 
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Iterable
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and how to fix it."""
 
 
-def _bounds_text(low, high, low_open: bool, high_open: bool) -> str:
+def bounds_text(low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
+    """" in [0, 1)", " >= 1", " < 2" or ""."""
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
@@ -41,19 +40,5 @@ def check_number(where: str, value, *, integer: bool = False, low=None, high=Non
         ok = value < high if high_open else value <= high
     if not ok:
         kind = "an int" if integer else "a number"
-        allowed = f"{kind}{_bounds_text(low, high, low_open, high_open)}" + (" or null" if optional else "")
+        allowed = f"{kind}{bounds_text(low, high, low_open, high_open)}" + (" or null" if optional else "")
         raise ConfigError(f"{where} must be {allowed}, got {value!r}" + (f"; {hint}" if hint else ""))
-
-
-def check_choice(where: str, value, choices: Iterable) -> None:
-    """Raises ConfigError unless ``value`` is one of ``choices`` (naming the closest one)."""
-    choices = list(choices)
-    if isinstance(value, bool) or value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{where} must be one of {choices}, got {value!r}{hint}")
-
-
-def check_bool(where: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
