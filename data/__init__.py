@@ -1,16 +1,18 @@
 """Data pipeline: GPT-2 tokenizer (offline), token shards, corpus preparation, batch loader.
 
-- tokenizer.py   GPT-2's BPE from local, checksummed files
-- shards.py      the headered uint16 shard format, its readers and writers
-- sources.py     documents from Hugging Face datasets or local files; the train/val rule
-- encode.py      tokenizing document chunks in worker processes
-- prepare.py     ``python -m data.prepare``: sources -> encode -> shards + meta.json
-- shakespeare.py the bundled default corpus, prepared once into the cache (cache.py)
-- loader.py      deterministic, resumable, per-process batches
+- tokenizer.py      GPT-2's BPE from local, checksummed files
+- shards.py         the headered uint16 shard format, its readers and writers
+- sources.py        documents from Hugging Face datasets or local files; the train/val rule
+- encode.py         tokenizing document chunks in worker processes
+- prepare_corpus.py sources -> encode -> shards + meta.json
+- prepare.py        its command line, ``python -m data.prepare``
+- shakespeare.py    the bundled default corpus, prepared once into the cache (cache.py)
+- loader.py         deterministic, resumable, per-process batches
 """
 
 from data.cache import default_cache_dir
 from data.loader import BatchIterator, TokenLoader, TokenShards
+from data.shakespeare import ensure_shakespeare
 from data.tokenizer import EOT_TOKEN, VOCAB_SIZE, get_tokenizer, gpt2_encoding
 
 __all__ = [
@@ -25,12 +27,3 @@ __all__ = [
     "gpt2_encoding",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # Imported on first use: data.shakespeare imports data.prepare, which must not be loaded
-    # before `python -m data.prepare` runs it as __main__.
-    if name == "ensure_shakespeare":
-        from data.shakespeare import ensure_shakespeare
-
-        return ensure_shakespeare
-    raise AttributeError(f"module 'data' has no attribute {name!r}")

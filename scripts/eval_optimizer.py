@@ -29,7 +29,7 @@ from recipes.metatrain.evaluate import (
     EVAL_TASKS, Candidate, EvalSettings, default_recipe_task, evaluate, format_table,
 )
 from recipes.optim.theta import resolve_theta
-from recipes.metatrain.tasks_lm import TinyLM
+from recipes.metatrain.tasks.lm import TinyLM
 
 
 def _floats(text: str) -> list[float]:

@@ -21,7 +21,7 @@ from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table
 from recipes.metatrain.progress import scored_snapshots
 from recipes.metatrain.ship import WEIGHTS_DIR, describe, score_snapshots, ship, ship_target, snapshots
-from recipes.metatrain.tasks_lm import TinyLM
+from recipes.metatrain.tasks.lm import TinyLM
 
 
 def main(argv=None) -> int:

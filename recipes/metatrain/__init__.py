@@ -4,9 +4,10 @@
 
     config.py          the settings (read through recipes.config_parsing)
     pes.py             the PES estimator
-    tasks.py           a task family's interface and the inner optimizer (the harness's)
-    tasks_image.py     MLPs on 8x8 image sets (image_datasets.py reads them from installed packages)
-    tasks_lm.py        small GPTs on a token corpus
+    tasks/             the task families by kind (tasks/__init__.py: the registry, build_task)
+      base.py          a task family's interface and the inner optimizer (the harness's)
+      image.py         MLPs on 8x8 image sets (image_datasets.py reads them from installed packages)
+      lm.py            small GPTs on a token corpus
     population.py      one family's particles
     fused.py           families of one shape trained as one population
     loop.py            the outer loop (the trainer's run-directory lock, stop handling and metrics log)

@@ -24,7 +24,7 @@ import optax
 from recipes.errors import ConfigError
 from recipes.files import write_json
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.tasks_lm import TinyLM, corpus
+from recipes.metatrain.tasks.lm import TinyLM, corpus
 from recipes.optim.config import OptimizerConfig
 from recipes.optim.optimizers import build_optimizer
 

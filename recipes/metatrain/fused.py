@@ -22,7 +22,7 @@ import numpy as np
 
 from recipes.metatrain.pes import PESState, pes_begin, pes_gradient
 from recipes.metatrain.population import Population
-from recipes.metatrain.tasks import WINDOW_KEYS, fuse_data
+from recipes.metatrain.tasks.base import WINDOW_KEYS, fuse_data
 
 
 def fusable_groups(populations: Sequence[Population]) -> list[list[int]]:

@@ -19,7 +19,7 @@ from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
 from recipes.errors import ConfigError
 from recipes.files import atomic_path, write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
-from recipes.metatrain.tasks_lm import TinyLM
+from recipes.metatrain.tasks.lm import TinyLM
 
 _SNAPSHOT = re.compile(r"theta_(\d+)\.state$")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")

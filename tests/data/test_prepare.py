@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import encode, prepare, shards, sources
+from data import encode, prepare, prepare_corpus, shards, sources
 from data.loader import TokenLoader, TokenShards
 from data.tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -63,7 +63,7 @@ def _split_tokens(directory: Path, split: str) -> list[int]:
 
 def test_prepare_local_text_jsonl_and_parquet(inputs: list[Path], tmp_path: Path, no_network: None) -> None:
     out = tmp_path / "out"
-    result = prepare.prepare_files(inputs, out, val_fraction=0.25, shard_size=20, workers=1, progress=False)
+    result = prepare_corpus.prepare_files(inputs, out, val_fraction=0.25, shard_size=20, workers=1, progress=False)
     expected = _expected([TXT, *JSONL_DOCS, *PARQUET_DOCS], 0.25)
     assert _split_tokens(out, "train") == expected["train"]
     assert _split_tokens(out, "val") == expected["val"]
@@ -92,8 +92,9 @@ def test_worker_count_does_not_change_the_output(
     inputs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(encode, "CHUNK_CHARS", 10)  # one document per chunk: many chunks in flight
-    one = prepare.prepare_files(inputs, tmp_path / "one", val_fraction=0.3, shard_size=16, workers=1, progress=False)
-    two = prepare.prepare_files(inputs, tmp_path / "two", val_fraction=0.3, shard_size=16, workers=2, progress=False)
+    options = {"val_fraction": 0.3, "shard_size": 16, "progress": False}
+    one = prepare_corpus.prepare_files(inputs, tmp_path / "one", workers=1, **options)
+    two = prepare_corpus.prepare_files(inputs, tmp_path / "two", workers=2, **options)
     assert one.workers == 1 and two.workers == 2
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
@@ -137,7 +138,7 @@ def test_compressed_files_and_paragraph_documents(tmp_path: Path) -> None:
     jsonl.write_bytes(gzip.compress(b'{"text": "first"}\n{"text": "second"}\n'))
     txt = tmp_path / "book.txt"
     txt.write_text("Chapter one.\n\nChapter two.\n\nChapter three.")
-    result = prepare.prepare_files(
+    result = prepare_corpus.prepare_files(
         [jsonl, txt], tmp_path / "out", text_unit="paragraph", val_fraction=0.0, workers=1, progress=False
     )
     assert result.documents["train"] == 5
@@ -151,29 +152,31 @@ def test_compressed_files_and_paragraph_documents(tmp_path: Path) -> None:
 
 
 def test_max_tokens_stops_after_the_document_that_reaches_it(inputs: list[Path], tmp_path: Path) -> None:
-    full = prepare.prepare_files(inputs, tmp_path / "full", val_fraction=0.0, workers=1, progress=False)
+    full = prepare_corpus.prepare_files(inputs, tmp_path / "full", val_fraction=0.0, workers=1, progress=False)
     lengths = [1 + len(gpt2_encoding().encode_ordinary(t)) for t in [TXT, *JSONL_DOCS, *PARQUET_DOCS] if t]
     assert full.tokens["train"] == sum(lengths)
     limit = lengths[0] + lengths[1] + 1
-    cut = prepare.prepare_files(inputs, tmp_path / "cut", val_fraction=0.0, workers=1, progress=False, max_tokens=limit)
+    cut = prepare_corpus.prepare_files(
+        inputs, tmp_path / "cut", val_fraction=0.0, workers=1, progress=False, max_tokens=limit
+    )
     assert cut.tokens["train"] == sum(lengths[:3]) and cut.documents["train"] == 3
 
 
 def test_empty_dataset_is_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n{"text": null}\n')
-    with pytest.raises(prepare.EmptyDatasetError, match=r"produced no tokens"):
-        prepare.prepare_files([empty], tmp_path / "out", workers=1, progress=False)
+    with pytest.raises(prepare_corpus.EmptyDatasetError, match=r"produced no tokens"):
+        prepare_corpus.prepare_files([empty], tmp_path / "out", workers=1, progress=False)
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_single_document_without_train_split_is_refused(tmp_path: Path) -> None:
     single = tmp_path / "one.txt"
     single.write_text("just one document")
-    with pytest.raises(prepare.EmptyDatasetError, match=r"train split is empty.*--text-unit paragraph"):
-        prepare.prepare_files([single], tmp_path / "out", workers=1, progress=False)
+    with pytest.raises(prepare_corpus.EmptyDatasetError, match=r"train split is empty.*--text-unit paragraph"):
+        prepare_corpus.prepare_files([single], tmp_path / "out", workers=1, progress=False)
     assert list((tmp_path / "out").iterdir()) == []
-    result = prepare.prepare_files(
+    result = prepare_corpus.prepare_files(
         [single], tmp_path / "out", val_fraction=0.0, workers=1, progress=False
     )  # or with no validation split at all
     assert result.tokens["val"] == 0 and result.shards["val"] == []
@@ -181,15 +184,15 @@ def test_single_document_without_train_split_is_refused(tmp_path: Path) -> None:
 
 def test_bad_inputs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"not found"):
-        prepare.prepare_files([tmp_path / "missing.jsonl"], tmp_path / "out")
+        prepare_corpus.prepare_files([tmp_path / "missing.jsonl"], tmp_path / "out")
     (tmp_path / "data.xml").write_text("<a/>")
     with pytest.raises(ValueError, match=r"unsupported file type"):
-        prepare.prepare_files([tmp_path / "data.xml"], tmp_path / "out")
+        prepare_corpus.prepare_files([tmp_path / "data.xml"], tmp_path / "out")
     other = tmp_path / "other.jsonl"
     other.write_text('{"content": "hello"}\n')
     with pytest.raises(ValueError, match=r"no field 'text'.*--text-field"):
-        prepare.prepare_files([other], tmp_path / "out", workers=1, progress=False)
-    result = prepare.prepare_files(
+        prepare_corpus.prepare_files([other], tmp_path / "out", workers=1, progress=False)
+    result = prepare_corpus.prepare_files(
         [other], tmp_path / "out2", text_field="content", val_fraction=0.0, workers=1, progress=False
     )
     assert result.tokens["train"] == 2
@@ -203,22 +206,24 @@ def test_failure_midway_leaves_no_shards(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"connection lost"):
-        prepare.prepare_documents(documents(), out, source={}, split_rule={}, shard_size=8, workers=1, progress=False)
+        prepare_corpus.prepare_documents(
+            documents(), out, source={}, split_rule={}, shard_size=8, workers=1, progress=False
+        )
     assert list(out.iterdir()) == []  # neither complete-looking shards nor temporaries nor meta.json
 
 
 def test_overwrite_replaces_only_our_files(inputs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    prepare.prepare_files(inputs, out, val_fraction=0.0, shard_size=10, workers=1, progress=False)
+    prepare_corpus.prepare_files(inputs, out, val_fraction=0.0, shard_size=10, workers=1, progress=False)
     assert len(list(out.glob("train_*.bin"))) > 1
     (out / "README.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match=r"--overwrite"):
-        prepare.prepare_files(inputs, out, workers=1, progress=False)
-    prepare.prepare_files(inputs, out, val_fraction=0.0, overwrite=True, workers=1, progress=False)
+        prepare_corpus.prepare_files(inputs, out, workers=1, progress=False)
+    prepare_corpus.prepare_files(inputs, out, val_fraction=0.0, overwrite=True, workers=1, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["README.txt", "meta.json", "train_000000.bin"]
     np.arange(10, dtype=np.uint16).tofile(out / "train.bin")  # someone else's data: never deleted
     with pytest.raises(FileExistsError, match=r"Choose another --out"):
-        prepare.prepare_files(inputs, out, overwrite=True, workers=1, progress=False)
+        prepare_corpus.prepare_files(inputs, out, overwrite=True, workers=1, progress=False)
     assert (out / "train.bin").exists()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from recipes.optim.celo2 import scale_by_celo2
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import PESConfig
-from recipes.metatrain.tasks import Task, reparameterized_loss
+from recipes.metatrain.tasks.base import Task, reparameterized_loss
 
 
 def test_celo2_takes_a_vmapped_traced_theta():
@@ -59,9 +59,9 @@ def test_lm_family_reads_a_corpus_that_data_prepare_wrote(tmp_path):
     """A user's own text, prepared into shards, becomes the family's training stream."""
     import numpy as np
 
-    from data.prepare import prepare_files
+    from data.prepare_corpus import prepare_files
     from recipes.metatrain.config import FamilyConfig
-    from recipes.metatrain.tasks_lm import TinyLM
+    from recipes.metatrain.tasks.lm import TinyLM
 
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times."
@@ -82,7 +82,7 @@ def test_lm_family_with_a_missing_corpus_says_how_to_make_one(tmp_path):
     import pytest
 
     from recipes.metatrain.config import FamilyConfig
-    from recipes.metatrain.tasks_lm import TinyLM
+    from recipes.metatrain.tasks.lm import TinyLM
 
     with pytest.raises(FileNotFoundError, match="data.prepare"):
         TinyLM(FamilyConfig(kind="lm", name="x", corpus=str(tmp_path / "nope")))
@@ -96,3 +96,10 @@ def test_image_family_dataset_is_checked():
     with pytest.raises(ValueError, match="families\\[\\].dataset must be one of .*, got 'cifar'"):
         FamilyConfig(kind="image_mlp", dataset="cifar")
     assert FamilyConfig(kind="image_mlp", dataset="mnist", hidden=(32,)).name == "mnist_mlp_32"
+
+
+def test_every_family_kind_a_config_accepts_has_a_task():
+    from recipes.metatrain.config import FAMILY_KINDS
+    from recipes.metatrain.tasks import FAMILIES
+
+    assert tuple(FAMILIES) == FAMILY_KINDS

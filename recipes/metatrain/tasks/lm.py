@@ -23,7 +23,7 @@ from data.loader import TokenShards
 from data.shakespeare import ensure_shakespeare
 from model import GPT, ModelConfig, make_loss_fn
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.tasks import Task, whole_window
+from recipes.metatrain.tasks.base import Task, whole_window
 
 
 def _split_tokens(split: str, source: str = "") -> np.ndarray:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from recipes.metatrain.config import FamilyConfig, InnerConfig
+from recipes.metatrain.config import InnerConfig
 from recipes.optim.config import OptimizerConfig
 from recipes.optim.optimizers import build_optimizer
 
@@ -95,12 +95,3 @@ def reparameterized_loss(task: Task, log_scale: jax.Array):
 
     return loss
 
-
-def build_task(family: FamilyConfig) -> Task:
-    if family.kind == "image_mlp":
-        from recipes.metatrain.tasks_image import ImageMLP
-        return ImageMLP(family)
-    if family.kind == "lm":
-        from recipes.metatrain.tasks_lm import TinyLM
-        return TinyLM(family)
-    raise ValueError(f"unknown task family kind {family.kind!r}")

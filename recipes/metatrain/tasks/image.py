@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from recipes.metatrain import image_datasets
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.tasks import Task, whole_window
+from recipes.metatrain.tasks.base import Task, whole_window
 
 
 def image_split(dataset: str, part: str) -> dict:
