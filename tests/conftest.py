@@ -19,7 +19,7 @@ def tiny_run(tmp_path_factory):
     """A tiny trained run directory with checkpoints at steps 4 and 8, shared by the tests of the tools
     that read a run (sample, export): copy it before damaging it."""
     import train
-    from tests.train.test_train import TINY
+    from tests.helpers import TINY
 
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     train.main([*TINY, "--train.steps=8", "--train.checkpoint_every=4", f"--train.out_dir={run_dir}",

@@ -1,6 +1,5 @@
 """scripts/bench_train.py reports tokens/s and the step-time breakdown."""
-from tests.train.test_sample import script
-from tests.train.test_train import TINY
+from tests.helpers import TINY, script
 
 
 def test_bench_train_reports_breakdown(capsys):

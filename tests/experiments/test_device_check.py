@@ -1,7 +1,7 @@
 """scripts/device_check.py on small CPU shapes: every figure the accelerator run records is there."""
 import json
 
-from tests.train.test_sample import script
+from tests.helpers import script
 
 
 def test_device_check_names_every_figure(tmp_path, capsys):

@@ -18,7 +18,7 @@ import yaml
 import train
 from recipes.experiments.sweeps import (SweepError, collect, commands, make_spec, parse_grid, point_name,
                                         wandb_sweep_yaml)
-from tests.train.test_faults import one_error_line, process_env
+from tests.helpers import one_error_line, process_env
 
 from scripts import plot_sweep, sweep
 

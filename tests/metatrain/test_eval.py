@@ -7,7 +7,7 @@ import numpy as np
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import HELD_OUT, Candidate, EvalSettings, evaluate, format_table, model_key, point_key
-from recipes.metatrain.tasks_lm import TinyLM
+from recipes.metatrain.tasks.lm import TinyLM
 
 
 def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
@@ -47,7 +47,7 @@ def test_eval_script_default_task_on_a_prepared_corpus(tmp_path):
     import sys
     from pathlib import Path
 
-    from data.prepare import prepare_files
+    from data.prepare_corpus import prepare_files
 
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"Line {i}: all the world's a stage, and {i % 5} players." for i in range(3000)))

@@ -12,8 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from model import ModelConfig, export_hf, init_params, make_apply
-from tests.train.test_faults import one_error_line
-from tests.train.test_sample import damaged_copy, run_script, script
+from tests.helpers import damaged_copy, one_error_line, run_script, script
 
 
 def _perturbed_params(config, seed):

@@ -188,7 +188,10 @@ def test_abstract_and_nnx_state_params(name):
     abstract = jax.eval_shape(lambda: state_params)
     tx, table = build_optimizer(cfg, abstract)
     opt_shapes = jax.eval_shape(tx.init, abstract)
-    assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_shapes)) >= sum(r.state_bytes for r in table.rows)
+    # The table counts every array that grows with the parameters; what it leaves out are the step
+    # counters and the method's constants: a few bytes, whatever the parameter count.
+    untabled = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_shapes)) - sum(r.state_bytes for r in table.rows)
+    assert 0 <= untabled <= 64, untabled
     (got,) = run(tx, state_params, [state_grads])
     assert isinstance(got, nnx.State)
     plain_tx, _ = build_optimizer(cfg, params)
@@ -239,5 +242,15 @@ def test_from_dict_and_missing_run_length():
         OptimizerConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ValueError, match="set schedule.total_steps or pass total_steps"):
         build_optimizer(cfg, random_tree(SMALL))
-    tx, _ = build_optimizer(cfg, random_tree(SMALL), total_steps=10)
-    assert isinstance(tx, optax.GradientTransformation)
+    # Given the run length, the schedule has its shape: warmup to the peak over 2 steps, the peak held,
+    # then the last 20% (2 steps) falling linearly towards min_lr_ratio (0.1) of it. A constant gradient
+    # makes Adam's bias-corrected step sign(g), so the AdamW side's update is -lr_t * (sign(g) + wd * p).
+    params, grads = random_tree(SMALL, seed=0), random_tree(SMALL, seed=1)
+    tx, _ = build_optimizer(cfg, params, total_steps=10)
+    g, p, rates = flat(grads)["ln_f/scale"], flat(params)["ln_f/scale"], []
+    for update in run(tx, params, [grads] * 10):
+        u = flat(update)["ln_f/scale"]
+        rates.append(-u / (jnp.sign(g) + cfg.weight_decay * p))
+        p = p + u
+    expected = 3e-3 * np.array([0, 0.5, 1, 1, 1, 1, 1, 1, 1, 1 - 0.9 / 2])
+    np.testing.assert_allclose(np.asarray(rates), np.broadcast_to(expected[:, None], (10, D)), rtol=1e-5, atol=1e-9)

@@ -5,15 +5,11 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
 import train
-from tests.train.test_train import TINY
-from tests.train.test_sharding import RTOL, losses
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, SHARDED_RTOL, TINY, train_losses
 
 WORKER = """
 import sys
@@ -61,5 +57,5 @@ def test_two_processes_agree_with_one(tmp_path):
     summary = json.loads([line for line in outs[0].splitlines() if line.startswith("{")][-1])
 
     one = train.main([*common, "--mesh.devices=4", f"--train.out_dir={tmp_path / 'one'}"])
-    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=RTOL)
-    np.testing.assert_allclose(summary["val_loss"], one["val_loss"], rtol=RTOL)
+    np.testing.assert_allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), rtol=SHARDED_RTOL)
+    np.testing.assert_allclose(summary["val_loss"], one["val_loss"], rtol=SHARDED_RTOL)

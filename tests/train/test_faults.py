@@ -3,41 +3,15 @@ process on the directory, a damaged checkpoint, a tiny validation split): each e
 exit code and, where it fails, one `error:` line without a traceback, and leaves a run directory that
 resumes, to the same loss as an undisturbed run where that is possible."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.train.test_train import TINY, final_params
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def train_process(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [*TINY, "--train.steps=40", "--train.checkpoint_every=4", "--train.keep_checkpoints=2",
-            "--optimizer.schedule.warmup_steps=0", "--eval.at_start=false", f"--train.out_dir={run_dir}", *extra]
-    env = process_env(run_dir.parent)
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def process_env(tmp_path: Path) -> dict:
-    """CPU only, no debug tracebacks, and one compilation cache, so later processes skip compiling."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
-    env.pop("CELO2_DEBUG", None)
-    return env
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert "Traceback" not in result.stdout
-    return lines[0]
+from tests.helpers import ROOT, TINY, final_params, one_error_line, process_env, train_process
 
 
 def test_divergence_and_a_changed_model_leave_a_trusted_resumable_run(tmp_path):

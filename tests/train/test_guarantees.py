@@ -13,8 +13,7 @@ import numpy as np
 from flax import serialization
 
 from recipes.optim.theta import _wrap, normalized_momentum_theta
-from tests.train.test_faults import ROOT, one_error_line, process_env, train_process
-from tests.train.test_train import TINY, final_params
+from tests.helpers import ROOT, TINY, final_params, one_error_line, process_env, train_process
 
 
 def rows(run_dir, name="metrics.jsonl"):

@@ -1,56 +1,14 @@
 """scripts/sample.py greedy decoding == the exported Hugging Face model's greedy generate; a damaged
 newest checkpoint is passed over as train.py passes it over; bad arguments are one line each."""
-import importlib
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.train.test_faults import one_error_line, process_env
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def script(name):
-    return importlib.import_module(f"scripts.{name}")
+from tests.helpers import damaged_copy, one_error_line, run_at_once, run_script, script
 
 
 @pytest.fixture
 def trained_run(tiny_run):
     return tiny_run
-
-
-def run_script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """scripts/NAME.py in a real process, as a user runs it."""
-    return subprocess.run([sys.executable, f"scripts/{name}.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=process_env(tmp_path))
-
-
-def run_at_once(commands: dict, tmp_path: Path) -> dict:
-    """key -> CompletedProcess of each command line (a list of words after the interpreter), run side by
-    side in real processes."""
-    env = process_env(tmp_path)
-    started = {key: subprocess.Popen([sys.executable, *words], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for key, words in commands.items()}
-    results = {}
-    for key, process in started.items():
-        out, err = process.communicate(timeout=300)
-        results[key] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
-    return results
-
-
-def damaged_copy(run_dir: Path, tmp_path: Path) -> tuple[Path, int, int]:
-    """A copy of ``run_dir`` whose newest checkpoint has its arrays cut short: (copy, newest, older step)."""
-    copy = tmp_path / "damaged_run"
-    shutil.copytree(run_dir, copy)
-    steps = sorted(int(p.name) for p in (copy / "checkpoints").iterdir() if p.name.isdigit())
-    for f in (copy / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(f.read_bytes()[:10])
-    return copy, steps[-1], steps[-2]
 
 
 def test_greedy_sample_matches_exported_hf_model(trained_run, tmp_path, capsys):

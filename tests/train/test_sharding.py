@@ -1,23 +1,14 @@
 """8 simulated CPU devices with data x fsdp sharding train like 1 device.
 
 Sharded runs sum in a different order (per-shard partial sums, then an all-reduce), so
-curves agree to float32 rounding, not bitwise: the tolerance is 2e-5 relative on the loss
-over 4 steps (observed: about 3e-7).
+curves agree to float32 rounding, not bitwise: the tolerance is SHARDED_RTOL (2e-5) relative
+on the loss over 4 steps (observed: about 3e-7).
 """
-import json
-
 import jax
 import numpy as np
 
 import train
-from tests.train.test_train import TINY
-
-RTOL = 2e-5
-
-
-def losses(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+from tests.helpers import SHARDED_RTOL, TINY, train_losses
 
 
 def test_data_fsdp_sharding_matches_one_device(tmp_path):
@@ -26,10 +17,10 @@ def test_data_fsdp_sharding_matches_one_device(tmp_path):
     one = train.main([*common, "--mesh.devices=1", f"--train.out_dir={tmp_path / 'one'}"])
     eight = train.main([*common, "--mesh.devices=8", "--mesh.data=2", "--mesh.fsdp=4",
                         f"--train.out_dir={tmp_path / 'eight'}"])
-    curve_one, curve_eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    curve_one, curve_eight = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
     assert len(curve_one) == len(curve_eight) == 4
-    np.testing.assert_allclose(curve_eight, curve_one, rtol=RTOL)
-    np.testing.assert_allclose(eight["val_loss"], one["val_loss"], rtol=RTOL)
+    np.testing.assert_allclose(curve_eight, curve_one, rtol=SHARDED_RTOL)
+    np.testing.assert_allclose(eight["val_loss"], one["val_loss"], rtol=SHARDED_RTOL)
     config = (tmp_path / "eight" / "config.yaml").read_text()
     assert "fsdp: 4" in config
 

@@ -9,29 +9,11 @@ import pytest
 
 import train
 from recipes.errors import ConfigError
-
-# Tiny model, 16 x 32 tokens per step; AdamW compiles fastest. One device unless a test asks.
-TINY = ["--model.size=tiny", "--data.seq_len=32", "--data.global_batch=16", "--optimizer.name=adamw",
-        "--optimizer.lr=3e-3", "--optimizer.schedule.warmup_steps=2", "--eval.batches=2",
-        "--eval.every=100", "--logging.progress=false", "--logging.every=1", "--mesh.devices=1"]
+from tests.helpers import TINY, final_params, recipe_setting, records, run_at_once
 
 
 def run(tmp_path: Path, *extra: str, name: str = "run") -> dict:
     return train.main([*TINY, f"--train.out_dir={tmp_path / name}", *extra])
-
-
-def final_params(run_dir: Path):
-    """Parameters of the run's latest checkpoint, restored as numpy."""
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state", "meta")) as manager:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return step, jax.tree.map(np.asarray, restored["state"]["params"])
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loss_falls_and_run_dir_is_complete(tmp_path, monkeypatch):
@@ -172,19 +154,31 @@ def test_dry_run_gpt2_small_and_gpt3_xl(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == report
     assert report["n_params"] == 124_439_808
-    assert report["tokens_per_step"] == 512 * 1024  # the recipe's 0.5M-token step
-    assert sum(report["n_params_by_branch"].values()) == report["n_params_padded"]
+    # The step is the recipe's global_batch x seq_len, as its YAML writes them: 512 x 1024, 0.5M tokens.
+    tokens_per_step = recipe_setting("gpt2_small_celo2", "data", "global_batch") * recipe_setting(
+        "gpt2_small_celo2", "data", "seq_len")
+    assert report["tokens_per_step"] == tokens_per_step == 524_288
     assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    # GPT-2 small in closed form: embeddings (vocabulary padded to 50,304, 1,024 positions), 12 blocks of
+    # four matrices (12 d^2) and 13 d vectors (biases, two LayerNorms), the final LayerNorm.
+    d, layers = 768, 12
+    matrices, vectors = layers * 12 * d * d, layers * 13 * d + 2 * d
+    n_padded = (50_304 + 1_024) * d + matrices + vectors
+    assert report["n_params_padded"] == sum(report["n_params_by_branch"].values()) == n_padded
     per_device = report["bytes_per_device"]
-    # fp32 parameters split 8 ways (LayerNorm scales and biases, under 0.1%, are replicated)
-    assert per_device["params"] <= 4 * report["n_params_padded"] / 8 * 1.01
-    # Celo2 keeps 4 arrays shaped like each hidden matrix, AdamW 2 for the rest: split 8 ways too
-    assert per_device["opt_state"] <= 4 * 4 * report["n_params_padded"] / 8 * 1.01
+    # fp32 parameters split 8 ways: no device holds less than its eighth, and only vectors (a replicated
+    # bias costs at most its whole size) add to it.
+    assert 4 * n_padded / 8 <= per_device["params"] <= 4 * n_padded / 8 + 4 * vectors
+    # Celo2 keeps 4 arrays shaped like each hidden matrix (plus row and column statistics, 3 each per
+    # matrix: 48 d a layer), AdamW 2 like each other parameter: those split 8 ways too.
+    sharded_state = 4 * (4 * matrices + 2 * (n_padded - matrices)) / 8
+    assert sharded_state <= per_device["opt_state"] <= sharded_state + 4 * (layers * 48 * d + 2 * vectors) + 64
     assert per_device["params_and_opt_state"] == per_device["params"] + per_device["opt_state"] + 4  # the int32 step
 
     report = train.main(["--config", "gpt3xl_adamw", "--dry-run"])
     assert 1.3e9 < report["n_params"] < 1.4e9
-    assert report["tokens_per_step"] == 512 * 2048
+    assert report["tokens_per_step"] == recipe_setting("gpt3xl_adamw", "data", "global_batch") * recipe_setting(
+        "gpt3xl_adamw", "data", "seq_len") == 512 * 2048
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon", "celo2"])
@@ -223,9 +217,19 @@ def test_run_ends_with_a_readable_summary_and_a_sample(tmp_path, capsys):
     assert "--- a sample (5 new tokens, temperature 0.8) ---\n**ROMEO**\n" in tail
 
 
-def test_without_config_the_default_recipe_trains():
-    args, _ = train.parse_args([])
-    assert args.config == train.DEFAULT_RECIPE == "shakespeare_celo2.yaml"
+def test_without_config_the_default_recipe_trains(tmp_path):
+    """`train.py` alone plans exactly the run `train.py --config shakespeare_celo2.yaml` plans: the
+    dry-run reports of two real processes (their last stdout line) are equal."""
+    commands = {"default": ["train.py", "--dry-run"],
+                "named": ["train.py", "--config", "shakespeare_celo2.yaml", "--dry-run"]}
+    done = run_at_once(commands, tmp_path)
+    reports = {}
+    for key, result in done.items():
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[key] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reports["default"] == reports["named"]
+    assert reports["default"]["tokens_per_step"] == recipe_setting("shakespeare_celo2", "data", "global_batch") * \
+        recipe_setting("shakespeare_celo2", "data", "seq_len")  # the report is the recipe's, not some default
 
 
 def test_replayed_steps_are_logged_once_and_a_finished_run_keeps_its_summary(tmp_path, capsys):
