@@ -19,7 +19,10 @@ import optax
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import InnerConfig, PESConfig
 from recipes.metatrain.pes import PESState, init_pes_state
-from recipes.metatrain.tasks import Task, inner_optimizer, reparameterized_loss
+from recipes.metatrain.tasks.base import Task, inner_optimizer, reparameterized_loss
+
+
+UNSEEN_BATCHES = 4  # batches averaged by the final_unseen_loss objective: one alone is too noisy for PES
 
 
 class InnerState(NamedTuple):
@@ -63,7 +66,9 @@ class Population:
         return jax.tree.map(lambda a, b: jnp.where(done, a, b), new, inner), done
 
     def unroll(self, theta, inner: InnerState, key: jax.Array, data, *, rule: bool = True):
-        """``truncation`` inner steps with Celo2(theta); returns (state, mean normalized loss).
+        """``truncation`` inner steps with Celo2(theta); returns (state, meta-loss): by ``pes.objective``,
+        the mean normalized training loss of the steps, or the final parameters' normalized loss on
+        unseen batches.
 
         ``rule=False`` replaces the optimizer by plain SGD: the same forward and
         backward passes without the learned rule, to time the two apart.
@@ -83,7 +88,15 @@ class Population:
             new_opt = inner.opt_state
         new = InnerState(params, new_opt, inner.step + self.pes.truncation, inner.length, inner.log_scale,
                          jnp.mean(losses))
+        if self.pes.objective == "final_unseen_loss":
+            return new, jnp.mean(self.normalized(self.unseen_losses(loss_fn, params, key, data)))
         return new, jnp.mean(self.normalized(losses))
+
+    def unseen_losses(self, loss_fn, params, key: jax.Array, data) -> jax.Array:
+        """Losses of the truncation's final parameters on batches none of its steps trained on:
+        the batch keys continue past the ones the steps used (``fold_in(key, t)``, t < truncation)."""
+        keys = jnp.arange(self.pes.truncation, self.pes.truncation + UNSEEN_BATCHES)
+        return jax.vmap(lambda t: loss_fn(params, jax.random.fold_in(key, t), data))(keys)
 
     def init(self, theta, key: jax.Array) -> PESState:
         """A population whose pairs are at random points of their first inner problem."""

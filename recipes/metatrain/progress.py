@@ -20,18 +20,20 @@ from recipes.errors import ConfigError
 from recipes.files import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.ship import snapshots
-from recipes.metatrain.tasks_lm import TinyLM
+from recipes.metatrain.tasks.lm import TinyLM
 
-SCORES_FILE = "validation.json"
+ZOOM = 0.3  # nats above the best score that a panel's y-axis shows
+SCORES_FILE = "validation.json"  # what shipping chooses by; other tasks' scores sit beside it as TASK.json
 CELO2_LRS = (1e-3, 3e-3, 1e-2)
 REFERENCE_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2, 3e-2), "muon": (3e-3, 1e-2, 3e-2, 1e-1)}
 
 
 def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_mult: float = 20.0,
                   every: int = 1, log: Callable[[str], None] = print, celo2_lrs=CELO2_LRS,
-                  reference_grids=REFERENCE_GRIDS) -> dict:
-    """Scores the snapshots (and the starting theta, as step 0) not scored yet; returns the whole record."""
-    path = run_dir / SCORES_FILE
+                  reference_grids=REFERENCE_GRIDS, scores_file: str = SCORES_FILE) -> dict:
+    """Scores the snapshots (and the starting theta, as step 0) not scored yet into RUN/scores_file;
+    returns the whole record."""
+    path = run_dir / scores_file
     record = json.loads(path.read_text()) if path.is_file() else {"snapshots": {}, "references": {}}
     key = f"{task.name}/{settings.steps}x{settings.seeds}"
     scored_with = {"settings": dataclasses.asdict(settings), "celo2_lrs": list(celo2_lrs),
@@ -100,13 +102,14 @@ def meta_losses(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps), np.asarray(losses)
 
 
-def plot(run_dir: Path, record: dict, out: Path, smooth: int = 20) -> Path:
+def plot(run_dir: Path, records: list[dict], out: Path, smooth: int = 20) -> Path:
+    """Meta-loss on top, then one panel per scored task (validation, held-out, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    fig, (top, *panels) = plt.subplots(1 + len(records), 1, figsize=(7, 3.25 * (1 + len(records))), sharex=True)
     steps, losses = meta_losses(run_dir)
     top.plot(steps, losses, color="0.75", lw=0.6, label="meta-loss (logged)")
     if len(losses) >= smooth:
@@ -115,23 +118,30 @@ def plot(run_dir: Path, record: dict, out: Path, smooth: int = 20) -> Path:
                  label=f"mean of {smooth} logs")
     top.set_ylabel("meta-loss (loss / initial loss)")
     top.legend(loc="upper right", fontsize=8)
-    scored = sorted((int(k), v) for k, v in record["snapshots"].items())
-    xs = [k for k, _ in scored]
-    ys = [v["mean"] if math.isfinite(v["mean"]) else np.nan for _, v in scored]
-    errs = [v["std"] if math.isfinite(v["std"]) else 0.0 for _, v in scored]
-    bottom.errorbar(xs, ys, yerr=errs, marker="o", color="C0", label="Celo2, snapshot theta")
-    for i, (name, ref) in enumerate(sorted(record["references"].items())):
-        bottom.axhline(ref["mean"], color=f"C{i + 1}", ls="--", label=f"{name} (lr {ref['lr']:g}) {ref['mean']:.3f}")
-    finite = [y for y in ys if np.isfinite(y)] + [r["mean"] for r in record["references"].values()]
-    if finite:
-        low = min(finite)
-        bottom.set_ylim(low - 0.05, min(max(finite), low + 1.5) + 0.05)
-    bottom.set_xlabel("outer step")
-    bottom.set_ylabel(f"validation loss\n({record['task']})")
-    bottom.legend(fontsize=8)
+    for panel, record in zip(panels, records):
+        _draw_scores(panel, record)
+    panels[-1].set_xlabel("outer step")
     fig.suptitle(f"meta-training {run_dir.name}")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _draw_scores(panel, record: dict) -> None:
+    scored = sorted((int(k), v) for k, v in record["snapshots"].items())
+    xs = [k for k, _ in scored]
+    ys = [v["mean"] if math.isfinite(v["mean"]) else np.nan for _, v in scored]
+    errs = [v["std"] if math.isfinite(v["std"]) else 0.0 for _, v in scored]
+    panel.errorbar(xs, ys, yerr=errs, marker="o", color="C0", label="Celo2, snapshot theta")
+    for i, (name, ref) in enumerate(sorted(record["references"].items())):
+        panel.axhline(ref["mean"], color=f"C{i + 1}", ls="--", label=f"{name} (lr {ref['lr']:g}) {ref['mean']:.3f}")
+    finite = [y for y in ys if np.isfinite(y)] + [r["mean"] for r in record["references"].values()]
+    if finite:  # zoomed on what is close to the best; a far line (AdamW, often) keeps its value in the legend
+        low = min(finite)
+        near = max(y for y in finite if y <= low + ZOOM)
+        margin = max(0.1 * (near - low), 0.005)
+        panel.set_ylim(low - margin, near + margin)
+    panel.set_ylabel(f"validation loss\n({record['task']})")
+    panel.legend(fontsize=8)

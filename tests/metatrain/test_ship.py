@@ -11,9 +11,8 @@ from recipes.errors import ConfigError
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import EvalSettings
 from recipes.metatrain.ship import score_snapshots, ship, snapshots
-from recipes.metatrain.tasks_lm import TinyLM
-from tests.train.test_faults import one_error_line
-from tests.train.test_sample import run_at_once
+from recipes.metatrain.tasks.lm import TinyLM
+from tests.helpers import one_error_line, run_at_once
 
 
 @pytest.fixture
@@ -82,7 +81,7 @@ def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_pat
     seen.clear()
     record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
     assert len(seen) == 1 and "30" in record["snapshots"]  # only the new snapshot was trained
-    out = plot(run_dir, record, tmp_path / "curve.png")
+    out = plot(run_dir, [record], tmp_path / "curve.png")
     assert out.stat().st_size > 10_000
     from recipes.metatrain.progress import scored_snapshots
 
