@@ -1,17 +1,37 @@
 """Every test process sees 8 simulated CPU devices, so sharding tests run anywhere.
 
+One persistent compilation cache serves the whole run (both xdist workers and every process a test
+starts), every compilation kept however quick: most tests build the same tiny programs again, and a
+program compiled once is then loaded instead.
+
 JAX_PLATFORMS=cpu is also set for the subprocesses tests start: with the TPU runtime
 installed (the [tpu] extra, for compile checks), a JAX process without it probes for a
 TPU and prints warnings that would land in the one-line errors the tests read.
 """
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 
+# Set by the first process (pytest itself, or xdist's controller) and inherited by its workers.
+RUN_ID = os.environ.setdefault("CELO2_GPT_TEST_RUN", str(os.getpid()))
+COMPILATION_CACHE = Path(tempfile.gettempdir()) / f"celo2-gpt-tests-{RUN_ID}" / "jax_cache"
+
 os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker is done
+        shutil.rmtree(COMPILATION_CACHE.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

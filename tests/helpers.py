@@ -43,9 +43,10 @@ def final_params(run_dir: Path):
     return step, jax.tree.map(np.asarray, restored["state"]["params"])
 
 
-def process_env(tmp_path: Path) -> dict:
-    """CPU only, no debug tracebacks, and one compilation cache, so later processes skip compiling."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+def process_env() -> dict:
+    """CPU only, no debug tracebacks, and the run's one compilation cache (set by conftest.py), so a
+    process loads what an earlier test compiled."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("CELO2_DEBUG", None)
     return env
 
@@ -63,7 +64,7 @@ def train_process(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [*TINY, "--train.steps=40", "--train.checkpoint_every=4", "--train.keep_checkpoints=2",
             "--optimizer.schedule.warmup_steps=0", "--eval.at_start=false", f"--train.out_dir={run_dir}", *extra]
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=process_env(run_dir.parent))
+                          timeout=600, env=process_env())
 
 
 def script(name: str):
@@ -74,13 +75,13 @@ def script(name: str):
 def run_script(name: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """scripts/NAME.py in a real process, as a user runs it."""
     return subprocess.run([sys.executable, f"scripts/{name}.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=process_env(tmp_path))
+                          timeout=600, env=process_env())
 
 
 def run_at_once(commands: dict, tmp_path: Path) -> dict:
     """key -> CompletedProcess of each command line (a list of words after the interpreter), run side by
     side in real processes."""
-    env = process_env(tmp_path)
+    env = process_env()
     started = {key: subprocess.Popen([sys.executable, *words], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True) for key, words in commands.items()}
     results = {}

@@ -170,7 +170,7 @@ def sweep_command(out: Path) -> list[str]:
 
 
 def sweep_env(tmp_path: Path) -> dict:
-    return {**process_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    return {**process_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def start_sweep(tmp_path: Path, out: Path, name: str) -> tuple[subprocess.Popen, Path]:

@@ -34,7 +34,7 @@ def test_divergence_and_a_changed_model_leave_a_trusted_resumable_run(tmp_path):
 def test_signal_second_process_and_damaged_checkpoint_then_the_same_loss_as_an_undisturbed_run(tmp_path):
     run_dir = tmp_path / "run"
     long = ["--train.steps=100000", "--optimizer.schedule.kind=constant"]  # the lr does not depend on the end
-    env = process_env(tmp_path)
+    env = process_env()
     args = [*TINY, "--train.checkpoint_every=4", "--train.keep_checkpoints=2", "--optimizer.schedule.warmup_steps=0",
             "--eval.at_start=false", *long]
     first = subprocess.Popen([sys.executable, "train.py", *args, f"--train.out_dir={run_dir}"], cwd=ROOT, env=env,

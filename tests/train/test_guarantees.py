@@ -70,7 +70,7 @@ def test_a_directory_of_files_no_trainer_wrote_is_refused_untouched(tmp_path):
 def test_an_interpolation_in_a_recipe_is_refused_and_never_written_out(tmp_path):
     recipe = tmp_path / "secret.yaml"
     recipe.write_text("base: shakespeare_celo2.yaml\nlogging:\n  wandb_project: ${oc.env:CELO2_TEST_TOKEN}\n")
-    env = {**process_env(tmp_path), "CELO2_TEST_TOKEN": "s3cr3t-value"}
+    env = {**process_env(), "CELO2_TEST_TOKEN": "s3cr3t-value"}
     done = subprocess.run([sys.executable, "train.py", "--config", str(recipe), f"--train.out_dir={tmp_path / 'run'}"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 1 and "logging.wandb_project is an interpolation" in one_error_line(done)
@@ -81,7 +81,7 @@ def test_a_sigterm_in_the_last_step_still_exits_0_and_so_does_every_rerun(tmp_pa
     run_dir = tmp_path / "run"
     args = [*TINY, "--train.steps=1", "--eval.at_start=true", f"--train.out_dir={run_dir}"]
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=process_env(tmp_path))
+                               stderr=subprocess.PIPE, text=True, env=process_env())
     for line in process.stdout:  # the first evaluation runs after the stop handler is in place
         if "step 0: val loss" in line:
             process.send_signal(signal.SIGTERM)  # arrives while step 1, the last, compiles
@@ -91,7 +91,7 @@ def test_a_sigterm_in_the_last_step_still_exits_0_and_so_does_every_rerun(tmp_pa
     assert summary["finished"] and summary["stopped_by"] == "SIGTERM" and summary["step"] == 1
     assert process.returncode == 0
     rerun = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                           env=process_env(tmp_path), timeout=300)
+                           env=process_env(), timeout=300)
     assert rerun.returncode == 0 and "nothing to train" in rerun.stdout
 
 
@@ -117,7 +117,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_previous_checkpoint_resum
     def limit_file_size():  # 1 MB per file: metrics and configs fit, the checkpoint's arrays do not
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 
-    env = process_env(tmp_path)
+    env = process_env()
     env.pop("JAX_COMPILATION_CACHE_DIR")  # cache entries could hit the limit too
     args = [*TINY, "--train.steps=40", "--train.checkpoint_every=4", "--train.keep_checkpoints=2",
             "--optimizer.schedule.warmup_steps=0", "--eval.at_start=false", f"--train.out_dir={run_dir}",
@@ -143,7 +143,7 @@ def test_a_kill_before_the_first_checkpoint_leaves_one_step_0_row(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "--train.steps=4", "--eval.at_start=true", f"--train.out_dir={run_dir}"]
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, env=process_env(tmp_path))
+                               stderr=subprocess.DEVNULL, text=True, env=process_env())
     for line in process.stdout:
         if "step 0: val loss" in line:
             process.kill()
