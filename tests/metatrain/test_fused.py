@@ -51,8 +51,8 @@ def test_fused_truncation_equals_each_family_alone(tmp_path):
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     together = FusedFamilies(pops)
     fused = together.truncation(theta, copy((state.populations["a"], state.populations["b"])), keys, together.data)
+    alone = FusedFamilies(pops[:1])  # a and b share task and data: one single-family program serves both
     for i, name in enumerate(("a", "b")):
-        alone = FusedFamilies([pops[i]])
         (single,) = alone.truncation(theta, copy((state.populations[name],)), (keys[i],), alone.data)
         for x, y in zip(jax.tree.leaves(fused[i]), jax.tree.leaves(single)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
@@ -91,16 +91,3 @@ def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
                         log=lines.append).run()
     assert any("resumed" in line and "outer step 3" in line for line in lines) and int(again.step) == 4
 
-
-def test_language_model_families_unroll_with_particles_split_over_devices(tmp_path):
-    """The GPT's sharding constraints must stand aside inside the particle shard_map."""
-    lm = {"kind": "lm", "name": "lm", "n_layer": 1, "n_head": 2, "d_model": 16, "context_length": 8,
-          "batch": 2, "vocab": 64}
-    trainer = MetaTrainer(_config(tmp_path, [lm]), log=lambda line: None)
-    group = FusedFamilies(trainer.populations)
-    assert group._mesh() is not None and group._mesh().size > 1  # tests see 8 CPU devices
-    state = trainer.fresh_state(resolve_theta("normalized_momentum"))
-    (result,) = group.truncation(state.theta, (state.populations["lm"],), (jax.random.key(0),), group.data)
-    _, grad, losses, _ = result
-    assert np.isfinite(np.asarray(losses)).all()
-    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))

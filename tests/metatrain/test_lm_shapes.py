@@ -69,6 +69,9 @@ def test_fused_lm_population_equals_each_family_alone(trainer):
     keys = (jax.random.key(5), jax.random.key(6))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
     together = FusedFamilies(trainer.populations)
+    # The particles split over the test's CPU devices: the GPT's sharding constraints must stand aside
+    # inside the particles' shard_map.
+    assert together._mesh() is not None and together._mesh().size > 1
     fused = together.truncation(theta, copy(tuple(state.populations[n] for n in names)), keys, together.data)
     # The two families have the same task and data: one single-family program serves both.
     alone = FusedFamilies(trainer.populations[:1])
@@ -76,6 +79,8 @@ def test_fused_lm_population_equals_each_family_alone(trainer):
         (single,) = alone.truncation(theta, copy((state.populations[name],)), (keys[i],), alone.data)
         for x, y in zip(jax.tree.leaves(fused[i]), jax.tree.leaves(single)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    for _, grad, losses, _ in fused:  # allclose passes NaN == NaN
+        assert all(np.isfinite(np.asarray(x)).all() for x in [losses, *jax.tree.leaves(grad)])
     # Different states and keys: the families' estimates are their own, not copies.
     assert not np.allclose(np.asarray(fused[0][2]), np.asarray(fused[1][2]))
 
