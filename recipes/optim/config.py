@@ -207,11 +207,22 @@ class OptimizerConfig:
     theta_seed: Int = 0  # for theta="random"
     grad_clip_norm: Float | None = Field(None, gt=0, description="null is no clipping")
     decay_rank1: Bool = True
-    # > 1 wraps the optimizer in optax.MultiSteps; leave 1 when the trainer accumulates.
-    grad_accum_steps: Int = Field(1, ge=1)
     schedule: ScheduleConfig = ScheduleConfig()
     routing: RoutingConfig = RoutingConfig()
     muon: MuonConfig = MuonConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, values):
+        # Gradient accumulation is data.micro_batch's alone; run configs saved before still load.
+        if not isinstance(values, dict) or "grad_accum_steps" not in values:
+            return values
+        if values["grad_accum_steps"] != 1:
+            raise ConfigError(
+                f"optimizer.grad_accum_steps={values['grad_accum_steps']!r} is no longer read: accumulate inside "
+                "one step instead, with data.global_batch the sequences of one update and data.micro_batch the "
+                "sequences of one forward/backward pass")
+        return {k: v for k, v in values.items() if k != "grad_accum_steps"}
 
     @property
     def side_lr(self) -> float:

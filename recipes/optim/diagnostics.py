@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_TINY = 1e-30  # keeps ratios finite when a branch's update is zero (e.g. MultiSteps' inner steps)
+_TINY = 1e-30  # keeps ratios finite when a branch's update is zero (e.g. at a warmup's first step, taken at LR 0)
 
 
 def _sums(g, u, p):

@@ -9,8 +9,8 @@ through optax.partition:
   celo2_base: every parameter  scale_by_celo2(orthogonalize=False) -> decay -> -lr
 
 Weight decay is decoupled in every branch: update = -lr_t * (step + wd * p).
-Global gradient-norm clipping comes before the partition and optax.MultiSteps
-(gradient accumulation) wraps the whole chain.
+Global gradient-norm clipping comes before the partition. Gradient accumulation is
+the train step's (data.micro_batch), so every update the harness sees is a whole step's.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def learning_rate_schedules(config: OptimizerConfig, total_steps: int | None = N
 
 def update_count(opt_state) -> jax.Array:
     """How many updates the harness has applied, read from its own state: the count of its
-    learning-rate scaling, which stands still on skipped steps and, under gradient
-    accumulation, counts whole steps. Every branch's count advances together."""
+    learning-rate scaling, which stands still on skipped steps (the train state's step
+    counter does not). Every branch's count advances together."""
     counts = [
         value
         for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
@@ -201,8 +201,6 @@ def build_optimizer(
     tx = optax.partition(branches, lambda tree: param_labels(config, tree))
     if config.grad_clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-    if config.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps).gradient_transformation()
 
     state_bytes = _state_bytes(tx, params)
     rows = tuple(

@@ -177,8 +177,8 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
         return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
 
     if layout(old_state) != layout(new_state):
-        layout_keys = ("model.", "optimizer.name", "optimizer.routing", "optimizer.grad_accum_steps",
-                       "optimizer.grad_clip_norm", "optimizer.decay_rank1", "data.micro_batch")
+        layout_keys = ("model.", "optimizer.name", "optimizer.routing", "optimizer.grad_clip_norm",
+                       "optimizer.decay_rank1", "data.micro_batch")
         shaping = [k for k in changed if k.startswith(layout_keys)] or changed
         details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
         raise ConfigError(

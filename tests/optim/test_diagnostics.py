@@ -41,7 +41,7 @@ def test_cosine_edge_cases():
     ascent = optimizer_diagnostics(grads, jax.tree.map(jnp.negative, sgd), params, LABELS)
     np.testing.assert_allclose(ascent["update_grad_cos/adamw"], -1.0, rtol=1e-6)
     zero = optimizer_diagnostics(grads, jax.tree.map(jnp.zeros_like, grads), params, LABELS)
-    assert all(float(v) == 0.0 for v in zero.values())  # finite, not NaN, e.g. MultiSteps' inner steps
+    assert all(float(v) == 0.0 for v in zero.values())  # finite, not NaN, e.g. a warmup's first step at LR 0
 
 
 def test_mismatched_trees_are_refused():

@@ -41,7 +41,7 @@ def owners(prog):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("mesh_name", MESHES)
 def test_every_state_array_takes_its_parameters_layout(optimizer, mesh_name):
-    prog = program("shakespeare_celo2", [*TINY, f"--optimizer.name={optimizer}", "--optimizer.grad_accum_steps=2"],
+    prog = program("shakespeare_celo2", [*TINY, f"--optimizer.name={optimizer}"],
                    MESHES[mesh_name])
     sharded = 0
     for name, x, owner in owners(prog):

@@ -123,13 +123,13 @@ def test_skipped_step_leaves_state_unchanged():
 
 def test_logged_learning_rate_is_read_from_the_optimizer_state():
     """The logged rate is the schedule at the optimizer's own update count: it stands still on
-    a skipped step (the train step counter does not) and advances once per accumulated step."""
+    a skipped step (the train step counter does not)."""
     from recipes.optim.config import OptimizerConfig, ScheduleConfig
     from recipes.optim.optimizers import build_optimizer, learning_rate_reader, learning_rate_schedules, update_count
     from recipes.train.step import make_train_step
 
     params = {"w": jax.numpy.ones((4, 4)), "b": jax.numpy.ones(4)}
-    config = OptimizerConfig(name="adamw", lr=1.0, grad_accum_steps=2,
+    config = OptimizerConfig(name="adamw", lr=1.0,
                              schedule=ScheduleConfig(kind="linear", min_lr_ratio=0.0))  # lr(n) = 1 - n / 4
     schedules = learning_rate_schedules(config, total_steps=4)
     tx, _ = build_optimizer(config, params, schedules=schedules)
@@ -145,8 +145,8 @@ def test_logged_learning_rate_is_read_from_the_optimizer_state():
     for tokens in (good, bad, good, good, good):
         state, metrics = step(state, tokens)
         rates.append(float(metrics["lr"]))
-    assert int(state["step"]) == 5 and int(update_count(state["opt_state"])) == 2  # 4 good micro-steps / 2
-    np.testing.assert_allclose(rates, [1.0, 1.0, 1.0, 0.75, 0.75])
+    assert int(state["step"]) == 5 and int(update_count(state["opt_state"])) == 4  # the bad step skipped
+    np.testing.assert_allclose(rates, [1.0, 0.75, 0.75, 0.5, 0.25])
 
 
 def test_dry_run_gpt2_small_and_gpt3_xl(capsys):
