@@ -52,7 +52,7 @@ def flops_per_outer_step(trainer, state) -> float:
         one_device = FusedFamilies(group.populations, devices=jax.local_devices()[:1])
         states = tuple(state.populations[n] for n in group.names)
         keys = tuple(jax.random.split(jax.random.key(0), len(states)))
-        compiled = one_device.truncation.lower(state.theta, states, keys, group.data).compile()
+        compiled = one_device.lower(state.theta, states, keys, group.data).compile()
         total += float(compiled.cost_analysis()["flops"]) * trainer.config.pes.truncation
     return total
 

@@ -53,7 +53,7 @@ class FusedFamilies:
         self._lo = np.repeat([lo for lo, _ in windows], particles).astype(np.int32)
         self._n = np.repeat([n for _, n in windows], particles).astype(np.int32)
         self._devices = list(jax.local_devices() if devices is None else devices)
-        self.truncation = jax.jit(self._truncation, donate_argnums=(1,))
+        self._jitted = jax.jit(self._truncation, donate_argnums=(1,))
 
     def _mesh(self):
         """The most devices that split the particles evenly (CPU devices run on threads of their own)."""
@@ -61,6 +61,32 @@ class FusedFamilies:
         while n > 1 and int(self._bounds[-1]) % n:
             n -= 1
         return None if n == 1 else jax.sharding.Mesh(np.array(self._devices[:n]), ("particles",))
+
+    def _placement(self, states):
+        """Where family states live between truncations: split over the particles where their leading
+        axis divides evenly, replicated otherwise. Inputs and outputs alike, so that every truncation
+        runs the first one's program (fresh or restored states would otherwise compile it twice)."""
+        mesh = self._mesh()
+        if mesh is None:
+            return None
+        P = jax.sharding.PartitionSpec
+        return jax.tree.map(lambda x: jax.sharding.NamedSharding(
+            mesh, P("particles") if x.ndim and x.shape[0] % mesh.size == 0 else P()), states)
+
+    def _placed(self, theta, states):
+        """theta replicated (the outer update leaves it split) and the states as ``_placement`` says."""
+        mesh = self._mesh()
+        if mesh is None:
+            return theta, states
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(theta, replicated), jax.device_put(states, self._placement(states))
+
+    def truncation(self, theta, states: tuple, keys: tuple, data: dict):
+        """One truncation of every family (``_truncation``); consumes ``states``."""
+        return self._jitted(*self._placed(theta, states), keys, data)
+
+    def lower(self, theta, states: tuple, keys: tuple, data: dict):
+        return self._jitted.lower(*self._placed(theta, states), keys, data)
 
     def _particle_data(self, data: dict) -> tuple[dict, dict]:
         """The data with per-particle windows, and the matching vmap axes."""
@@ -88,8 +114,10 @@ class FusedFamilies:
         for i, b in enumerate(begun):
             part = slice(int(self._bounds[i]), int(self._bounds[i + 1]))
             inner_i = jax.tree.map(lambda x: x[part], inner)
-            out.append((PESState(inner_i, b.state.accum), pes_gradient(b.state.accum, losses[part], sigma),
-                        losses[part], b.was_reset))
+            new_state = PESState(inner_i, b.state.accum)
+            if mesh is not None:
+                new_state = jax.lax.with_sharding_constraint(new_state, self._placement(new_state))
+            out.append((new_state, pes_gradient(b.state.accum, losses[part], sigma), losses[part], b.was_reset))
         return tuple(out)
 
     @functools.cached_property
