@@ -3,8 +3,8 @@
     python scripts/ship_theta.py --run runs/metatrain_lm --name celo2_lm --every 50
 
 Trains the validation task (scripts/eval_optimizer.py --task validation) with
-every snapshot under RUN/thetas/ (one compilation per learning rate serves them
-all; snapshots scripts/plot_metatrain.py already scored with the same settings
+every snapshot under RUN/thetas/ (one compilation serves them and every learning
+rate; snapshots scripts/plot_metatrain.py already scored with the same settings
 are taken from RUN/validation.json), then writes recipes/optim/weights/NAME/ with
 theta.state, the run's config.json and provenance.json. NAME is a plain name
 (letters, digits, _ and -); a theta already shipped under it is replaced only

@@ -2,7 +2,7 @@
 
 Every optimizer trains the same GPT (a shape none of the meta-training
 families has) on the bundled corpus, once per seed, all seeds vmapped in one
-compiled program per (optimizer, learning rate); the validation loss is the
+compiled program per optimizer (learning rates are its arguments); the validation loss is the
 mean over fixed windows of the val split. Baselines report their best
 (learning rate, AdamW-side multiplier) point of the grid, judged by mean
 validation loss over seeds; a best point on an edge of its grid is flagged.
@@ -26,7 +26,7 @@ from recipes.files import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks.lm import TinyLM, corpus
 from recipes.optim.config import OptimizerConfig
-from recipes.optim.optimizers import build_optimizer
+from recipes.optim.optimizers import build_optimizer, peak_rates
 
 HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_head=2, d_model=48,
                         context_length=48, batch=16, vocab=512)
@@ -84,29 +84,32 @@ def val_windows(task: TinyLM, count: int) -> jnp.ndarray:
 
 def train_and_validate(task: TinyLM, candidate: Candidate, settings: EvalSettings) -> np.ndarray:
     """Final validation loss per seed."""
-    run = _compiled_run(task, candidate.name, candidate.lr, candidate.adamw_lr_mult, candidate.muon, settings)
+    run = _compiled_run(task, candidate.name, candidate.muon, settings)
     theta = None if candidate.theta is None else jax.tree.map(jnp.asarray, candidate.theta)
     keys = jax.random.split(jax.random.key(0), settings.seeds)
-    return np.asarray(run(keys, task.data, val_windows(task, settings.val_windows), theta))
+    peaks = jnp.float32(candidate.lr), jnp.float32(candidate.lr * candidate.adamw_lr_mult)
+    return np.asarray(run(keys, task.data, val_windows(task, settings.val_windows), theta, *peaks))
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_run(task: TinyLM, name: str, lr: float, adamw_lr_mult: float, muon: tuple, settings: EvalSettings):
-    """All seeds of one (optimizer, learning rate) as one jitted program.
+def _compiled_run(task: TinyLM, name: str, muon: tuple, settings: EvalSettings):
+    """All seeds of one optimizer as one jitted program, for any learning rates.
 
-    Theta is an argument, not a constant, so every snapshot of a meta-training
-    run shares one compilation.
+    Theta and the peak learning rates are arguments, not constants, so every snapshot of a
+    meta-training run and every point of a grid share one compilation (the harness is built at
+    peak 1, its updates scaled by ``peak_rates``).
     """
     config = OptimizerConfig(
-        name=name, lr=lr, adamw_lr_mult=adamw_lr_mult,
+        name=name, lr=1.0, adamw_lr_mult=1.0,
         weight_decay=settings.weight_decay, theta="normalized_momentum",
         schedule={"kind": "cosine", "warmup_steps": max(1, int(round(settings.warmup_fraction * settings.steps))),
                   "total_steps": settings.steps, "min_lr_ratio": settings.min_lr_ratio},
         muon=dict(muon),
     )
 
-    def one_seed(key, data, windows, theta):
+    def one_seed(key, data, windows, theta, lr, side_lr):
         tx, _ = build_optimizer(config, task.abstract_params(), theta=theta)
+        peaks = peak_rates(config, task.abstract_params(), lr, side_lr)
         k_init, k_data = jax.random.split(key)
         params = task.init_params(k_init)
 
@@ -114,13 +117,14 @@ def _compiled_run(task: TinyLM, name: str, lr: float, adamw_lr_mult: float, muon
             params, opt_state = carry
             grads = jax.grad(task.loss)(params, jax.random.fold_in(k_data, t), data)
             updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(jnp.multiply, updates, peaks)
             return (optax.apply_updates(params, updates), opt_state), None
 
         (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(settings.steps))
         batches = windows.reshape(-1, task.batch, windows.shape[-1])
         return jnp.mean(jax.lax.map(lambda w: task.loss_on(params, w), batches))
 
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, None, None, None)))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None, None, None, None, None)))
 
 
 def summarize(losses: np.ndarray) -> dict:

@@ -42,6 +42,16 @@ def param_labels(config: OptimizerConfig, tree):
     return map_routes(lambda r: branch_of(config.name, r), tree, config.routing)
 
 
+def peak_rates(config: OptimizerConfig, tree, lr, side_lr):
+    """A tree shaped like ``tree`` holding each parameter's peak rate: ``side_lr`` on the AdamW side of
+    celo2 and muon, ``lr`` elsewhere. A harness built at lr 1 (adamw_lr_mult 1) whose updates are
+    multiplied by these takes the steps of one built at these peaks, since every branch steps by
+    -peak * shape(t) * (direction + weight decay): with traced peaks one compiled program serves a
+    whole learning-rate grid."""
+    side = None if config.name in SINGLE_BRANCH else "adamw"
+    return map_routes(lambda r: side_lr if branch_of(config.name, r) == side else lr, tree, config.routing)
+
+
 def decays(config: OptimizerConfig, route: Route) -> bool:
     return config.decay_rank1 or route.logical_rank > 1
 

@@ -6,7 +6,8 @@ import numpy as np
 
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import FamilyConfig
-from recipes.metatrain.evaluate import HELD_OUT, Candidate, EvalSettings, evaluate, format_table, model_key, point_key
+from recipes.metatrain.evaluate import (HELD_OUT, Candidate, EvalSettings, _compiled_run, evaluate, format_table,
+                                       model_key, point_key)
 from recipes.metatrain.tasks.lm import TinyLM
 
 
@@ -34,7 +35,9 @@ def test_best_point_searches_the_side_multiplier_and_flags_grid_edges():
     settings = EvalSettings(steps=4, seeds=1, val_windows=8)
     candidates = [Candidate("muon", "muon", lr, None, mult, (("consistent_rms", 0.2),))
                   for mult in (1.0, 30.0) for lr in (1e-3, 3e-2)]
+    compiled_before = _compiled_run.cache_info().misses
     (row,) = evaluate(candidates, settings, task, log=lambda line: None)
+    assert _compiled_run.cache_info().misses == compiled_before + 1  # one program for the whole grid
     assert row["grid"] == [1e-3, 3e-2] and row["mult_grid"] == [1.0, 30.0] and len(row["points"]) == 4
     assert row["mean"] == min(p["mean"] for p in row["points"])
     assert row["at_edge"]  # a two-point grid: the best point is always on an edge

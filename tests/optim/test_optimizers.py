@@ -16,7 +16,7 @@ from flax import nnx
 from recipes.optim.celo2 import scale_by_celo2
 from recipes.optim.theta import init_theta, normalized_momentum_theta, resolve_theta
 from recipes.optim.config import OptimizerConfig, ScheduleConfig
-from recipes.optim.optimizers import build_optimizer
+from recipes.optim.optimizers import build_optimizer, peak_rates
 from tests.optim.param_trees import L, D, V, assert_trees_close, flat, random_tree
 
 THETA = normalized_momentum_theta()
@@ -44,6 +44,23 @@ def run(tx, params, grads_list, jit=True):
 
 def kernel(tree):
     return tree["blocks"]["mlp"]["fc"]["kernel"]
+
+
+@pytest.mark.parametrize("name", ["celo2", "muon", "adamw", "celo2_base"])
+def test_updates_at_peak_one_scaled_by_peak_rates_are_the_updates_at_those_peaks(name):
+    """What lets one compiled program train every point of a learning-rate grid (metatrain.evaluate)."""
+    params = random_tree(SMALL, seed=0)
+    grads = [random_tree(SMALL, seed=s) for s in (1, 2, 3)]
+    lr, side_lr = 0.01, 0.03
+    settings = dict(weight_decay=0.1, schedule=COSINE, muon={"consistent_rms": 0.2})
+    at_peaks, _ = build_optimizer(config(name, lr=lr, adamw_lr_mult=side_lr / lr, **settings), params)
+    unit_config = config(name, lr=1.0, **settings)
+    unit, _ = build_optimizer(unit_config, params)
+    peaks = peak_rates(unit_config, params, lr, side_lr)
+    scale = optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                         lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, peaks), s))
+    for want, got in zip(run(at_peaks, params, grads), run(optax.chain(unit, scale), params, grads)):
+        assert_trees_close(got, want, atol=1e-9)
 
 
 def test_decoupled_weight_decay_in_both_branches():
