@@ -13,7 +13,7 @@ from tests.helpers import SHARDED_RTOL, TINY, train_losses
 
 def test_data_fsdp_sharding_matches_one_device(tmp_path):
     assert jax.device_count() == 8
-    common = [*TINY, "--train.steps=4", "--data.micro_batch=8", "--eval.at_start=false"]
+    common = [*TINY, "--train.steps=4", "--data.global_batch=16", "--data.micro_batch=8", "--eval.at_start=false"]
     one = train.main([*common, "--mesh.devices=1", f"--train.out_dir={tmp_path / 'one'}"])
     eight = train.main([*common, "--mesh.devices=8", "--mesh.data=2", "--mesh.fsdp=4",
                         f"--train.out_dir={tmp_path / 'eight'}"])

@@ -46,7 +46,7 @@ def test_resume_is_exact(tmp_path):
     Celo2 (the default recipe's optimizer and shipped theta) and gradient accumulation."""
     import shutil
 
-    common = ["--train.steps=6", "--data.micro_batch=8", "--optimizer.name=celo2",
+    common = ["--train.steps=6", "--data.micro_batch=4", "--optimizer.name=celo2",
               "--optimizer.theta=celo2_lm", "--eval.at_start=false",
               "--train.checkpoint_every=3", "--train.keep_checkpoints=2"]
     run(tmp_path, *common, name="straight")
@@ -211,7 +211,7 @@ def test_run_ends_with_a_readable_summary_and_a_sample(tmp_path, capsys):
     json_line = next(i for i, line in enumerate(lines) if line.startswith('{"start_step"'))
     assert json.loads(lines[json_line])["finished"]  # scripts still read the JSON line
     tail = "\n".join(lines[json_line + 1:])
-    assert "run finished: 3 steps (1,536 tokens)" in tail and "validation loss" in tail and " -> " in tail
+    assert "run finished: 3 steps (768 tokens)" in tail and "validation loss" in tail and " -> " in tail
     assert f"scripts/sample.py --checkpoint {tmp_path / 'run'} --prompt $'**ROMEO**\\n'" in tail
     assert "scripts/export_hf.py --checkpoint" in tail
     assert "--- a sample (5 new tokens, temperature 0.8) ---\n**ROMEO**\n" in tail
@@ -337,7 +337,7 @@ def test_steps_to_target_are_recorded_and_stop_the_run_when_asked(tmp_path):
     summary = run(tmp_path, "--train.steps=12", "--eval.every=3", f"--train.target_val_loss={target}",
                   "--train.stop_at_target=true", "--train.checkpoint_every=100", name="target")
     assert summary["target_step"] == 6 and summary["step"] == 6 and summary["finished"] is True
-    assert summary["target_tokens"] == 6 * 16 * 32 and summary["target_wall_time_s"] > 0
+    assert summary["target_tokens"] == 6 * 8 * 32 and summary["target_wall_time_s"] > 0
     saved = json.loads((tmp_path / "target" / "summary.json").read_text())
     assert saved["target_step"] == 6 and saved["ended_at_target"] is True
     (row,) = [r for r in records(tmp_path / "target") if "target_step" in r]
