@@ -8,6 +8,7 @@ state given to ``restore``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -24,15 +25,26 @@ def _saveable(state: dict) -> dict:
     return {**state, "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
 
 
-def drop_closed_loop_errors() -> None:
-    """From now on in this process, drops the "Event loop is closed" errors a failed restore leaves
-    behind: orbax gives up on a damaged checkpoint while other array reads are still in flight, and
-    each of them, finishing up to seconds later, reports back to the closed event loop as an
-    unraisable RuntimeError: dozens of tracebacks on stderr that would bury the one line saying what
-    happened. Every other unraisable error is shown as before."""
+class _UnretrievedReadErrors(logging.Filter):
+    """The same orphaned reads when their task or future is collected first: asyncio logs each as
+    "Task (or Future) exception was never retrieved", with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Task exception was never retrieved",
+                                                   "Future exception was never retrieved"))
+
+
+def drop_orphaned_read_errors() -> None:
+    """From now on in this process, drops the errors a failed restore leaves behind: orbax gives up
+    on a damaged checkpoint while other array reads are still in flight, and each of them, finishing
+    up to seconds later, reports back to the closed event loop as an unraisable "Event loop is
+    closed" RuntimeError or, collected sooner, is logged by asyncio as an unretrieved exception:
+    dozens of tracebacks on stderr that would bury the one line saying what happened. Every other
+    unraisable error and asyncio message is shown as before."""
     shown = sys.unraisablehook
     if getattr(shown, "drops_closed_loop_errors", False):
         return
+    logging.getLogger("asyncio").addFilter(_UnretrievedReadErrors())
 
     def hook(unraisable) -> None:
         if not (unraisable.exc_type is RuntimeError and unraisable.object is None
@@ -56,7 +68,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         self._writing = None  # the step whose asynchronous save may still be under way
-        drop_closed_loop_errors()
+        drop_orphaned_read_errors()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
