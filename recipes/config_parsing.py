@@ -2,7 +2,8 @@
 
 The model's, optimizer's, trainer's and meta-training's configs are pydantic dataclasses made by
 ``config_class``: types, bounds and choices sit on their fields, rules that span fields in their
-validators. ``load`` builds one from nested dicts and ``to_dict`` turns one back; ``config_error``
+validators. ``load`` builds one from nested dicts, ``load_file`` from a YAML file and command-line
+overrides, and ``to_dict`` turns one back; ``config_error``
 words whatever pydantic refuses as the one line users see: the key, the bad value, the closest
 valid key. A YAML file may name another with ``base: other.yaml``.
 """
@@ -16,7 +17,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, StrictBool, StrictInt, TypeAdapter, ValidationError
@@ -62,7 +63,7 @@ def config_class(key_prefix: str = "", extra_keys: tuple[str, ...] = ()):
 
     ``key_prefix`` names its keys in messages when it is built on its own ("optimizer." ->
     optimizer.lr); ``extra_keys`` are keys its own validators take besides its fields. The class
-    gains ``from_dict`` (``load``) and ``to_dict``.
+    gains ``from_dict`` (``load``), ``from_file`` (``load_file``) and ``to_dict``.
     """
     def make(cls):
         cls = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
@@ -78,6 +79,7 @@ def config_class(key_prefix: str = "", extra_keys: tuple[str, ...] = ()):
         cls.__init__ = __init__
         cls.KEY_PREFIX, cls.EXTRA_KEYS = key_prefix, extra_keys
         cls.from_dict = classmethod(load)
+        cls.from_file = classmethod(load_file)
         cls.to_dict = to_dict
         return cls
     return make
@@ -97,6 +99,12 @@ def load(cls, values: Mapping[str, Any], context: dict | None = None):
         return _adapter(cls).validate_python(values, context=context)
     except ValidationError as error:
         raise config_error(error, cls, from_keys=True) from None
+
+
+def load_file(cls, path: str | Path | None, overrides: Sequence[str] = (), context: dict | None = None):
+    """``cls`` from a YAML file (None: the defaults) with ``--section.key=value`` overrides over it."""
+    values = merge_configs(read_yaml(path) if path is not None else {}, parse_overrides(list(overrides)))
+    return load(cls, values, context)
 
 
 def to_dict(config) -> dict:

@@ -111,10 +111,10 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_compilation_cache_dir", str(jax_cache_dir()))  # reruns skip most compiling
     from recipes.optim import celo2
-    from recipes.metatrain.config import load_config
+    from recipes.metatrain.config import MetaTrainConfig
     from recipes.metatrain.loop import MetaTrainer
 
-    config = load_config(args.config, overrides)
+    config = MetaTrainConfig.from_file(args.config, overrides)
     families = config.all_families()
     inner_per_outer = len(families) * config.pes.particles * config.pes.truncation
     print(f"{args.config}: {len(families)} families x {config.pes.particles} particles x "
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                           "compile_and_warmup_s": compile_s, "rule_share": profile["rule_share"],
                           "gflop_per_outer_step": flops / 1e9, "achieved_gflops": flops * rate / 1e9}
     if alternate:
-        base_config = load_config(args.baseline_config, overrides)
+        base_config = MetaTrainConfig.from_file(args.baseline_config, overrides)
         base_inner = len(base_config.all_families()) * base_config.pes.particles * base_config.pes.truncation
         before = MetaTrainer(base_config, log=lambda line: None)
         base_state, _, compile0, _ = timed_steps(before, before.fresh_state(before.initial_theta()), 0, args.warmup)

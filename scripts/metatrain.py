@@ -14,7 +14,7 @@ from pathlib import Path
 from recipes.train.cli import run_main
 from data.cache import jax_cache_dir
 from recipes.errors import ConfigError
-from recipes.metatrain.config import load_config
+from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.loop import MetaTrainer
 from recipes.metatrain.xla_flags import allow_slow_collectives
 
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"unexpected argument {item!r}: overrides look like --metatrain.outer_steps=10")
-    config = load_config(args.config, overrides)
+    config = MetaTrainConfig.from_file(args.config, overrides)
     allow_slow_collectives()  # read when JAX starts
     import jax
 

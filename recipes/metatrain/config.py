@@ -9,12 +9,11 @@ drawn once from its seed so a resumed run sees the same families.
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from recipes.config_parsing import Bool, Float, Int, Must, config_class, load, merge_configs, parse_overrides, read_yaml
+from recipes.config_parsing import Bool, Float, Int, Must, config_class
 from recipes.errors import ConfigError
 from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 from recipes.optim.config import ThetaSource
@@ -192,14 +191,3 @@ class MetaTrainConfig:
     def all_families(self) -> list[FamilyConfig]:
         return list(self.families) + self.lm_sampler.families()
 
-
-def from_dict(values: Mapping[str, Any]) -> MetaTrainConfig:
-    """The typed config from a nested dict, with the trainer's checks: unknown keys are refused
-    naming the closest valid key, wrong types naming the expected type."""
-    return load(MetaTrainConfig, dict(values or {}))
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> MetaTrainConfig:
-    """YAML (``base:`` includes and anchors as for training recipes) plus ``--section.key=value``."""
-    overrides = [item if item.startswith("--") else f"--{item}" for item in overrides]
-    return from_dict(merge_configs(read_yaml(path), parse_overrides(overrides)))

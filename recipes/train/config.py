@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationInfo, model_validator
 
 from model.config import ModelConfig
-from recipes.config_parsing import (Bool, Float, Int, config_class, load, merge_configs, parse_overrides, read_yaml,
-                                    to_dict)
+from recipes.config_parsing import Bool, Float, Int, config_class, to_dict
 from recipes.errors import ConfigError, check_number
 from recipes.optim.config import WARMUP_NOTES, OptimizerConfig
 
@@ -181,16 +180,10 @@ def to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def build_config(values: Mapping[str, Any]) -> Config:
-    """The typed Config from a plain nested dict (sections as mappings)."""
-    return load(Config, values)
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 notes: list[str] | None = None) -> Config:
     """The typed Config from a YAML file (or defaults when None) and command-line overrides.
 
     A warmup that does not fit in the run is cut to a tenth of it, with a note appended to ``notes``.
     """
-    values = merge_configs(read_yaml(path) if path is not None else {}, parse_overrides(list(overrides or [])))
-    return load(Config, values, context={WARMUP_NOTES: notes if notes is not None else []})
+    return Config.from_file(path, overrides or [], context={WARMUP_NOTES: notes if notes is not None else []})

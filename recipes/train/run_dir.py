@@ -139,7 +139,7 @@ def saved_settings(run_dir: Path, log=print):
         try:
             settings = json.loads((folder / str(step) / "meta" / "metadata").read_text()).get("config")
             if settings:
-                return config_lib.build_config(settings)
+                return config_lib.Config.from_dict(settings)
         except (OSError, ValueError, ConfigError):  # damaged, or written under older names: look further
             continue
     saved = run_dir / "config.yaml"

@@ -2,47 +2,47 @@ from pathlib import Path
 
 import pytest
 
-from recipes.metatrain.config import from_dict, load_config
+from recipes.metatrain.config import MetaTrainConfig
 
 FAMILY = [{"kind": "image_mlp"}]
 
 
 def test_unknown_key_names_the_closest():
     with pytest.raises(ValueError, match="did you mean 'metatrain.outer_steps'"):
-        from_dict({"metatrain": {"outer_step": 3}, "families": FAMILY})
+        MetaTrainConfig.from_dict({"metatrain": {"outer_step": 3}, "families": FAMILY})
     with pytest.raises(ValueError, match="did you mean 'pes'"):
-        from_dict({"pess": {}, "families": FAMILY})
+        MetaTrainConfig.from_dict({"pess": {}, "families": FAMILY})
     with pytest.raises(ValueError, match=r"did you mean 'families\[0\].context_length'"):
-        from_dict({"families": [{"kind": "lm", "context": 8}]})
+        MetaTrainConfig.from_dict({"families": [{"kind": "lm", "context": 8}]})
 
 
 def test_validation():
     with pytest.raises(ValueError, match="even"):
-        from_dict({"pes": {"particles": 3}, "families": FAMILY})
+        MetaTrainConfig.from_dict({"pes": {"particles": 3}, "families": FAMILY})
     with pytest.raises(ValueError, match="no task families"):
-        from_dict({})
+        MetaTrainConfig.from_dict({})
     with pytest.raises(ValueError, match="unique"):
-        from_dict({"families": FAMILY * 2})
+        MetaTrainConfig.from_dict({"families": FAMILY * 2})
 
 
 def test_yaml_numbers_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("metatrain:\n  outer_lr: 5e-5\nfamilies:\n  - kind: image_mlp\n")
-    config = load_config(path, ["--metatrain.outer_steps=7", "metatrain.out_dir=x"])
+    config = MetaTrainConfig.from_file(path, ["--metatrain.outer_steps=7", "--metatrain.out_dir=x"])
     assert config.metatrain.outer_lr == 5e-5 and config.metatrain.outer_steps == 7
     assert config.metatrain.out_dir == "x"
 
 
 def test_lm_sampler_is_deterministic():
     values = {"lm_sampler": {"count": 5, "seed": 3}}
-    names = [f.name for f in from_dict(values).all_families()]
-    assert names == [f.name for f in from_dict(values).all_families()]
+    names = [f.name for f in MetaTrainConfig.from_dict(values).all_families()]
+    assert names == [f.name for f in MetaTrainConfig.from_dict(values).all_families()]
     assert len(set(names)) == 5
 
 
 def test_shipped_configs_load():
     for name in ("smoke", "lm"):
-        load_config(Path(__file__).parents[2] / "configs" / "metatrain" / f"{name}.yaml")
+        MetaTrainConfig.from_file(Path(__file__).parents[2] / "configs" / "metatrain" / f"{name}.yaml")
 
 
 def _script():

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from recipes.metatrain.config import from_dict  # noqa: E402
+from recipes.metatrain.config import MetaTrainConfig  # noqa: E402
 from recipes.metatrain.fused import FusedFamilies, fusable_groups  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer  # noqa: E402
 from recipes.optim.theta import resolve_theta  # noqa: E402
@@ -19,7 +19,7 @@ DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def _config(out_dir, families, particles=4):
-    return from_dict({
+    return MetaTrainConfig.from_dict({
         "metatrain": {"outer_steps": 2, "init_theta": "normalized_momentum", "outer_lr": 1e-2, "profile": False,
                       "snapshot_every": 0, "checkpoint_every_s": 0, "out_dir": str(out_dir)},
         "pes": {"particles": particles, "truncation": 2, "min_length": 2, "max_length": 6},
@@ -72,7 +72,7 @@ def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
     """tests/fixtures/metatrain_checkpoint_v1 was written by the per-family loop (two outer steps)."""
     out = tmp_path / "run"
     shutil.copytree(DATA / "metatrain_checkpoint_v1", out)
-    config = from_dict({
+    config = MetaTrainConfig.from_dict({
         "metatrain": {"outer_steps": 3, "init_theta": "normalized_momentum", "outer_lr": 1e-2, "profile": False,
                       "snapshot_every": 0, "checkpoint_every_s": 0, "out_dir": str(out)},
         "pes": {"particles": 2, "truncation": 2, "min_length": 2, "max_length": 4},

@@ -8,7 +8,7 @@ import pytest
 
 from recipes.errors import ConfigError
 from recipes.metatrain import checkpoint as ckpt
-from recipes.metatrain.config import LMSamplerConfig, from_dict, load_config
+from recipes.metatrain.config import LMSamplerConfig, MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups
 from recipes.metatrain.loop import MetaTrainer
 from recipes.optim.theta import resolve_theta
@@ -25,13 +25,13 @@ TINY_LM = {
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    config = from_dict({**TINY_LM, "metatrain": {**TINY_LM["metatrain"], "out_dir": str(tmp_path_factory.mktemp("lm"))}})
+    config = MetaTrainConfig.from_dict({**TINY_LM, "metatrain": {**TINY_LM["metatrain"], "out_dir": str(tmp_path_factory.mktemp("lm"))}})
     return MetaTrainer(config, log=lambda line: None)
 
 
 def test_random_draws_are_unchanged_without_shapes():
     """lm.yaml's families (and so the checkpoints of runs from it) stay those drawn before the option."""
-    names = [f.name for f in load_config(CONFIGS / "lm.yaml").all_families()]
+    names = [f.name for f in MetaTrainConfig.from_file(CONFIGS / "lm.yaml").all_families()]
     assert names == ["digits_mlp_64_32", "lm_l2_d64_c32", "lm_l2_d64_c64", "lm_l1_d32_c64", "lm_l1_d64_c32"]
 
 
@@ -40,7 +40,7 @@ def test_shapes_are_taken_in_turn_and_fuse_by_shape():
     families = sampler.families()
     assert [f.name for f in families] == ["lm_l1_d32_c32", "lm_l2_d32_c32", "lm_l1_d32_c32_2",
                                           "lm_l2_d32_c32_2", "lm_l1_d32_c32_3"]
-    config = from_dict({**TINY_LM, "lm_sampler": {"count": 4, "shapes": [[1, 16, 8], [2, 16, 8]], "vocab": 32}})
+    config = MetaTrainConfig.from_dict({**TINY_LM, "lm_sampler": {"count": 4, "shapes": [[1, 16, 8], [2, 16, 8]], "vocab": 32}})
     trainer = MetaTrainer(config, log=lambda line: None)
     assert fusable_groups(trainer.populations) == [[0, 2], [1, 3]]
 
@@ -48,12 +48,12 @@ def test_shapes_are_taken_in_turn_and_fuse_by_shape():
 @pytest.mark.parametrize("shapes", [[[1, 32]], [[1, 0, 32]], [[1, 32, 32, 4]]])
 def test_malformed_shapes_are_refused(shapes):
     with pytest.raises(ConfigError, match="lm_sampler.shapes"):
-        from_dict({**TINY_LM, "lm_sampler": {"count": 2, "shapes": shapes}})
+        MetaTrainConfig.from_dict({**TINY_LM, "lm_sampler": {"count": 2, "shapes": shapes}})
 
 
 def test_a_checkpoint_written_before_the_option_still_matches(trainer):
     """A saved lm_sampler without `shapes` (runs from before it) reads as today's default."""
-    unshaped = from_dict({**TINY_LM, "lm_sampler": {"count": 2, "batch": 2, "vocab": 32}})
+    unshaped = MetaTrainConfig.from_dict({**TINY_LM, "lm_sampler": {"count": 2, "batch": 2, "vocab": 32}})
     record = ckpt.config_record(unshaped)
     saved = {k: record[k] for k in ckpt._MUST_MATCH}
     saved["lm_sampler"] = {k: v for k, v in saved["lm_sampler"].items() if k != "shapes"}

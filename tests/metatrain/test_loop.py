@@ -9,7 +9,7 @@ pytest.importorskip("sklearn")
 
 from recipes.optim.theta import load_checkpoint, validate_theta  # noqa: E402
 from recipes.metatrain import checkpoint as ckpt  # noqa: E402
-from recipes.metatrain.config import from_dict  # noqa: E402
+from recipes.metatrain.config import MetaTrainConfig  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer  # noqa: E402
 
 TINY = {
@@ -23,7 +23,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    config = from_dict({**TINY, "metatrain": {**TINY["metatrain"], "out_dir": str(tmp_path_factory.mktemp("a"))}})
+    config = MetaTrainConfig.from_dict({**TINY, "metatrain": {**TINY["metatrain"], "out_dir": str(tmp_path_factory.mktemp("a"))}})
     return MetaTrainer(config, log=lambda line: None)
 
 
@@ -88,7 +88,7 @@ def test_resume_matches_uninterrupted_run(trainer, tmp_path):
 
 def test_resume_refuses_changed_problem(trainer, tmp_path):
     _run(trainer, tmp_path, 1)
-    changed = from_dict({**TINY, "pes": {**TINY["pes"], "sigma": 0.02},
+    changed = MetaTrainConfig.from_dict({**TINY, "pes": {**TINY["pes"], "sigma": 0.02},
                          "metatrain": {**TINY["metatrain"], "out_dir": str(tmp_path)}})
     reader = ckpt.MetaCheckpointer(tmp_path, changed)
     with pytest.raises(ValueError, match="different"):

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from recipes.optim.theta import normalized_momentum_theta  # noqa: E402
-from recipes.metatrain.config import from_dict  # noqa: E402
+from recipes.metatrain.config import MetaTrainConfig  # noqa: E402
 from recipes.metatrain.population import UNSEEN_BATCHES, Population  # noqa: E402
 from recipes.metatrain.tasks import build_task  # noqa: E402
 from recipes.metatrain.tasks.base import reparameterized_loss  # noqa: E402
@@ -20,7 +20,7 @@ SETTINGS = {"pes": {"particles": 2, "truncation": 3, "min_length": 10, "max_leng
 
 
 def test_final_unseen_loss_scores_the_final_parameters_on_batches_no_step_used():
-    config = from_dict(SETTINGS)
+    config = MetaTrainConfig.from_dict(SETTINGS)
     task = build_task(config.families[0])
     theta = jax.tree.map(jnp.asarray, normalized_momentum_theta())
     key, data = jax.random.key(3), task.data
@@ -47,4 +47,4 @@ def test_an_unknown_objective_is_one_clear_error():
     from recipes.errors import ConfigError
 
     with pytest.raises(ConfigError, match="pes.objective"):
-        from_dict({**SETTINGS, "pes": {**SETTINGS["pes"], "objective": "final_loss"}})
+        MetaTrainConfig.from_dict({**SETTINGS, "pes": {**SETTINGS["pes"], "objective": "final_loss"}})

@@ -11,7 +11,7 @@ from flax import nnx
 
 from recipes.optim.config import OptimizerConfig, RoutingConfig, RoutingRule
 from recipes.optim.optimizers import build_optimizer, param_labels
-from recipes.train.config import build_config
+from recipes.train.config import Config
 from recipes.optim.routing import param_path, route_tree
 from tests.optim.param_trees import EXPECTED_CELO2, L, D, abstract_tree, flat, gpt_shapes
 
@@ -90,7 +90,7 @@ def test_rules_from_dicts():
                                         "routing": {"rules": [{"group": "adamw", "pattern": "proj"}]}})
     assert config.routing.rules == (RoutingRule(group="adamw", pattern="proj"),)
     # Configs saved when the key was named "branch" (a run directory's config.yaml) load the same.
-    for read in (OptimizerConfig.from_dict, lambda values: build_config({"optimizer": values}).optimizer):
+    for read in (OptimizerConfig.from_dict, lambda values: Config.from_dict({"optimizer": values}).optimizer):
         former = read({"name": "celo2", "routing": {"rules": [{"branch": "adamw", "pattern": "proj"}]}})
         assert former.routing.rules == config.routing.rules
     labels = labels_by_path(config, abstract_tree(gpt_shapes()))

@@ -12,7 +12,7 @@ from recipes.optim.theta import (
     theta_from_source,
 )
 from recipes.train.config import load_config
-from recipes.metatrain.config import from_dict as metatrain_config
+from recipes.metatrain.config import MetaTrainConfig
 
 
 @pytest.mark.parametrize("name", SHIPPED_THETAS)
@@ -24,7 +24,7 @@ def test_shipped_theta_loads_in_the_official_format_with_its_config(name):
     # Meta-training moved it away from the theta its run started from.
     record = json.loads((path.parent / "config.json").read_text())
     record.pop("resolved_families")
-    settings = metatrain_config(record).metatrain
+    settings = MetaTrainConfig.from_dict(record).metatrain
     start = theta_from_source(settings.init_theta, settings.theta_seed)["ff_mod_stack"]["~"]
     assert any(not np.array_equal(weights[k], start[k]) for k in THETA_SHAPES)
     provenance = json.loads((path.parent / "provenance.json").read_text())

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import ConfigError
-from recipes.train.config import build_config, Config, load_config, to_yaml
+from recipes.train.config import Config, load_config, to_yaml
 from recipes.config_parsing import CONFIG_DIR, parse_overrides
 from tests.helpers import recipe_setting
 
@@ -61,7 +61,7 @@ def test_bad_values_are_refused():
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_recipe.yaml")
     with pytest.raises(ConfigError, match="warmup_steps=20 exceeds total_steps=5"):
-        build_config({"train": {"steps": 5}, "optimizer": {"schedule": {"warmup_steps": 20}}})
+        Config.from_dict({"train": {"steps": 5}, "optimizer": {"schedule": {"warmup_steps": 20}}})
 
 
 def test_a_warmup_longer_than_a_short_run_is_cut_with_a_note():
