@@ -108,8 +108,9 @@ def _compiled_run(task: TinyLM, name: str, muon: tuple, settings: EvalSettings):
     )
 
     def one_seed(key, data, windows, theta, lr, side_lr):
-        tx, _ = build_optimizer(config, task.abstract_params(), theta=theta)
-        peaks = peak_rates(config, task.abstract_params(), lr, side_lr)
+        shapes = task.abstract_params()
+        tx, _ = build_optimizer(config, shapes, theta=theta)
+        peaks = peak_rates(config, shapes, lr, side_lr)
         k_init, k_data = jax.random.split(key)
         params = task.init_params(k_init)
 

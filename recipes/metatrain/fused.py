@@ -55,8 +55,10 @@ class FusedFamilies:
         self._devices = list(jax.local_devices() if devices is None else devices)
         self._jitted = jax.jit(self._truncation, donate_argnums=(1,))
 
+    @functools.cached_property
     def _mesh(self):
-        """The most devices that split the particles evenly (CPU devices run on threads of their own)."""
+        """The most devices that split the particles evenly (CPU devices run on threads of their own); None
+        for one. Built once: every truncation places its inputs on it."""
         n = len(self._devices)
         while n > 1 and int(self._bounds[-1]) % n:
             n -= 1
@@ -66,7 +68,7 @@ class FusedFamilies:
         """Where family states live between truncations: split over the particles where their leading
         axis divides evenly, replicated otherwise. Inputs and outputs alike, so that every truncation
         runs the first one's program (fresh or restored states would otherwise compile it twice)."""
-        mesh = self._mesh()
+        mesh = self._mesh
         if mesh is None:
             return None
         P = jax.sharding.PartitionSpec
@@ -75,7 +77,7 @@ class FusedFamilies:
 
     def _placed(self, theta, states):
         """theta replicated (the outer update leaves it split) and the states as ``_placement`` says."""
-        mesh = self._mesh()
+        mesh = self._mesh
         if mesh is None:
             return theta, states
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -101,7 +103,7 @@ class FusedFamilies:
                  for p, s, k in zip(self.populations, states, keys)]
         data, data_axes = self._particle_data(data)
         unroll = jax.vmap(lead.unroll, in_axes=(0, 0, 0, data_axes))
-        mesh = self._mesh()
+        mesh = self._mesh
         if mesh is not None:
             P = jax.sharding.PartitionSpec
             spec = {k: P("particles") if a == 0 else P() for k, a in data_axes.items()}

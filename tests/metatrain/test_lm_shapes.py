@@ -71,7 +71,7 @@ def test_fused_lm_population_equals_each_family_alone(trainer):
     together = FusedFamilies(trainer.populations)
     # The particles split over the test's CPU devices: the GPT's sharding constraints must stand aside
     # inside the particles' shard_map.
-    assert together._mesh() is not None and together._mesh().size > 1
+    assert together._mesh is not None and together._mesh.size > 1
     fused = together.truncation(theta, copy(tuple(state.populations[n] for n in names)), keys, together.data)
     # The two families have the same task and data: one single-family program serves both.
     alone = FusedFamilies(trainer.populations[:1])
