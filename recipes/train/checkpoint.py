@@ -25,13 +25,20 @@ def _saveable(state: dict) -> dict:
     return {**state, "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}}
 
 
+_TENSORSTORE_READ_ERROR = re.compile(r"[A-Z_]+: Error (opening|reading) ")
+
+
 class _UnretrievedReadErrors(logging.Filter):
     """The same orphaned reads when their task or future is collected first: asyncio logs each as
-    "Task (or Future) exception was never retrieved", with its traceback."""
+    "Task (or Future) exception was never retrieved". Only tensorstore's read errors are dropped
+    ("OUT_OF_RANGE: Error reading ..."); any other unretrieved error is still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(("Task exception was never retrieved",
-                                                   "Future exception was never retrieved"))
+        if not record.getMessage().startswith(("Task exception was never retrieved",
+                                               "Future exception was never retrieved")):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and _TENSORSTORE_READ_ERROR.match(str(error)))
 
 
 def drop_orphaned_read_errors() -> None:
