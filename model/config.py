@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from recipes.config_parsing import Bool, Float, Int, Must, config_class
 from recipes.errors import ConfigError
@@ -30,6 +30,17 @@ PositiveFloat = Annotated[Float, Field(gt=0), Must("a positive number")]
 Flag = Annotated[Bool, Must("a bool")]
 
 
+def _remat_from_bool(value):
+    # Configs written before the policies existed say true (recompute everything) or false.
+    return ("full" if value else "none") if isinstance(value, bool) else value
+
+
+# What the backward pass keeps of each layer's forward: everything ("none": no recomputation),
+# the outputs of its weight matmuls ("dots": the elementwise work is recomputed), or only the
+# residual stream between layers ("full").
+Remat = Annotated[Literal["none", "dots", "full"], BeforeValidator(_remat_from_bool)]
+
+
 @config_class("ModelConfig.", extra_keys=("size",))
 class ModelConfig:
     """GPT-2 style decoder. Parameters are always float32; `compute_dtype` sets matmul precision.
@@ -46,7 +57,10 @@ class ModelConfig:
     pad_vocab_multiple: PositiveInt = 64
     bias: Flag = True
     compute_dtype: str = "float32"
-    remat: Flag = False
+    remat: Remat = "none"
+    # The residual stream between sublayers: float32, or bfloat16 (half the activation bytes kept
+    # for the backward pass; sums of sublayer outputs then round to 8 bits of mantissa).
+    residual_dtype: Literal["float32", "bfloat16"] = "float32"
     # Forward and training pass: trace each layer on its own instead of one lax.scan over the
     # stacked layers (decoding still scans). No per-layer activation stacks (a 4-layer CPU step
     # 7% faster), but compile time grows with depth.
@@ -56,6 +70,9 @@ class ModelConfig:
     # "auto": cuDNN fused attention on GPU with bf16 compute, XLA otherwise. Set "xla"
     # where cuDNN's kernel is unavailable or rejects the shapes.
     attention_impl: str = "auto"
+    # Positions per device whose float32 logits the training loss holds at once (the output layer
+    # runs in chunks of whole sequence slices): chunk bytes are this x padded vocab x 4.
+    loss_chunk_tokens: PositiveInt = 8192
 
     @model_validator(mode="before")
     @classmethod

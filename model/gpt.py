@@ -1,8 +1,8 @@
 """GPT-2 decoder in Flax NNX with all transformer blocks stacked and run by lax.scan.
 
 Shape suffixes: B batch, L sequence, D d_model, H heads, K head_dim, F mlp width
-(4D), V padded vocab. The residual stream stays float32; matmuls run in the config's
-compute dtype; parameters are float32.
+(4D), V padded vocab. The residual stream is float32 unless model.residual_dtype says
+otherwise; matmuls run in the config's compute dtype; parameters are float32.
 """
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.layers import Dense, LayerNorm, param
-from model.loss import next_token_loss, split_inputs_targets
+from model.loss import PAD_LOGIT, fused_next_token_loss, split_inputs_targets
 from model.sharding import constrain
 
-# Added to the logits of padded vocab ids (so they read -1e9). Finite (unlike -inf
-# or float32 min) so that p * log(p) terms and temperature scaling stay free of NaN/inf.
-PAD_LOGIT = -1e9
-
 _ACT_BxLxD = ("batch", "seq", "act_embed")
+# What a rematerialized layer keeps for its backward pass (model.remat): "dots" keeps the outputs
+# of the weight matmuls, written as 2-d matmuls without batch dims; attention's batched
+# matmuls and every elementwise op are recomputed. "full" keeps nothing but the layer's input.
+REMAT_POLICIES = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
 _ACT_BxLxHxK = ("batch", "seq", "act_heads", "act_head_dim")
 
 
@@ -127,16 +128,16 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs, **kw)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        dtype = jnp.dtype(self.config.compute_dtype)
-        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD, dtype)).astype(jnp.float32)
-        x_BxLxD = x_BxLxD + self.mlp(self.ln_2(x_BxLxD, dtype)).astype(jnp.float32)
+        dtype, residual = jnp.dtype(self.config.compute_dtype), x_BxLxD.dtype
+        x_BxLxD = x_BxLxD + self.attn(self.ln_1(x_BxLxD, dtype)).astype(residual)
+        x_BxLxD = x_BxLxD + self.mlp(self.ln_2(x_BxLxD, dtype)).astype(residual)
         return constrain(x_BxLxD, _ACT_BxLxD)
 
     def decode(self, x_BxTxD: jax.Array, cache: tuple, pos: jax.Array) -> tuple[jax.Array, tuple]:
-        dtype = jnp.dtype(self.config.compute_dtype)
+        dtype, residual = jnp.dtype(self.config.compute_dtype), x_BxTxD.dtype
         attended, cache = self.attn.decode(self.ln_1(x_BxTxD, dtype), cache, pos)
-        x_BxTxD = x_BxTxD + attended.astype(jnp.float32)
-        x_BxTxD = x_BxTxD + self.mlp(self.ln_2(x_BxTxD, dtype)).astype(jnp.float32)
+        x_BxTxD = x_BxTxD + attended.astype(residual)
+        x_BxTxD = x_BxTxD + self.mlp(self.ln_2(x_BxTxD, dtype)).astype(residual)
         return x_BxTxD, cache
 
 
@@ -168,7 +169,12 @@ class GPT(nnx.Module):
         self.ln_f = LayerNorm(d, bias=config.bias, eps=config.layer_norm_eps)
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        """Token ids (B, L) -> float32 logits (B, L, padded_vocab_size)."""
+        """Token ids (B, L) -> float32 logits (B, L, padded_vocab_size), for sampling and export;
+        training and evaluation use ``loss``, which never holds them all."""
+        return self._logits(self.hidden(tokens_BxL))
+
+    def hidden(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Token ids (B, L) -> the final LayerNorm's output (B, L, D) in the compute dtype."""
         cfg = self.config
         B, L = tokens_BxL.shape
         if L > cfg.context_length:
@@ -179,18 +185,16 @@ class GPT(nnx.Module):
         # the lookup only has to combine the vocab shards.
         wte_VxD = constrain(self.wte[...], ("vocab", None))
         x_BxLxD = jnp.take(wte_VxD, tokens_BxL, axis=0) + self.wpe[...][:L]
-        x_BxLxD = constrain(x_BxLxD, _ACT_BxLxD)
+        x_BxLxD = constrain(x_BxLxD.astype(cfg.residual_dtype), _ACT_BxLxD)
         x_BxLxD = self._run_blocks(x_BxLxD)
-        return self._logits(x_BxLxD)
+        return self.ln_f(x_BxLxD, jnp.dtype(cfg.compute_dtype))
 
-    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    def _logits(self, h_BxLxD: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype = jnp.dtype(cfg.compute_dtype)
-        h_BxLxD = self.ln_f(x_BxLxD, dtype)
         B, L, D = h_BxLxD.shape
         # One (B*L, D) x (D, V) matmul: XLA:CPU runs the 3-d einsum's backward about 1.6x slower
         # (a transposed copy of the logits' gradient), and the head is most of a small model's step.
-        logits_NxV = jnp.einsum("nd,vd->nv", h_BxLxD.reshape(B * L, D), self.wte[...].astype(dtype),
+        logits_NxV = jnp.einsum("nd,vd->nv", h_BxLxD.reshape(B * L, D), self.wte[...].astype(h_BxLxD.dtype),
                                 preferred_element_type=jnp.float32)
         logits_BxLxV = constrain(logits_NxV.reshape(B, L, -1), ("batch", "seq", "act_vocab"))
         is_real_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
@@ -202,7 +206,7 @@ class GPT(nnx.Module):
         """Logits for T tokens placed at positions pos .. pos+T-1 (which must fit in the context),
         attending to the cached keys and values of positions before pos; returns (logits, new cache)."""
         wpe_TxD = jax.lax.dynamic_slice_in_dim(self.wpe[...], pos, tokens_BxT.shape[1])
-        x_BxTxD = jnp.take(self.wte[...], tokens_BxT, axis=0) + wpe_TxD
+        x_BxTxD = (jnp.take(self.wte[...], tokens_BxT, axis=0) + wpe_TxD).astype(self.config.residual_dtype)
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer_step(x_BxTxD, layer):
@@ -211,7 +215,7 @@ class GPT(nnx.Module):
             return x_BxTxD, (k, v)
 
         x_BxTxD, cache = jax.lax.scan(layer_step, x_BxTxD, (stacked, *cache))
-        return self._logits(x_BxTxD), cache
+        return self._logits(self.ln_f(x_BxTxD, jnp.dtype(self.config.compute_dtype))), cache
 
     def _run_blocks(self, x_BxLxD: jax.Array) -> jax.Array:
         graphdef, stacked = nnx.split(self.blocks)
@@ -219,13 +223,14 @@ class GPT(nnx.Module):
         def layer_step(x_BxLxD, layer_params):
             return nnx.merge(graphdef, layer_params)(x_BxLxD), None
 
-        if self.config.remat:
-            # Saves only the residual stream between layers; recomputes the rest.
-            layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+        if self.config.remat != "none":
+            layer_step = jax.checkpoint(layer_step, prevent_cse=False, policy=REMAT_POLICIES[self.config.remat])
         x_BxLxD, _ = jax.lax.scan(layer_step, x_BxLxD, stacked, unroll=self.config.unroll_layers)
         return x_BxLxD
 
     def loss(self, tokens_BxLp1: jax.Array) -> jax.Array:
         """Mean next-token cross-entropy (float32) of token windows of shape (B, L+1)."""
         inputs_BxL, targets_BxL = split_inputs_targets(tokens_BxLp1)
-        return next_token_loss(self(inputs_BxL), targets_BxL)
+        h_BxLxD = self.hidden(inputs_BxL)
+        return fused_next_token_loss(h_BxLxD, self.wte[...].astype(h_BxLxD.dtype), targets_BxL,
+                                     vocab_size=self.config.vocab_size, chunk_tokens=self.config.loss_chunk_tokens)

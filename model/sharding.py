@@ -123,8 +123,13 @@ def param_shardings(params, mesh: Mesh):
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation; a no-op unless a mesh is set (jax.set_mesh) with
     axes not under shard_map's manual control."""
-    mesh = jax.sharding.get_abstract_mesh()
-    # Inside shard_map every axis is Manual: each shard is already placed, nothing to constrain.
-    if mesh.empty or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+    if manual_or_no_mesh():
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, jax.sharding.get_abstract_mesh()))
+
+
+def manual_or_no_mesh() -> bool:
+    """True when tracing with no mesh set, or inside shard_map where every axis is Manual: each
+    shard is then already placed, and code runs on it as on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)

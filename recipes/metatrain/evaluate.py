@@ -137,13 +137,22 @@ def summarize(losses: np.ndarray) -> dict:
 
 # Fields that change how a point is computed but not its result: left out of its key, so points
 # stored before a field existed stay valid.
-_RESULT_NEUTRAL_MODEL_FIELDS = ("unroll_layers",)
+_RESULT_NEUTRAL_MODEL_FIELDS = ("unroll_layers", "loss_chunk_tokens")
+# Fields added later, left out of the key at the value that reproduces the results stored before.
+_LATER_MODEL_FIELDS = {"residual_dtype": "float32"}
+# remat was a bool before it named a policy: its two old values keep their old spelling.
+_REMAT_AS_STORED = {"none": False, "full": True}
 
 
 def model_key(config) -> str:
     """The model config as its repr, without the fields that cannot change a result."""
-    fields = (f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
-              if f.name not in _RESULT_NEUTRAL_MODEL_FIELDS)
+    def value(name):
+        found = getattr(config, name)
+        return _REMAT_AS_STORED.get(found, found) if name == "remat" else found
+
+    fields = (f"{f.name}={value(f.name)!r}" for f in dataclasses.fields(config)
+              if f.name not in _RESULT_NEUTRAL_MODEL_FIELDS
+              and not (f.name in _LATER_MODEL_FIELDS and getattr(config, f.name) == _LATER_MODEL_FIELDS[f.name]))
     return f"{type(config).__name__}({', '.join(fields)})"
 
 

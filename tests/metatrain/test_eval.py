@@ -104,4 +104,6 @@ def test_stored_points_keep_their_keys_when_a_result_neutral_model_field_is_adde
     key = json.loads(point_key(task, EvalSettings(), Candidate("adamw", "adamw", 1e-3)))
     assert key[2] == stored
     assert model_key(dataclasses.replace(task.config, unroll_layers=False)) == stored
-    assert model_key(dataclasses.replace(task.config, remat=True)) != stored
+    assert model_key(dataclasses.replace(task.config, loss_chunk_tokens=7)) == stored
+    assert model_key(dataclasses.replace(task.config, remat="full")) != stored
+    assert model_key(dataclasses.replace(task.config, residual_dtype="bfloat16")) != stored

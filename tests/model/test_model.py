@@ -339,9 +339,10 @@ def _variant_matches_tiny(run_tiny, params, **overrides):
     return run_variant
 
 
-def test_remat_gives_identical_logits_and_grads(tiny, run_tiny):
+@pytest.mark.parametrize("policy", ["dots", "full", True])
+def test_remat_gives_identical_logits_and_grads(tiny, run_tiny, policy):
     _, params = tiny
-    run_remat = _variant_matches_tiny(run_tiny, params, remat=True)
+    run_remat = _variant_matches_tiny(run_tiny, params, remat=policy)
     # ...and remat really is in the traced program, and absent without it.
     def has_remat(run):
         jaxpr = str(jax.make_jaxpr(run)(params, TOKENS))
@@ -371,3 +372,11 @@ def test_bf16_compute_is_close_to_fp32(tiny, run_tiny):
     loss16 = next_token_loss(logits16, TOKENS[:, 1:])
     assert float(loss16) == pytest.approx(float(loss32), abs=5e-3)
     assert "bf16" in str(jax.make_jaxpr(apply16)(params, TOKENS[:, :-1]))
+
+
+def test_a_bfloat16_residual_stream_tracks_the_float32_one(tiny, run_tiny):
+    _, params = tiny
+    graphdef, _ = abstract_params(dataclasses.replace(TINY, residual_dtype="bfloat16"))
+    (loss_a, _), _ = run_tiny(params, TOKENS)
+    (loss_b, _), _ = _loss_logits_grads_fn(graphdef)(params, TOKENS)
+    assert loss_b != loss_a and abs(float(loss_b) - float(loss_a)) < 1e-2 * float(loss_a)
