@@ -112,7 +112,9 @@ def build_program(config: Config, *, devices=None, mesh: Mesh | None = None, the
     labels = param_labels(config.optimizer, params_abstract) if diagnostics else None
     train_step = make_train_step(loss_fn, tx, micro_batches=config.data.micro_batches_per_step,
                                  shardings=shardings, batch_sharding=batch_sh, labels=labels,
-                                 learning_rate=learning_rate_reader(schedules[config.optimizer.name]))
+                                 learning_rate=learning_rate_reader(schedules[config.optimizer.name]),
+                                 compute_dtype=jnp.dtype(config.model.compute_dtype),
+                                 gather_once=config.mesh.gather_weights == "step")
     return TrainProgram(config=config, mesh=mesh, graphdef=graphdef, params_abstract=params_abstract, tx=tx,
                         routing=routing, shardings=shardings,
                         state_abstract=abstract_state(tx, params_abstract, shardings), loss_fn=loss_fn,

@@ -88,6 +88,10 @@ class MeshConfig:
     fsdp: Int = -1
     tensor: Int = 1
     devices: Int | None = Field(None, ge=1, description="null uses all devices")  # the first N devices only
+    # When FSDP gathers the weights (in the compute dtype): for every micro-batch, or once a step
+    # before the micro-batches (a whole compute-dtype copy of the model on every device; the
+    # gradients are still reduce-scattered per micro-batch).
+    gather_weights: Literal["micro_batch", "step"] = "micro_batch"
     # Multi-host: call jax.distributed.initialize. Unset fields are auto-detected by JAX
     # on clusters it knows (SLURM, TPU pods, ...).
     distributed: Bool = False

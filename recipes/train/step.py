@@ -4,27 +4,67 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from model import constrain
 from recipes.optim.diagnostics import optimizer_diagnostics
 
 
-def accumulated_grads(loss_fn, micro_batches: int):
+def compute_weights(params, dtype, shardings):
+    """The weight matrices cast to the compute dtype where they are stored (each on its own shards),
+    so that FSDP gathers them at that width; vectors (biases, LayerNorm) stay float32."""
+    def cast(p, sharding):
+        if p.ndim < 2 or p.dtype == dtype:
+            return p
+        return jax.lax.with_sharding_constraint(p.astype(dtype), sharding)
+    return jax.tree.map(cast, params, shardings)
+
+
+def gathered(shardings):
+    """The shardings with the FSDP axis dropped: the weights whole on every FSDP shard."""
+    def keep(axes):
+        kept = () if axes is None else tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "fsdp")
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return jax.tree.map(lambda sh: NamedSharding(sh.mesh, PartitionSpec(*map(keep, sh.spec))), shardings)
+
+
+def accumulated_grads(loss_fn, micro_batches: int, *, compute_dtype=None, param_shardings=None,
+                      gather_once: bool = False):
     """fn(params, tokens_GxLp1) -> (mean loss, mean gradients) over micro_batches micro-batches.
 
     Micro-batch a holds rows a, a + A, a + 2A, ... so each stays spread over every batch
     shard; their gradients are summed in a lax.scan, so only one micro-batch's activations
-    are alive at a time.
+    are alive at a time. With ``compute_dtype`` and ``param_shardings`` the weight matrices are
+    cast before use (compute_weights); ``gather_once`` gathers that copy once, before the
+    micro-batches, and reduce-scatters each micro-batch's gradients back to the parameters' layout.
     """
+    cast = compute_dtype is not None and param_shardings is not None
+    gather_once = gather_once and cast
+
+    def micro_grads(params, weights, tokens_MxLp1):
+        tokens_MxLp1 = constrain(tokens_MxLp1, ("batch", None))
+        if not gather_once:
+            cast_loss = (lambda p: loss_fn(compute_weights(p, compute_dtype, param_shardings), tokens_MxLp1)) \
+                if cast else (lambda p: loss_fn(p, tokens_MxLp1))
+            return jax.value_and_grad(cast_loss)(params)
+        loss, grads = jax.value_and_grad(loss_fn)(weights, tokens_MxLp1)
+        grads = jax.tree.map(lambda g, p, sh: jax.lax.with_sharding_constraint(g, sh).astype(p.dtype),
+                             grads, params, param_shardings)
+        return loss, grads
+
     def grads_of(params, tokens_GxLp1):
+        weights = None
+        if gather_once:
+            weights = compute_weights(params, compute_dtype, param_shardings)
+            weights = jax.tree.map(jax.lax.with_sharding_constraint, weights, gathered(param_shardings))
         if micro_batches == 1:
-            return jax.value_and_grad(loss_fn)(params, constrain(tokens_GxLp1, ("batch", None)))
+            return micro_grads(params, weights, tokens_GxLp1)
         rows, width = tokens_GxLp1.shape
         tokens_AxMxLp1 = tokens_GxLp1.reshape(rows // micro_batches, micro_batches, width).swapaxes(0, 1)
 
         def micro(carry, tokens_MxLp1):
-            loss, grads = jax.value_and_grad(loss_fn)(params, constrain(tokens_MxLp1, ("batch", None)))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            return jax.tree.map(jnp.add, carry, micro_grads(params, weights, tokens_MxLp1)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(micro, zeros, tokens_AxMxLp1)
@@ -34,17 +74,19 @@ def accumulated_grads(loss_fn, micro_batches: int):
 
 
 def make_train_step(loss_fn, tx, *, micro_batches: int, shardings: dict, batch_sharding, labels=None,
-                    learning_rate=None):
+                    learning_rate=None, compute_dtype=None, gather_once: bool = False):
     """jit(step(state, tokens_GxLp1) -> (state, metrics)), the state donated.
 
     Gradients are averaged over micro_batches micro-batches (accumulated_grads). A step with
     a non-finite loss, gradient norm or update leaves params and optimizer state as they were
     (metrics["finite"] is False). ``labels`` (parameter -> branch name) adds per-branch
-    update diagnostics as metrics["diagnostics"]; ``learning_rate`` (opt_state -> rate,
+    update diagnostics as metrics["diagnostics"]; ``compute_dtype`` casts the weight matrices before
+    they are gathered and ``gather_once`` gathers them once a step (accumulated_grads); ``learning_rate`` (opt_state -> rate,
     recipes.optim.optimizers.learning_rate_reader over the optimizer's own schedule) adds metrics["lr"], the rate this step's
     update was taken with.
     """
-    grads_of = accumulated_grads(loss_fn, micro_batches)
+    grads_of = accumulated_grads(loss_fn, micro_batches, compute_dtype=compute_dtype,
+                                 param_shardings=shardings["params"], gather_once=gather_once)
 
     def step(state, tokens_GxLp1):
         params, opt_state = state["params"], state["opt_state"]

@@ -17,10 +17,15 @@ def test_data_fsdp_sharding_matches_one_device(tmp_path):
     one = train.main([*common, "--mesh.devices=1", f"--train.out_dir={tmp_path / 'one'}"])
     eight = train.main([*common, "--mesh.devices=8", "--mesh.data=2", "--mesh.fsdp=4",
                         f"--train.out_dir={tmp_path / 'eight'}"])
+    # The weights gathered once a step instead of once per micro-batch: the same training.
+    once = train.main([*common, "--mesh.devices=8", "--mesh.data=2", "--mesh.fsdp=4", "--mesh.gather_weights=step",
+                       f"--train.out_dir={tmp_path / 'once'}"])
     curve_one, curve_eight = train_losses(tmp_path / "one"), train_losses(tmp_path / "eight")
     assert len(curve_one) == len(curve_eight) == 4
     np.testing.assert_allclose(curve_eight, curve_one, rtol=SHARDED_RTOL)
     np.testing.assert_allclose(eight["val_loss"], one["val_loss"], rtol=SHARDED_RTOL)
+    np.testing.assert_allclose(train_losses(tmp_path / "once"), curve_one, rtol=SHARDED_RTOL)
+    np.testing.assert_allclose(once["val_loss"], one["val_loss"], rtol=SHARDED_RTOL)
     config = (tmp_path / "eight" / "config.yaml").read_text()
     assert "fsdp: 4" in config
 
