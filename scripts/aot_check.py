@@ -1,14 +1,15 @@
-"""Will a recipe fit a TPU slice? Compile its real train step for the slice, with no TPU here.
+"""Will a recipe fit a TPU slice or a GPU node? Compile its real train step for it, with neither here.
 
     python scripts/aot_check.py --config gpt3xl_celo2.yaml --topology v5e-8 [--section.key=value ...] [--out DIR]
+    python scripts/aot_check.py --config gpt2_small_adamw.yaml --topology h200-1
 
 Slices are named as Cloud TPU names them: v5e-8 and v6e-16 count chips, v4-8 and v5p-32
-count TensorCores (two per chip). Writes OUT/aot_check.json and OUT/aot_check.md: whether
-it fits, bytes per device against the chip's memory, FLOPs and bytes of a step, a roofline
-step time and MFU at the chip's bf16 peak (a compute roofline), the optimizer's share, and the
-collectives per step.
+count TensorCores (two per chip). GPU nodes: h100-1, h100-8, h200-1, h200-8.
+Writes OUT/aot_check.json and OUT/aot_check.md: whether it fits, bytes per device against the
+chip's memory, a step time projected kernel by kernel as a range (ms, tokens/s, MFU), the
+heaviest kernels, the optimizer's share, the collectives per step and the library kernels chosen.
 Exit codes: 0 fits, 2 does not fit (one line says what to change), 1 an error.
-Needs the TPU runtime: pip install -e '.[tpu]'.
+Needs the TPU runtime (pip install -e '.[tpu]') or, for GPUs, the CUDA compiler (pip install -e '.[cuda]').
 """
 from __future__ import annotations
 
@@ -17,21 +18,27 @@ import json
 import sys
 from pathlib import Path
 
-from recipes.experiments.tpu_slices import parse_slice, quiet_tpu_environment, runtime_missing
+from recipes.experiments.tpu_slices import quiet_tpu_environment
 
 EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 
 
 def advice(config, slice_) -> str:
     """What to change when a recipe does not fit: the knobs that trade memory, in order of cost."""
+    from recipes.experiments.gpu_slices import GPUS_PER_NODE, is_gpu
     from recipes.experiments.tpu_slices import GRIDS_2D, GRIDS_3D
 
     steps = []
     micro = config.data.micro_batch or config.data.global_batch
     if micro > 1:
         steps.append(f"lower data.micro_batch (now {micro}; the step's batch stays {config.data.global_batch})")
-    if not config.model.remat:
-        steps.append("set model.remat=true")
+    if config.model.remat != "full":
+        steps.append(f"set model.remat={'dots (or full)' if config.model.remat == 'none' else 'full'}")
+    if is_gpu(slice_.name):
+        bigger = [n for n in GPUS_PER_NODE if n > slice_.chips]
+        if bigger:
+            steps.append(f"or use more GPUs ({slice_.chip.kind}-{bigger[0]})")
+        return ", ".join(steps)
     grids = GRIDS_3D if slice_.chip.grid_rank == 3 else GRIDS_2D
     bigger = [n for n in sorted(grids) if n > slice_.chips]
     if bigger:
@@ -44,7 +51,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--config", required=True, help="YAML recipe: a path or a name in configs/")
-    parser.add_argument("--topology", required=True, help="a TPU slice as Cloud TPU names it: v5e-8, v5p-32, ...")
+    parser.add_argument("--topology", required=True,
+                        help="a TPU slice as Cloud TPU names it (v5e-8, v5p-32, ...) or a GPU node (h100-1, h100-8, "
+                             "h200-1, h200-8)")
     parser.add_argument("--out", type=Path, help="where aot_check.json and .md go "
                         "(default runs/aot_check/RECIPE_SLICE)")
     args, overrides = parser.parse_known_args(argv)
@@ -55,8 +64,8 @@ def main(argv=None) -> int:
     from recipes.train.cli import one_line, ordinary_errors
 
     try:
-        slice_ = parse_slice(args.topology)
-        missing = runtime_missing()
+        slice_ = aot_check.parse_topology(args.topology)
+        missing = aot_check.compiler_missing(slice_)
         if missing:
             raise RuntimeError(missing)
         config = config_lib.load_config(args.config, overrides)

@@ -5,7 +5,8 @@
 Runs scripts/aot_check.py (one process per compile) up a ladder of slices, smallest memory
 first, and stops at the first that fits. Results are kept per recipe in OUT/RECIPE.json
 (a rerun skips recipes already answered), and OUT/table.md is the table for the docs:
-recipe, slice, peak GiB per device, projected MFU, compile time on this machine.
+recipe, slice, peak GiB per device, the projected step time, tokens/s and MFU (ranges, from
+recipes.experiments.hlo_roofline), the chip-hours of the recipe's whole run, compile time here.
 """
 from __future__ import annotations
 
@@ -41,19 +42,32 @@ def fit(recipe: str, out: Path, ladder: list[str]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| recipe | smallest slice that fits | peak per device | of HBM | projected MFU | tokens/s (roofline) "
-             "| compile on the 2-core CPU | smaller slices tried |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | smallest slice that fits | peak per device | of HBM | projected step | tokens/s | MFU "
+             "| chip-hours for the recipe's tokens | compile on the 2-core CPU | smaller slices tried |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         smaller = ", ".join(f"{t['slice']} ({'out of memory' if t['exit'] == 2 else 'error'})"
                             for t in r["tried"] if t["exit"] != 0) or "-"
         if r["slice"] is None:
-            lines.append(f"| {r['recipe']} | none up to {LADDER[-1]} | | | | | | {smaller} |")
+            lines.append(f"| {r['recipe']} | none up to {LADDER[-1]} | | | | | | | | {smaller} |")
             continue
         rep = r["report"]
         lines.append(f"| {r['recipe']} | {r['slice']} | {rep['bytes_per_device']['peak'] / 2**30:.1f} GiB | "
-                     f"{rep['peak_share_of_hbm']:.0%} | {rep['roofline']['mfu']:.0%} | "
-                     f"{rep['roofline']['tokens_per_s']:,.0f} | {rep['compile_s']:.0f} s | {smaller} |")
+                     f"{rep['peak_share_of_hbm']:.0%} | {_range(rep, 'step_s_range', 1e3, '{:,.0f}')} ms | "
+                     f"{_range(rep, 'tokens_per_s_range', 1e-3, '{:,.0f}')}K | {_range(rep, 'mfu_range', 100, '{:.0f}')}% | "
+                     f"{_chip_hours(rep)} | {rep['compile_s']:.0f} s | {smaller} |")
     return "\n".join(lines) + "\n"
+
+
+def _range(report: dict, key: str, scale: float, fmt: str) -> str:
+    low, high = report["projection"][key]
+    return f"{fmt.format(low * scale)}-{fmt.format(high * scale)}"
+
+
+def _chip_hours(report: dict) -> str:
+    """The recipe's whole run (train.steps) at the projected step times, in chip-hours."""
+    low, high = (report["train_steps"] * s * report["devices"] / 3600 for s in report["projection"]["step_s_range"])
+    return f"{low:,.0f}-{high:,.0f}"
 
 
 def main(argv=None) -> int:

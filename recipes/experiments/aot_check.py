@@ -1,12 +1,12 @@
-"""Will a recipe fit a TPU slice? Compile its real train step for the slice, on this machine.
+"""Will a recipe fit a TPU slice or a GPU node? Compile its real train step for it, on this machine.
 
 The program is train.py's own (recipes.train.build: mesh, micro-batches, remat, dtypes,
 optimizer with a placeholder Celo2 theta of the right shapes), lowered for the slice's
-devices as the TPU runtime describes them and compiled by the TPU compiler, which refuses
-a program that does not fit the chip's memory. The compiled program gives the bytes per
-device and the collectives; the step's FLOPs (and the optimizer update's share) come from
-a lowering with its loops unrolled (step_cost), and give a compute-roofline step time and
-MFU at the chip's peak.
+devices as the TPU runtime (or, for GPUs, a shipped target description) describes them and
+compiled by that platform's compiler, which refuses a program that does not fit the chip's
+memory. The compiled program gives the bytes per device, the collectives, the library kernels
+chosen, and a step time projected kernel by kernel (recipes.experiments.hlo_roofline): a range
+in ms, tokens/s and MFU that a measurement can contradict.
 """
 from __future__ import annotations
 
@@ -19,11 +19,33 @@ import jax
 import optax
 
 from model import make_mesh
-from recipes.experiments.hlo_collectives import collectives
-from recipes.experiments.tpu_slices import GIB, Slice, slice_devices
+from recipes.experiments.gpu_slices import cuda_missing, gpu_devices, is_gpu, known_gpus, parse_gpu
+from recipes.experiments.hlo_collectives import collectives, custom_calls
+from recipes.experiments.hlo_roofline import project
+from recipes.experiments.tpu_slices import GIB, Slice, known_slices, parse_slice, runtime_missing, slice_devices
 from recipes.train.build import TrainProgram, build_program
 from recipes.train.config import Config
 from recipes.train.metrics import flops_per_token
+
+
+def parse_topology(name: str) -> Slice:
+    """A TPU slice (v5e-8, v5p-32) or a GPU node (h100-1, h200-8); ValueError listing both otherwise."""
+    try:
+        return parse_gpu(name) if is_gpu(name) else parse_slice(name)
+    except ValueError as error:
+        if is_gpu(name) or name.strip().lower().partition("-")[0] in ("v4", "v5e", "v5p", "v6e"):
+            raise
+        raise ValueError(f"unknown topology {name!r}: name a TPU slice as Cloud TPU does (e.g. "
+                         f"{', '.join(known_slices()[:3])}, ...) or a GPU node ({', '.join(known_gpus())})") from error
+
+
+def compiler_missing(slice_: Slice) -> str | None:
+    """None when this machine can compile for the slice, else what to install."""
+    return cuda_missing() if is_gpu(slice_.name) else runtime_missing()
+
+
+def topology_devices(slice_: Slice):
+    return gpu_devices(slice_) if is_gpu(slice_.name) else slice_devices(slice_)
 
 
 class DoesNotFit(Exception):
@@ -76,23 +98,13 @@ def _cost(lowered_or_compiled) -> dict:
     return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def step_cost(config: Config) -> dict:
-    """FLOPs and bytes of one whole step, over all devices, and the optimizer's part.
-
-    XLA's cost analysis counts a loop body once, and a step loops over layers and micro-batches;
-    so the step is lowered (not compiled: seconds) for one host device with its layers unrolled
-    and one micro-batch, and its cost scaled by the micro-batch count. Remat's recomputation is
-    in the program, so it is counted. Bytes are those of the unfused program: an upper bound."""
-    micro = config.data.global_batch // config.data.micro_batches_per_step
-    single = dataclasses.replace(config, model=dataclasses.replace(config.model, unroll_layers=True),
-                                 data=dataclasses.replace(config.data, global_batch=micro, micro_batch=None))
+def optimizer_cost(config: Config) -> dict:
+    """FLOPs and bytes of the optimizer's update over the whole model (lowered for one host device:
+    seconds, nothing compiled)."""
     host = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    program = build_program(single, mesh=host, shapes_only=True, diagnostics=False)
-    micro_step = _cost(program.lower())
-    update = _cost(_lowered_update(program))
-    times = config.data.micro_batches_per_step
-    return {key: times * (micro_step[key] - update[key]) + update[key] for key in micro_step} | \
-        {f"optimizer_{key}": update[key] for key in update}
+    single = dataclasses.replace(config, data=dataclasses.replace(config.data, global_batch=config.data.micro_batch
+                                                                  or config.data.global_batch, micro_batch=None))
+    return _cost(_lowered_update(build_program(single, mesh=host, shapes_only=True, diagnostics=False)))
 
 
 def _lowered_update(program: TrainProgram):
@@ -112,7 +124,7 @@ def _lowered_update(program: TrainProgram):
 
 def check(config: Config, slice_: Slice, log=print) -> dict:
     """The report of one recipe on one slice; raises DoesNotFit when the compiler refuses it."""
-    devices = slice_devices(slice_)
+    devices = topology_devices(slice_)
     program = build_program(config, devices=devices, shapes_only=True, diagnostics=False)
     n = len(devices)
     log(f"compiling the train step for {slice_.name} ({n} x {devices[0].device_kind}, "
@@ -125,39 +137,48 @@ def check(config: Config, slice_: Slice, log=print) -> dict:
             if refusal is None:
                 raise
             raise refusal from None
-    memory = compiled.memory_analysis()
+    memory, hlo = compiled.memory_analysis(), compiled.as_text()
     per_device = {"argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
                   "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes,
                   "code": memory.generated_code_size_in_bytes}
     per_device["peak"] = (per_device["argument"] + per_device["output"] - per_device["alias"]
                           + per_device["temp"] + per_device["code"])
     hbm, chip = slice_.chip.hbm_bytes, slice_.chip
-    with Heartbeat("counting the step's FLOPs", log):
-        cost = step_cost(config)
-    flops, traffic = cost["flops"] / n, cost["bytes_accessed"] / n  # per device, work split evenly
-    compute_s, memory_s = flops / chip.peak_bf16_flops, traffic / chip.hbm_bytes_per_s
+    with Heartbeat("projecting the step's time", log):
+        projection = project(hlo, peak_flops=chip.peak_bf16_flops, memory_bytes_per_s=chip.hbm_bytes_per_s,
+                             link_bytes_per_s=chip.link_bytes_per_s or None)
+        update = optimizer_cost(config)
     model_flops = flops_per_token(config.model, config.seq_len) * config.tokens_per_step / n
+    fast, slow = projection["step_s_range"]
     report = {
         "slice": slice_.name, "topology": slice_.topology_name, "devices": n, "device_kind": devices[0].device_kind,
         "mesh": {k: int(v) for k, v in program.mesh.shape.items()},
         "micro_batch": program.micro_batch, "micro_batches_per_step": program.micro_batches,
-        "tokens_per_step": config.tokens_per_step, "remat": config.model.remat,
+        "tokens_per_step": config.tokens_per_step, "train_steps": config.train.steps, "remat": config.model.remat,
         "compute_dtype": config.model.compute_dtype, "optimizer": config.optimizer.name,
         "fits": per_device["peak"] <= hbm, "bytes_per_device": per_device, "hbm_bytes_per_device": hbm,
         "peak_share_of_hbm": per_device["peak"] / hbm,
-        "step": {"flops_per_device": flops, "model_flops_per_device": model_flops,
-                 "bytes_accessed_per_device_unfused": traffic},
-        # Compute roofline: every FLOP at the chip's bf16 peak (collectives overlapped, memory not the
-        # limit). The unfused bytes bound the memory side from above.
-        "roofline": {"step_s": compute_s, "memory_s_upper_bound": memory_s,
-                     "mfu": model_flops / (chip.peak_bf16_flops * compute_s) if compute_s else None,
-                     "tokens_per_s": config.tokens_per_step / compute_s if compute_s else None},
-        "optimizer_share": {"flops": cost["optimizer_flops"] / cost["flops"] if cost["flops"] else None,
-                            "bytes_accessed": cost["optimizer_bytes_accessed"] / cost["bytes_accessed"]
-                            if cost["bytes_accessed"] else None},
+        # What the compiled program does per device: its kernels' matmul FLOPs and memory traffic, each
+        # loop counted as many times as it runs (recipes.experiments.hlo_roofline).
+        "step": {"flops_per_device": projection["flops"], "model_flops_per_device": model_flops,
+                 "bytes_per_device": projection["bytes"], "link_bytes_per_device": projection["link_bytes"],
+                 "kernel_launches": projection["kernels"]},
+        # Fast end: every kernel at its roofline, collectives hidden; slow end: each kernel's compute and
+        # memory one after the other, collectives exposed. Real kernels below peak land above the range.
+        "projection": {"step_s_range": [fast, slow], "collectives_s": projection["collectives_s"],
+                       "tokens_per_s_range": [config.tokens_per_step / slow, config.tokens_per_step / fast],
+                       "mfu_range": [model_flops / (chip.peak_bf16_flops * slow),
+                                     model_flops / (chip.peak_bf16_flops * fast)],
+                       "by_kind": projection["by_kind"], "heaviest": projection["heaviest"]},
+        "optimizer_share": {"flops": update["flops"] / n / projection["flops"] if projection["flops"] else None,
+                            "bytes_accessed": update["bytes_accessed"] / n / projection["bytes"]
+                            if projection["bytes"] else None},
         "chip": {"kind": chip.kind, "hbm_bytes": hbm, "peak_bf16_flops": chip.peak_bf16_flops,
-                 "hbm_bytes_per_s": chip.hbm_bytes_per_s, "source": chip.source},
-        "collectives": collectives(compiled.as_text()),
+                 "hbm_bytes_per_s": chip.hbm_bytes_per_s, "link_bytes_per_s": chip.link_bytes_per_s,
+                 "source": chip.source},
+        "collectives": collectives(hlo),
+        # Library kernels the compiler chose (cuDNN attention on GPUs, for one), by call target.
+        "custom_calls": custom_calls(hlo),
         "compile_s": round(beat.seconds, 1),
     }
     return report
@@ -170,7 +191,7 @@ def _gib(value) -> str:
 
 
 def markdown(recipe: str, report: dict) -> str:
-    b, r, s = report["bytes_per_device"], report["roofline"], report["step"]
+    b, s = report["bytes_per_device"], report["step"]
     lines = [f"# {recipe} on {report['slice']}", "",
              f"{'Fits' if report['fits'] else 'Does not fit'}: peak {_gib(b['peak'])} of {_gib(report['hbm_bytes_per_device'])} "
              f"per device ({report['peak_share_of_hbm']:.0%}); {report['devices']} x {report['device_kind']}, "
@@ -179,17 +200,27 @@ def markdown(recipe: str, report: dict) -> str:
              f"compiled in {report['compile_s']:.0f} s on this machine.", "",
              "| per device | bytes |", "|---|---|"]
     lines += [f"| {k} | {_gib(v)} |" for k, v in b.items()]
-    o = report["optimizer_share"]
-    lines += ["", f"Per step and device: {s['flops_per_device']:.3g} FLOPs ({s['model_flops_per_device']:.3g} of them "
-              f"the model's 6N per token and attention; the rest is remat's recomputation and the optimizer). At the "
-              f"chip's bf16 peak ({report['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s; {report['chip']['source']}) "
-              f"that is {r['step_s'] * 1e3:.1f} ms a step, {r['tokens_per_s']:,.0f} tokens/s, projected MFU "
-              f"{r['mfu']:.1%} (a compute roofline: collectives overlapped, memory traffic not the limit).",
-              "", f"The optimizer's update: {o['flops']:.2%} of the step's FLOPs, {o['bytes_accessed']:.1%} of its "
-              "(unfused) bytes.", ""]
+    o, p = report["optimizer_share"], report["projection"]
+    (fast, slow), (tok_slow, tok_fast), (mfu_slow, mfu_fast) = p["step_s_range"], p["tokens_per_s_range"], p["mfu_range"]
+    chip = report["chip"]
+    lines += ["", f"Projected step: {fast * 1e3:,.1f} to {slow * 1e3:,.1f} ms, {tok_slow:,.0f} to {tok_fast:,.0f} tokens/s, "
+              f"MFU {mfu_slow:.1%} to {mfu_fast:.1%}. Per device the compiled program runs {s['kernel_launches']:,} kernels: "
+              f"{s['flops_per_device']:.3g} FLOPs in matmuls ({s['model_flops_per_device']:.3g} the model's 6N per token "
+              f"and attention), {s['bytes_per_device'] / 1e9:,.1f} GB of memory traffic, "
+              f"{s['link_bytes_per_device'] / 1e9:,.2f} GB over the links ({p['collectives_s'] * 1e3:,.1f} ms if none "
+              f"of it overlaps). Chip: {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+              f"{chip['hbm_bytes_per_s'] / 1e9:,.0f} GB/s memory, {chip['link_bytes_per_s'] / 1e9:,.0f} GB/s links "
+              f"({chip['source']}). Fast end: every kernel at its roofline and collectives hidden; slow end: "
+              "compute and memory of each kernel in turn, collectives exposed; kernels below peak land above it.",
+              "", "| kernels | launches | time at roofline |", "|---|---|---|"]
+    lines += [f"| {kind} | {v['launches']:,} | {v['best_s'] * 1e3:,.1f} ms |" for kind, v in list(p["by_kind"].items())[:8]]
+    lines += ["", f"The optimizer's update: {o['flops']:.2%} of the step's FLOPs, {o['bytes_accessed']:.1%} of its "
+              "memory traffic.", ""]
     c = report["collectives"]
     lines += ["| collective | count per step | bytes per step and device |", "|---|---|---|"]
     lines += [f"| {k} | {v['count']:,} | {_gib(v['bytes'])} |" for k, v in c["per_step"].items()]
+    if report.get("custom_calls"):
+        lines += ["", "Library kernels: " + ", ".join(f"`{k}` x {v:,}" for k, v in report["custom_calls"].items())]
     if c["uncounted_loops"]:
         lines += ["", f"Loops counted once (trip count unread): {', '.join(c['uncounted_loops'])}"]
     return "\n".join(lines) + "\n"

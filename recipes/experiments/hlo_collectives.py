@@ -21,15 +21,52 @@ _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _CALLEE = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\(.*condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
-_CONSTANT = re.compile(r"s(?:32|64)\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
+_CONSTANT = re.compile(r"[su](?:32|64)\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
 
 
 def _array_bytes(shape: str) -> list[int]:
+    """Bytes of each array in a shape, scalars left out (an async start's tuple ends with u32[] contexts)."""
     out = []
     for dtype, dims in _ARRAY.findall(shape):
-        if dtype in _DTYPE_BYTES:
-            out.append(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1])))
+        if dtype in _DTYPE_BYTES and dims:
+            out.append(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d])))
     return out
+
+
+_COUNTER = re.compile(r"get-tuple-element\(.*index=(\d+)")
+_STEP = re.compile(r"=\s*[su](?:32|64)\[\]\S*\s+add\((%?[\w.\-]+),\s*(%?[\w.\-]+)\)")
+
+
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def trip_count(computations: dict[str, list[str]], condition: str, body: str, while_line: str = "") -> int | None:
+    """Iterations of a loop: as the compiler recorded them on the while (GPU), else counting from 0 to
+    the constant its condition compares with, in steps of the constant its body adds to the counter
+    (the TPU compiler's windowed matmuls step by 2)."""
+    known = _KNOWN_TRIPS.search(while_line)
+    if known:
+        return int(known.group(1))
+    lines = computations.get(condition, [])
+    bounds = [int(c) for c in _CONSTANT.findall("\n".join(lines))]
+    if not bounds:
+        return None
+    counters = {int(m.group(1)) for m in map(_COUNTER.search, lines) if m}
+    values, root = {}, ""
+    for line in computations.get(body, []):
+        name = line.split("=", 1)[0].strip().removeprefix("ROOT").strip().lstrip("%")
+        values[name] = line
+        if line.lstrip().startswith("ROOT") and " tuple(" in line:
+            root = line
+    step = 1
+    next_values = re.findall(r"%([\w.\-]+)", root.split(" tuple(", 1)[-1]) if root else []
+    for index in counters:
+        add = _STEP.search(values.get(next_values[index], "")) if index < len(next_values) else None
+        for operand in add.groups() if add else ():
+            constant = _CONSTANT.search(values.get(operand.lstrip("%"), ""))
+            if constant:
+                step = max(int(constant.group(1)), 1)
+    return -(-max(bounds) // step)
 
 
 def _split(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
@@ -56,10 +93,10 @@ def collectives(hlo_text: str) -> dict:
             loop = _WHILE.search(line)
             if loop:
                 condition, body = loop.groups()
-                bounds = [int(c) for c in _CONSTANT.findall("\n".join(computations.get(condition, [])))]
-                if not bounds:
+                trips = trip_count(computations, condition, body, line)
+                if trips is None:
                     uncounted.append(body)
-                edges[name] += [(body, max(bounds) if bounds else 1), (condition, 1)]
+                edges[name] += [(body, trips or 1), (condition, 1)]
                 continue
             edges[name] += [(callee, 1) for callee in _CALLEE.findall(line)]
             for group in _BRANCHES.findall(line):
@@ -87,3 +124,14 @@ def collectives(hlo_text: str) -> dict:
             totals[kind]["count"] += times[name]
             totals[kind]["bytes"] += times[name] * moved
     return {"per_step": totals, "uncounted_loops": uncounted}
+
+
+_CUSTOM_CALL = re.compile(r"custom-call\(.*custom_call_target=\"([^\"]+)\"")
+
+
+def custom_calls(hlo_text: str) -> dict[str, int]:
+    """{call target: instructions} of the program's custom calls (cuDNN attention, cuBLAS GEMMs, ...)."""
+    found: dict[str, int] = defaultdict(int)
+    for target in _CUSTOM_CALL.findall(hlo_text):
+        found[target] += 1
+    return dict(sorted(found.items()))

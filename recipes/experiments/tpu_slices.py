@@ -19,14 +19,16 @@ class Chip:
     cores_in_name: bool      # the slice name counts TensorCores (2 per chip), not chips
     grid_rank: int           # 2-D or 3-D chip grid
     source: str
+    link_bytes_per_s: float = 0.0  # chip-to-chip interconnect per chip (ICI, NVLink)
 
 
 GB, GIB = 10**9, 2**30
 CHIPS = {
-    "v4": Chip("v4", 32 * GIB, 275e12, 1200 * GB, True, 3, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 819 * GB, False, 2, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765 * GB, True, 3, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640 * GB, False, 2, "https://cloud.google.com/tpu/docs/v6e"),
+    # ICI per chip as the pages give it: 2,400 / 1,600 / 4,800 / 3,584 Gbit/s.
+    "v4": Chip("v4", 32 * GIB, 275e12, 1200 * GB, True, 3, "https://cloud.google.com/tpu/docs/v4", 300 * GB),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819 * GB, False, 2, "https://cloud.google.com/tpu/docs/v5e", 200 * GB),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765 * GB, True, 3, "https://cloud.google.com/tpu/docs/v5p", 600 * GB),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640 * GB, False, 2, "https://cloud.google.com/tpu/docs/v6e", 448 * GB),
 }
 # The chip grids Cloud TPU offers as single slices, smallest first.
 GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}

@@ -1,4 +1,4 @@
-"""The ahead-of-time compile check: real TPU compiles on this CPU, through the TPU runtime."""
+"""The ahead-of-time compile check: real TPU and GPU compiles on this CPU, through their runtimes."""
 import json
 import os
 import subprocess
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from recipes.experiments.hlo_collectives import collectives
+from recipes.experiments.aot_check import parse_topology
 from recipes.experiments.tpu_slices import parse_slice
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +93,8 @@ def test_a_tiny_model_fits_a_v5e_4_and_the_report_adds_up(tmp_path):
     assert step["model_flops_per_device"] <= step["flops_per_device"] <= 1.3 * step["model_flops_per_device"]
     assert 0 < report["optimizer_share"]["flops"] < 0.05
     assert report["collectives"]["per_step"]["all-gather"]["count"] > 0  # fsdp gathers weights
-    assert 0 < report["roofline"]["mfu"] <= 1
+    low, high = report["projection"]["mfu_range"]
+    assert 0 < low <= high <= 1
     assert "Fits" in (tmp_path / "aot_check.md").read_text()
 
 
@@ -102,7 +104,7 @@ def test_an_oversized_setting_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not fit v5e-4" in errors[0] and "GiB" in errors[0]
-    assert "lower data.micro_batch" in errors[0] and "model.remat=true" in errors[0]
+    assert "lower data.micro_batch" in errors[0] and "model.remat=dots" in errors[0]
     assert json.loads((tmp_path / "aot_check.json").read_text())["fits"] is False
 
 
@@ -110,3 +112,40 @@ def test_an_unknown_slice_is_one_error_line(tmp_path):
     done = aot_check(tmp_path, "--topology", "v5e-3", *TINY)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: v5e-3 is not a single-slice shape")
+
+
+@pytest.mark.parametrize("name, kind, count", [("h100-1", "h100", 1), ("H200-8", "h200", 8)])
+def test_gpu_nodes_are_named_by_gpu_and_count(name, kind, count):
+    s = parse_topology(name)
+    assert (s.chip.kind, s.chips, s.grid) == (kind, count, f"1x1x{count}")
+
+
+@pytest.mark.parametrize("name", ["h100-3", "a100-8", "h200"])
+def test_unknown_gpu_nodes_are_refused_naming_the_known_ones(name):
+    with pytest.raises(ValueError, match="h100-1, h100-8, h200-1, h200-8|unknown topology"):
+        parse_topology(name)
+
+
+def test_a_tiny_model_compiles_for_an_h100_with_cudnn_attention_and_a_projection(tmp_path):
+    done = aot_check(tmp_path, "--topology", "h100-1", *TINY, "--model.compute_dtype=bfloat16",
+                     "--optimizer.name=adamw")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "aot_check.json").read_text())
+    assert report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["fits"]
+    assert any("fmha" in target for target in report["custom_calls"])  # cuDNN's fused attention
+    step = report["step"]
+    # cuDNN's causal kernel skips the masked half of attention, which the model's count includes (2% here).
+    assert 0.95 * step["model_flops_per_device"] <= step["flops_per_device"] <= 1.3 * step["model_flops_per_device"]
+    fast, slow = report["projection"]["step_s_range"]
+    # No faster than the FLOPs at the peak or the argument bytes at the memory's speed.
+    floor = max(step["flops_per_device"] / report["chip"]["peak_bf16_flops"],
+                report["bytes_per_device"]["argument"] / report["chip"]["hbm_bytes_per_s"])
+    assert floor <= fast <= slow
+    assert "Projected step" in (tmp_path / "aot_check.md").read_text()
+
+
+def test_an_unknown_gpu_node_is_one_error_line(tmp_path):
+    done = aot_check(tmp_path, "--topology", "h100-4", *TINY)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: unknown GPU topology 'h100-4'") and "h200-8" in lines[-1]

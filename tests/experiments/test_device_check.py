@@ -21,7 +21,7 @@ def test_device_check_names_every_figure(tmp_path, capsys):
     assert set(updates["results"]) == {"adamw", "muon", "celo2_base", "celo2"}
     assert set(updates["ratios"]) == {"celo2_base/adamw", "celo2/muon"}
     memory = sections["memory"]
-    assert memory["recipe"] == "gpt3xl_celo2" and memory["remat"] is True
+    assert memory["recipe"] == "gpt3xl_celo2" and memory["remat"] == "full"
     assert memory["dry_run_params_and_opt_state_bytes"] > 0 and memory["xla_estimate_bytes"] > 0
     numerics = sections["numerics"]
     assert len(numerics["cpu_losses"]) == len(numerics["device_losses"]) == numerics["steps"]
