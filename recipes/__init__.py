@@ -6,6 +6,7 @@
                   classes (pydantic dataclasses) of the model, optimizer, trainer and meta-training,
                   with the one translation of their refusals into ConfigError messages
     files.py      atomic file writes, checkpoint-directory rotation, moving damaged ones aside
+    platforms.py  the CPU alone where no accelerator is present, so installed plugins stay quiet
     optim/        Celo2, its theta format and shipped weights, routing, the optimizer harness,
                   schedules, diagnostics
     train/        config, mesh, train state and step, run directory, checkpoints, stop handling,
@@ -16,3 +17,6 @@
 
 Imports point one way: optim <- train <- experiments; metatrain uses optim and train.
 """
+from recipes.platforms import use_cpu_without_accelerators
+
+use_cpu_without_accelerators()  # before JAX starts a backend: no probes of absent accelerators
