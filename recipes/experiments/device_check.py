@@ -155,13 +155,15 @@ def check_training(sizes: Sizes, log) -> dict:
     rows, fwd_bwd = {}, None
     for name in names:
         config = _config(f"gpt2_small_{name}", sizes.train_overrides, micro)
-        timed = time_training(TrainingSetup(config), sizes.repeats, fwd_bwd)
+        setup = TrainingSetup(config)
+        timed = time_training(setup, sizes.repeats, fwd_bwd)
         fwd_bwd = timed["seconds"]["fwd_bwd"]  # the same model and batch for every optimizer
         s = timed["seconds"]
         # The optimizer's share of a 0.5M-token step: forward+backward scale with tokens, the update does not.
         fwd_bwd_at_target = s["fwd_bwd"] * TOKENS_PER_STEP / config.tokens_per_step
         timed["optimizer_share_of_0.5M_token_step"] = s["optimizer"] / (fwd_bwd_at_target + s["optimizer"])
         timed["compute_dtype"] = config.model.compute_dtype
+        timed["projection"] = projected_step(setup, s["step"])
         rows[name] = timed
         log(f"  {name}: {timed['tokens_per_s']:,.0f} tokens/s"
             + (f", MFU {timed['mfu']:.1%}" if timed["mfu"] is not None else "")
@@ -169,6 +171,24 @@ def check_training(sizes: Sizes, log) -> dict:
         gc.collect()
     return {"micro_batch": micro, "seq_len": config.seq_len, "optimizers": rows,
             "celo2/muon_step": rows["celo2"]["seconds"]["step"] / rows["muon"]["seconds"]["step"]}
+
+
+def projected_step(setup: TrainingSetup, measured_s: float) -> dict | None:
+    """The compile check's projection of the step just timed (its own compiled program, this GPU's
+    datasheet figures), and whether the measurement falls inside it; None off NVIDIA H100/H200."""
+    from recipes.experiments.gpu_slices import GPUS
+    from recipes.experiments.hlo_roofline import project
+
+    kind = jax.devices()[0].device_kind.lower()
+    chip = next((c for name, c in GPUS.items() if name in kind), None)
+    if chip is None:
+        return None
+    report = project(setup.compiled_step().as_text(), peak_flops=chip.peak_bf16_flops,
+                     memory_bytes_per_s=chip.hbm_bytes_per_s, link_bytes_per_s=None)
+    low, high = report["step_s_range"]
+    return {"step_s_range": [low, high], "measured_s": measured_s, "inside": low <= measured_s <= high,
+            "measured_over_slow_end": measured_s / high, "kernels": report["kernels"],
+            "heaviest": report["heaviest"][:8]}
 
 
 def check_updates(sizes: Sizes, log) -> dict:

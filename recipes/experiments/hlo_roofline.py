@@ -304,9 +304,26 @@ def project(hlo_text: str, *, peak_flops: float, memory_bytes_per_s: float, link
     }
 
 
-if __name__ == "__main__":  # python -m recipes.experiments.hlo_roofline HLO PEAK BW [LINK]
-    import sys
+def main(argv=None) -> int:
+    """python -m recipes.experiments.hlo_roofline --hlo FILE --topology h200-1: a saved program's projection."""
+    import argparse
 
-    args = sys.argv[1:]
-    print(json.dumps(project(open(args[0]).read(), peak_flops=float(args[1]), memory_bytes_per_s=float(args[2]),
-                             link_bytes_per_s=float(args[3]) if len(args) > 3 else None), indent=1)[:4000])
+    from recipes.experiments.aot_check import parse_topology
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--hlo", required=True, help="an optimized HLO module as text (compiled.as_text())")
+    parser.add_argument("--topology", required=True, help="whose chip figures to use: v5e-8, h200-1, ...")
+    parser.add_argument("--tokens", type=int, help="tokens per step, for tokens/s")
+    args = parser.parse_args(argv)
+    chip = parse_topology(args.topology).chip
+    with open(args.hlo) as file:
+        report = project(file.read(), peak_flops=chip.peak_bf16_flops, memory_bytes_per_s=chip.hbm_bytes_per_s,
+                         link_bytes_per_s=chip.link_bytes_per_s or None)
+    if args.tokens:
+        report["tokens_per_s_range"] = [args.tokens / s for s in reversed(report["step_s_range"])]
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
