@@ -74,6 +74,9 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     recipe = Path(args.config).stem
     out = args.out or Path("runs/aot_check") / f"{recipe}_{slice_.name}"
+    if out.exists() and not out.is_dir():  # said before minutes of compiling, not after
+        print(f"error: --out {out} is a file; name a directory for aot_check.json and aot_check.md", file=sys.stderr)
+        return EXIT_ERROR
     try:
         report = aot_check.check(config, slice_, log=lambda line: print(line, flush=True))
     except aot_check.DoesNotFit as refusal:

@@ -83,7 +83,9 @@ class Trainer:
             self.log(f"{self.run_dir} is already at step {start} of {self.stop_step}: nothing to train "
                      "(its summary.json is kept)")
             self.log(json.dumps(finished))
-            return finished
+            # Nothing is left at the steps asked for, whatever stopped the run last time: a scheduler
+            # that reruns on a signal's exit code must not rerun this forever.
+            return {**finished, "stopped_by": None}
         config = self.config
         metrics_log = MetricsLog(self.run_dir, wandb_mode=config.logging.wandb, project=config.logging.wandb_project,
                                  name=config.logging.wandb_name or self.run_dir.name,

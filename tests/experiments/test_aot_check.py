@@ -149,3 +149,15 @@ def test_an_unknown_gpu_node_is_one_error_line(tmp_path):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: unknown GPU topology 'h100-4'") and "h200-8" in lines[-1]
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_compiling(tmp_path):
+    taken = tmp_path / "report.txt"
+    taken.write_text("mine")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_check.py"), "--config", "shakespeare_celo2",
+                           "--topology", "v5e-4", *TINY, "--out", str(taken)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 1 and taken.read_text() == "mine"
+    assert done.stderr.strip().splitlines()[-1] == f"error: --out {taken} is a file; name a directory for " \
+                                                   "aot_check.json and aot_check.md"
+    assert "compiling" not in done.stdout

@@ -59,6 +59,10 @@ def test_signal_second_process_and_damaged_checkpoint_then_the_same_loss_as_an_u
     assert summary["stopped_by"] == "SIGTERM" and summary["finished"] is False  # what sweeps read
     stopped_at = summary["step"]
     assert final_params(run_dir)[0] == stopped_at
+    # Asked for fewer steps than it holds, the stopped run has nothing left to train: exit 0, not the
+    # signal's code again (a scheduler requeueing on 143 would loop).
+    shorter = train_process(run_dir, *long, "--train.steps=2")
+    assert shorter.returncode == 0 and "nothing to train" in shorter.stdout, shorter.stderr[-2000:]
 
     # The newest checkpoint's arrays cut short: the next older one resumes, and the run ends where an
     # undisturbed one does.
