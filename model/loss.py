@@ -113,33 +113,47 @@ def _sweep(h_BxLxD, w_VxD, targets_BxL, *, vocab_size, chunk_tokens, positions, 
     def over_vocab(reduce, x):
         return reduce(x, vocab_axes) if vocab_axes else x
 
-    def chunk(carry, start):
-        loss_sum, dh_BxLxD, dw_VxD = carry
-        h_NxD = jax.lax.dynamic_slice_in_dim(h_BxLxD, start, C, axis=1).reshape(B * C, D)
-        t_N = jax.lax.dynamic_slice_in_dim(targets_BxL, start, C, axis=1).reshape(B * C)
+    def chunk(h_NxD, t_N):
+        """(loss summed over the chunk's positions, and with_grads its dh and dw)."""
         logits_NxV = jnp.einsum("nd,vd->nv", h_NxD, w_VxD, preferred_element_type=jnp.float32)
         logits_NxV = jnp.where(is_real_V, logits_NxV, PAD_LOGIT)
         max_N = over_vocab(jax.lax.pmax, jnp.max(logits_NxV, axis=-1))
         exp_NxV = jnp.exp(logits_NxV - max_N[:, None])
         sum_N = over_vocab(jax.lax.psum, jnp.sum(exp_NxV, axis=-1))
-        is_target_NxV = ids_V == t_N[:, None]
-        target_N = over_vocab(jax.lax.psum, jnp.sum(jnp.where(is_target_NxV, logits_NxV, 0.0), axis=-1))
-        loss_sum = loss_sum + jnp.sum(max_N + jnp.log(sum_N) - target_N)
-        if with_grads:
-            p_NxV = exp_NxV / sum_N[:, None]
-            dlogits_NxV = ((p_NxV - is_target_NxV) * (1.0 / positions)).astype(h_NxD.dtype)
-            dh_NxD = over_vocab(jax.lax.psum, jnp.einsum("nv,vd->nd", dlogits_NxV, w_VxD,
-                                                        preferred_element_type=jnp.float32))
-            dh_BxLxD = jax.lax.dynamic_update_slice_in_dim(
-                dh_BxLxD, dh_NxD.reshape(B, C, D).astype(dh_BxLxD.dtype), start, axis=1)
-            dw_VxD = dw_VxD + jnp.einsum("nv,nd->vd", dlogits_NxV, h_NxD, preferred_element_type=jnp.float32)
-        return (loss_sum, dh_BxLxD, dw_VxD), None
+        local_t_N = t_N - first_id  # the target's column in this shard's rows of w, if it is here
+        here_N = (local_t_N >= 0) & (local_t_N < V)
+        picked_N = jnp.take_along_axis(logits_NxV, jnp.clip(local_t_N, 0, V - 1)[:, None], axis=-1)[:, 0]
+        target_N = over_vocab(jax.lax.psum, jnp.where(here_N, picked_N, 0.0))
+        loss_sum = jnp.sum(max_N + jnp.log(sum_N) - target_N)
+        if not with_grads:
+            return loss_sum, None, None
+        scale_N = (1.0 / positions) / sum_N
+        dlogits_NxV = (exp_NxV * scale_N[:, None]
+                       - jnp.where(ids_V == t_N[:, None], 1.0 / positions, 0.0)).astype(h_NxD.dtype)
+        dh_NxD = over_vocab(jax.lax.psum, jnp.einsum("nv,vd->nd", dlogits_NxV, w_VxD,
+                                                    preferred_element_type=jnp.float32))
+        dw_VxD = jnp.einsum("nv,nd->vd", dlogits_NxV, h_NxD, preferred_element_type=jnp.float32)
+        return loss_sum, dh_NxD.astype(h_NxD.dtype), dw_VxD
 
-    # Initial carries made from the inputs, so that inside shard_map they vary over the same mesh
-    # axes as what the chunks add to them.
-    loss_sum = jnp.zeros_like(h_BxLxD[0, 0, 0], jnp.float32)
-    grads = (jnp.zeros_like(h_BxLxD), jnp.zeros_like(w_VxD, jnp.float32) + loss_sum) if with_grads else (None, None)
-    (loss_sum, dh_BxLxD, dw_VxD), _ = jax.lax.scan(chunk, (loss_sum, *grads), jnp.arange(0, L, C))
+    if C == L:  # one chunk: no loop around it
+        loss_sum, dh_NxD, dw_VxD = chunk(h_BxLxD.reshape(B * L, D), targets_BxL.reshape(B * L))
+        dh_BxLxD = None if dh_NxD is None else dh_NxD.reshape(B, L, D)
+    else:
+        def step(carry, start):
+            loss_sum, dh_BxLxD, dw_VxD = carry
+            h_NxD = jax.lax.dynamic_slice_in_dim(h_BxLxD, start, C, axis=1).reshape(B * C, D)
+            t_N = jax.lax.dynamic_slice_in_dim(targets_BxL, start, C, axis=1).reshape(B * C)
+            part, dh_NxD, part_dw_VxD = chunk(h_NxD, t_N)
+            if with_grads:
+                dh_BxLxD = jax.lax.dynamic_update_slice_in_dim(dh_BxLxD, dh_NxD.reshape(B, C, D), start, axis=1)
+                dw_VxD = dw_VxD + part_dw_VxD
+            return (loss_sum + part, dh_BxLxD, dw_VxD), None
+
+        # Initial carries made from the inputs, so that inside shard_map they vary over the same mesh
+        # axes as what the chunks add to them.
+        loss_sum = jnp.zeros_like(h_BxLxD[0, 0, 0], jnp.float32)
+        grads = (jnp.zeros_like(h_BxLxD), jnp.zeros_like(w_VxD, jnp.float32) + loss_sum) if with_grads else (None,) * 2
+        (loss_sum, dh_BxLxD, dw_VxD), _ = jax.lax.scan(step, (loss_sum, *grads), jnp.arange(0, L, C))
     if batch_axes:
         loss_sum = jax.lax.psum(loss_sum, batch_axes)
     loss = loss_sum / positions
