@@ -1,6 +1,7 @@
 """Find, for each large recipe, the smallest common TPU slice it fits as shipped.
 
     python scripts/fit_recipes.py [--recipes gpt3xl_celo2,gpt2_small_adamw] [--out runs/fit_recipes]
+                                  [--targets v5e-8,v5p-8,v6e-8,h100-8]
 
 Runs scripts/aot_check.py (one process per compile) up a ladder of slices, smallest memory
 first, and stops at the first that fits. Results are kept per recipe in OUT/RECIPE.json
@@ -23,22 +24,54 @@ LARGE = [f"{size}_{opt}" for size in ("gpt2_small", "gpt2_medium", "gpt2_large",
          for opt in ("adamw", "muon", "celo2")] + [f"gpt2_small_track3_{opt}" for opt in ("adamw", "muon", "celo2")]
 
 
+COMPILE_TIMEOUT_S = 1800  # Celo2's step compiles about 10x slower for GPUs than for TPUs here
+
+
+def compile_check(recipe: str, topology: str, out: Path, timeout_s: float = COMPILE_TIMEOUT_S) -> dict:
+    """scripts/aot_check.py for one recipe and topology, in its own process: exit, seconds, error, report
+    (exit None: stopped after timeout_s)."""
+    began = time.perf_counter()
+    folder = out / recipe / topology
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_check.py"), "--config", recipe,
+                               "--topology", topology, "--out", str(folder)], capture_output=True, text=True,
+                              timeout=timeout_s)
+        code, stderr = done.returncode, done.stderr
+    except subprocess.TimeoutExpired:
+        code, stderr = None, f"error: compile stopped after {timeout_s:.0f} s"
+    seconds = round(time.perf_counter() - began, 1)
+    line = next((l for l in stderr.splitlines() if l.startswith("error:")), "")
+    print(f"  {recipe} on {topology}: exit {code} in {seconds:.0f} s {line[:160]}", flush=True)
+    tried = {"slice": topology, "exit": code, "seconds": seconds, "error": line}
+    if code == 0:
+        tried["report"] = json.loads((folder / "aot_check.json").read_text())
+    return tried
+
+
 def fit(recipe: str, out: Path, ladder: list[str]) -> dict:
     tried = []
     for slice_name in ladder:
-        began = time.perf_counter()
-        folder = out / recipe / slice_name
-        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "aot_check.py"), "--config", recipe,
-                               "--topology", slice_name, "--out", str(folder)],
-                              capture_output=True, text=True)
-        seconds = round(time.perf_counter() - began, 1)
-        line = next((l for l in done.stderr.splitlines() if l.startswith("error:")), "")
-        tried.append({"slice": slice_name, "exit": done.returncode, "seconds": seconds, "error": line})
-        print(f"  {recipe} on {slice_name}: exit {done.returncode} in {seconds:.0f} s {line[:160]}", flush=True)
-        if done.returncode == 0:
-            report = json.loads((folder / "aot_check.json").read_text())
+        result = compile_check(recipe, slice_name, out)
+        report = result.pop("report", None)
+        tried.append(result)
+        if report is not None:
             return {"recipe": recipe, "slice": slice_name, "report": report, "tried": tried}
     return {"recipe": recipe, "slice": None, "tried": tried}
+
+
+def budget_table(results: list[dict], targets: list[str]) -> str:
+    """Chip-hours of each recipe's whole run on each target, from the projected step-time range."""
+    lines = ["| recipe | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for r in results:
+        cells = []
+        for target in targets:
+            found = r.get("targets", {}).get(target, {})
+            cells.append(_chip_hours(found["report"]) if "report" in found else
+                         "does not fit" if found.get("exit") == 2 else
+                         f"compile stopped after {found['seconds']:.0f} s" if found.get("exit") in (None, -9) else
+                         "error" if found else "not compiled")
+        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table(results: list[dict]) -> str:
@@ -75,21 +108,32 @@ def main(argv=None) -> int:
     parser.add_argument("--recipes", default=",".join(LARGE), help="comma-separated recipe names")
     parser.add_argument("--out", type=Path, default=Path("runs/fit_recipes"))
     parser.add_argument("--ladder", default=",".join(LADDER), help="slices to try, in order")
+    parser.add_argument("--targets", default="", help="also project each recipe on these topologies (e.g. "
+                        "v5e-8,v5p-8,v6e-8,h100-8): OUT/budget.md, chip-hours of the whole run on each")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    targets = [t for t in args.targets.split(",") if t]
     results = []
     for recipe in [r for r in args.recipes.split(",") if r]:
         saved = args.out / f"{recipe}.json"
-        if saved.is_file():
-            results.append(json.loads(saved.read_text()))
-            continue
-        print(f"{recipe}:", flush=True)
-        result = fit(recipe, args.out, args.ladder.split(","))
+        result = json.loads(saved.read_text()) if saved.is_file() else None
+        if result is None:
+            print(f"{recipe}:", flush=True)
+            result = fit(recipe, args.out, args.ladder.split(","))
+        known = result.setdefault("targets", {})
+        if result.get("slice") and result["slice"] not in known:
+            known[result["slice"]] = {"slice": result["slice"], "exit": 0, "report": result["report"]}
+        for target in targets:
+            if target not in known:
+                known[target] = compile_check(recipe, target, args.out)
         saved.write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
         (args.out / "table.md").write_text(table(results))
     (args.out / "table.md").write_text(table(results))
     print(table(results))
+    if targets:
+        (args.out / "budget.md").write_text(budget_table(results, targets))
+        print(budget_table(results, targets))
     return 0
 
 

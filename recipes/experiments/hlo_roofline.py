@@ -184,7 +184,7 @@ class Program:
         through bitcasts and into nested fusions; a value only sliced reads its slices."""
         read = in_place = 0
         for name, shape, opcode, position, operands, attributes in uses.get(value, []):
-            if opcode in ("dynamic-slice", "slice") and position == 0:
+            if opcode in ("dynamic-slice", "slice", "gather") and position == 0:  # reads what it returns
                 read += _bytes(shape)
             elif opcode == "dynamic-update-slice" and position == 0 and len(operands) > 1:
                 in_place += _bytes(self.shapes[computation].get(operands[1], ""))
@@ -264,8 +264,8 @@ class Program:
                     moved = 2 * _first_array_bytes(shape, last=True)
                 elif opcode == "dynamic-update-slice" and len(operand_shapes) > 1:
                     moved = 2 * _bytes(operand_shapes[1])
-                elif opcode == "dynamic-slice":
-                    moved = 2 * _bytes(shape)
+                elif opcode in ("dynamic-slice", "gather"):
+                    moved = 2 * _bytes(shape) + sum(_bytes(s) for s in operand_shapes[1:])
                 found.append({"name": name, "kind": kind, "launches": times, "flops": flops, "bytes": moved,
                               "link_bytes": 0.0})
 
