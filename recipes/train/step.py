@@ -44,14 +44,12 @@ def accumulated_grads(loss_fn, micro_batches: int, *, compute_dtype=None, param_
 
     def micro_grads(params, weights, tokens_MxLp1):
         tokens_MxLp1 = constrain(tokens_MxLp1, ("batch", None))
-        if not gather_once:
-            cast_loss = (lambda p: loss_fn(compute_weights(p, compute_dtype, param_shardings), tokens_MxLp1)) \
-                if cast else (lambda p: loss_fn(p, tokens_MxLp1))
-            return jax.value_and_grad(cast_loss)(params)
-        loss, grads = jax.value_and_grad(loss_fn)(weights, tokens_MxLp1)
-        grads = jax.tree.map(lambda g, p, sh: jax.lax.with_sharding_constraint(g, sh).astype(p.dtype),
-                             grads, params, param_shardings)
-        return loss, grads
+        if gather_once:  # gradients of the gathered copy, reduce-scattered to the parameters' layout
+            loss, grads = jax.value_and_grad(loss_fn)(weights, tokens_MxLp1)
+            return loss, jax.tree.map(lambda g, p, sh: jax.lax.with_sharding_constraint(g, sh).astype(p.dtype),
+                                      grads, params, param_shardings)
+        weights_of = (lambda p: compute_weights(p, compute_dtype, param_shardings)) if cast else (lambda p: p)
+        return jax.value_and_grad(lambda p: loss_fn(weights_of(p), tokens_MxLp1))(params)
 
     def grads_of(params, tokens_GxLp1):
         weights = None
