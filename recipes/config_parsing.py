@@ -272,15 +272,62 @@ def resolve_path(name: str | Path) -> Path:
                       f"Known configs: {known}")
 
 
-def merge_configs(base: dict, over: Mapping) -> dict:
-    """Nested dicts merged key by key, ``over`` winning."""
+def merge_configs(base: dict, over: Mapping, where: str = "") -> dict:
+    """Nested dicts merged key by key, ``over`` winning. Settings merged into a section the base
+    gives as a single value are refused: merging would drop that value without a word."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_configs(out[key], value)
+            out[key] = merge_configs(out[key], value, f"{where}{key}.")
+        elif isinstance(value, Mapping) and out.get(key) is not None:
+            raise ConfigError(f"config section {where}{key} must be a mapping of keys, got {out[key]!r}; "
+                              f"write its settings indented under '{key}:'")
         else:
             out[key] = value
     return out
+
+
+# A recipe is a few hundred values; more than this once aliases are expanded is an alias bomb.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_size(node, path: Path, sizes: dict, open_nodes: set) -> int:
+    """How many values the YAML node holds once its aliases are expanded; refuses an alias that
+    contains itself (it would expand forever)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to a value that contains "
+                          "it, which never ends; write the value out")
+    open_nodes.add(key)
+    children = node.value if isinstance(node.value, list) else []
+    items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+    size = 1 + sum(_expanded_size(item, path, sizes, open_nodes) for item in items)
+    open_nodes.discard(key)
+    if size > MAX_EXPANDED_VALUES:
+        raise ConfigError(f"{path}: its YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values; "
+                          "a recipe needs far fewer: write the values out")
+    sizes[key] = size
+    return size
+
+
+def _load_yaml_text(path: Path):
+    """The YAML of ``path`` as Python values, with alias expansion bounded before anything is built."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                          f"{error.start}): save the recipe as UTF-8") from None
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, path, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
@@ -289,12 +336,14 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"config {path.name} includes itself through 'base:'")
     try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader) or {}
+        loaded = _load_yaml_text(path) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{where}: YAML syntax error: {problem}; fix the file and rerun") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its YAML nests too deeply to be a recipe; fix the file and rerun") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config {path.name} must be a mapping of sections, got {type(loaded).__name__}")
     # Interpolations are refused, not resolved: a resolved ${oc.env:TOKEN} would be written out
@@ -305,6 +354,8 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     base = loaded.pop("base", None)
     if base is None:
         return loaded
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must name one recipe (a file name or path), got {base!r}")
     base_path = Path(base) if Path(base).is_absolute() else path.parent / base
     return merge_configs(read_yaml(base_path if base_path.is_file() else base, _seen + (path,)), loaded)
 

@@ -116,10 +116,24 @@ def test_yaml_syntax_error_names_file_line_and_problem(tmp_path):
         load_config(bad)
 
 
+# Recipes a user will write sooner or later; each was a traceback, a hang or silently dropped settings.
+MALFORMED_RECIPES = {
+    "base_number": (b"base: 5\n", "{path}: base must name one recipe (a file name or path), got 5"),
+    "base_list": (b"base: [a.yaml, b.yaml]\n", "{path}: base must name one recipe (a file name or path), got ['a.yaml'"),
+    "not_utf8": (b"model:\n  n_head: 4\n# caf\xe9\n", "{path} is not UTF-8 text (byte 0xe9 at offset 24)"),
+    "recursive_alias": (b"_loop: &loop [1, *loop]\n", "{path}:1: a YAML alias refers to a value that contains it"),
+    "alias_bomb": (b"".join(b"_%d: &a%d [%s]\n" % (i, i, b", ".join([b"*a%d" % (i - 1) if i else b"x"] * 10))
+                            for i in range(12)), "{path}: its YAML aliases expand to more than 100,000 values"),
+    "section_as_a_value": (b"train: 5\n", "config section train must be a mapping of keys, got 5"),
+}
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--config", "{bad}", "--dry-run"], "error: {bad}:2:1: YAML syntax error"),
     (["--optimizer.theta={theta}", "--train.steps=2"], "error: {theta}: not a readable theta.state"),
-])
+    *[(["--config", f"{{{name}}}", "--train.steps=2", "--dry-run"], "error: " + text.replace("{path}", f"{{{name}}}"))
+      for name, (_, text) in MALFORMED_RECIPES.items()],
+], ids=["yaml_syntax", "theta", *MALFORMED_RECIPES])
 def test_ordinary_mistakes_end_in_one_error_line(tmp_path, args, expected):
     import subprocess
     import sys
@@ -127,9 +141,13 @@ def test_ordinary_mistakes_end_in_one_error_line(tmp_path, args, expected):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     (tmp_path / "theta.state").write_bytes(b"not msgpack at all")
     values = {"bad": tmp_path / "bad.yaml", "theta": tmp_path / "theta.state"}
+    for name, (content, _) in MALFORMED_RECIPES.items():
+        values[name] = tmp_path / f"{name}.yaml"
+        values[name].write_bytes(content)
     args = [a.format(**values) for a in args] + [f"--train.out_dir={tmp_path / 'run'}"]
     result = subprocess.run([sys.executable, "train.py", *args], cwd=CONFIG_DIR.parent, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=60)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected.format(**values)), result.stderr
+    assert not (tmp_path / "run").exists()
