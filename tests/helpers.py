@@ -14,10 +14,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny model, 8 x 32 tokens per step (the 50K-token output layer is most of a step); AdamW compiles
-# fastest. One device unless a test asks.
+# fastest. One device unless a test asks; no closing sample unless a test asks (its compile is a
+# fifth of a tiny run).
 TINY = ["--model.size=tiny", "--data.seq_len=32", "--data.global_batch=8", "--optimizer.name=adamw",
         "--optimizer.lr=3e-3", "--optimizer.schedule.warmup_steps=2", "--eval.batches=2",
-        "--eval.every=100", "--logging.progress=false", "--logging.every=1", "--mesh.devices=1"]
+        "--eval.every=100", "--logging.progress=false", "--logging.every=1", "--mesh.devices=1",
+        "--sample.max_new_tokens=0"]
 
 # Sharded runs sum in a different order (per-shard partial sums, then an all-reduce), so their loss
 # curves agree with one device's to float32 rounding, not bitwise (observed: about 3e-7 relative).
