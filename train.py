@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     notes = []
     config = config_lib.load_config(args.config, overrides, notes)
+    mesh_lib.init_distributed(config.mesh)  # before anything asks JAX which process this is
     for note in notes:
         log0(note)
-    mesh_lib.init_distributed(config.mesh)
     # Everything is built from shapes first; parameters are allocated only when training.
     # A dry run needs no Celo2 weights on disk: a placeholder of the right shapes stands in.
     program = build_program(config, shapes_only=args.dry_run)

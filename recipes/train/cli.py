@@ -60,10 +60,17 @@ def exit_after_training(main: Callable) -> None:
 
     from recipes.train.checkpoint import CheckpointWriteError
     from recipes.train.health import NonFiniteError
+    from recipes.train.stop import StopNow, stop_at_once_on_signals
 
+    stop_at_once_on_signals()
     quiet_library_logs()
     try:
         result = main()
+    except StopNow as stop:
+        print(f"{stop.signal_name} received " + ("after training: its checkpoint and summary.json were written "
+              "before it came" if stop.after_training else "before training began: stopped, nothing was trained; "
+              "rerun to start or resume"), file=sys.stderr, flush=True)
+        os._exit(128 + stop.signal_number)  # orbax's threads may hold the interpreter; nothing is left to write
     except (*ordinary_errors(), NonFiniteError) as error:
         if os.environ.get("CELO2_DEBUG"):
             raise

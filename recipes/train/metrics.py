@@ -67,13 +67,33 @@ def json_safe(value):
     return value
 
 
+# The fields a resume reads from the rows kept (recipes.train.run_dir.resume_records).
+RESUME_FIELDS = ("wall_time_s", "target_step", "target_tokens", "target_wall_time_s")
+
+
+def _is_record(row) -> bool:
+    """Whether a parsed line is a row the trainer wrote: an object whose step and clock are numbers."""
+    if not isinstance(row, dict):
+        return False
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    step = row.get("step", 0)
+    return (number(step) and step == int(step) and step >= 0
+            and all(row.get(key) is None or number(row[key]) for key in RESUME_FIELDS))
+
+
 def _parse_rows(text: str) -> list[dict]:
+    """The trainer's rows of a metrics.jsonl; a line cut short by a crash, or one edited into
+    something else, is not one (on resume it is set aside, never deleted)."""
     rows = []
     for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
+            row = json.loads(line)
+        except json.JSONDecodeError:
             continue
+        if _is_record(row):
+            rows.append(row)
     return rows
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -110,12 +111,24 @@ SWEEP_ENTRIES = {"train.log", "point.json"}  # written by a sweep before its tra
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """Refuses a train.out_dir that is a file, or a directory holding files no trainer wrote
-    (a run would append to, rewrite or set aside the user's files)."""
+    """Refuses a train.out_dir that is a file, lies inside another run's directory, holds a symbolic
+    link (a run writes regular files inside its directory only), or holds files no trainer wrote (a
+    run would append to, rewrite or set aside the user's files)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.out_dir {run_dir} is a file, not a directory: pick another train.out_dir")
+    for parent in run_dir.parents:
+        if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir():
+            raise ConfigError(f"train.out_dir {run_dir} lies inside the run directory {parent}, whose next resume "
+                              "would move it aside: pick a train.out_dir outside it")
     if not run_dir.is_dir():
         return
+    for folder, dirs, files in os.walk(run_dir):  # os.walk does not follow links into other folders
+        links = [name for name in dirs + files if (Path(folder) / name).is_symlink()]
+        if links:
+            link = Path(folder) / links[0]
+            raise ConfigError(f"train.out_dir {run_dir} holds a symbolic link, {link} -> {os.readlink(link)}; "
+                              "a run writes only regular files inside its directory, so nothing was changed. "
+                              "Replace the link with a copy of what it points to, or pick another train.out_dir")
     entries = sorted(e.name for e in run_dir.iterdir() if not e.name.startswith("."))
     foreign = [e for e in entries if e not in RUN_DIR_ENTRIES]
     # A sweep opens its point's train.log (and point.json) before the trainer starts: those alone are ours.
@@ -154,10 +167,29 @@ def saved_settings(run_dir: Path, log=print):
     return None
 
 
+# Model settings that change how the parameters are computed with, not what they mean; every other
+# model setting (a head count, a width, the vocabulary) gives the same arrays another function.
+HOW_COMPUTED = ("model.compute_dtype", "model.remat", "model.residual_dtype", "model.unroll_layers",
+                "model.attention_impl", "model.loss_chunk_tokens", "model.init_std")
+# Optimizer settings that decide what each slot of the optimizer state holds.
+STATE_MEANING = ("optimizer.name", "optimizer.routing.")
+# Settings that may add or drop optimizer-state slots without changing what the others mean.
+LAYOUT_TOO = ("optimizer.grad_clip_norm", "optimizer.decay_rank1", "data.micro_batch")
+
+
+def changes_meaning(key: str) -> bool:
+    """Whether changing ``key`` on resume gives the checkpoint's parameters or optimizer state another
+    meaning (refused), rather than another way to go on training them (allowed, with a note)."""
+    if key.startswith("model."):
+        return key not in HOW_COMPUTED
+    return key.startswith(STATE_MEANING)
+
+
 def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
-    """Refuses to rerun into a run directory whose checkpoints another parameter or optimizer-state
-    layout wrote (read from the checkpoints themselves, so a lost config.yaml changes nothing);
-    other changes (learning rate, steps, data) are allowed, with a note."""
+    """Refuses to rerun into a run directory whose checkpoints were trained with settings that give
+    its parameters or optimizer state another meaning or layout (read from the checkpoints
+    themselves, so a lost config.yaml changes nothing); other changes (learning rate, steps, data,
+    evaluation, logging) are allowed, with a note."""
     check_run_dir(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         return
@@ -167,6 +199,11 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
     old_values, new_values = _flat_keys(config_lib.to_dict(old)), _flat_keys(config_lib.to_dict(config))
     changed = sorted(k for k in set(old_values) | set(new_values)
                      if old_values.get(k) != new_values.get(k) and not k.startswith("train.out_dir"))
+
+    def listed(keys):
+        return ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in keys[:6])
+
+    meaning = [k for k in changed if changes_meaning(k)]
     graphdef, params_abstract = abstract_param_dict(old.model)
     old_tx, _ = build_optimizer(old.optimizer, params_abstract, theta=placeholder_theta(old), total_steps=old.train.steps)
     old_state = jax.eval_shape(lambda: {"params": params_abstract, "opt_state": old_tx.init(params_abstract)})
@@ -177,13 +214,15 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
         return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
 
     if layout(old_state) != layout(new_state):
-        layout_keys = ("model.", "optimizer.name", "optimizer.routing", "optimizer.grad_clip_norm",
-                       "optimizer.decay_rank1", "data.micro_batch")
-        shaping = [k for k in changed if k.startswith(layout_keys)] or changed
-        details = ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in shaping[:6])
+        shaping = [k for k in changed if changes_meaning(k) or k.startswith(LAYOUT_TOO)] or changed
         raise ConfigError(
-            f"{run_dir} holds checkpoints of another model or optimizer layout ({details}); nothing was "
-            "changed in it. Rerun with its settings to resume, or pick a new train.out_dir")
+            f"{run_dir} holds checkpoints of another model or optimizer layout ({listed(shaping)}); "
+            "nothing was changed in it. Rerun with its settings to resume, or pick a new train.out_dir")
+    if meaning:
+        raise ConfigError(
+            f"{run_dir} holds checkpoints trained with other settings that change what the parameters or the "
+            f"optimizer state mean ({listed(meaning)}); nothing was changed in it. Rerun with its settings to "
+            "resume, or pick a new train.out_dir")
     if changed:
         log(f"note: resuming {run_dir} with changed settings: "
              + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
@@ -205,11 +244,20 @@ def write_summary(run_dir: Path, summary: dict) -> None:
         write_json(run_dir / "summary.json", json_safe(summary), allow_nan=False, sort_keys=False)
 
 
+def record_settings(run_dir: Path, program) -> None:
+    """Writes the settings the run trains with (config.yaml, the routing table), once it is sure to
+    train: a rerun that trains nothing leaves the record of how the checkpoints were trained as it was."""
+    if jax.process_index() == 0:
+        keep_config_history(run_dir, config_lib.to_yaml(program.config))
+        program.routing.save(run_dir / "routing.json")
+        atomic_write(run_dir / "routing.txt", program.routing.format() + "\n")
+
+
 @contextlib.contextmanager
 def open_run_dir(program, log=print):
     """The run directory of ``program``'s config, checked (check_resumable) before anything in it
-    is rewritten, locked for this process, with its config, routing table and history written.
-    Yields its absolute path; the lock is released however the block ends."""
+    is written, and locked for this process. Yields its absolute path; the lock is released however
+    the block ends. The trainer records the settings (record_settings) once it knows it will train."""
     config = program.config
     run_dir = Path(config.train.out_dir).absolute()
     check_resumable(run_dir, config, program.state_abstract, log=log)
@@ -221,10 +269,6 @@ def open_run_dir(program, log=print):
         except RuntimeError as error:
             raise ConfigError(str(error)) from None
     try:
-        if lock is not None:
-            keep_config_history(run_dir, config_lib.to_yaml(config))
-            program.routing.save(run_dir / "routing.json")
-            atomic_write(run_dir / "routing.txt", program.routing.format() + "\n")
         yield run_dir
     finally:
         if lock is not None:

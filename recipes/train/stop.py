@@ -12,6 +12,28 @@ import jax
 import numpy as np
 
 
+class StopNow(BaseException):
+    """A SIGTERM or SIGINT that came while no training loop could take it: before the loop began or
+    after it ended. A BaseException, as KeyboardInterrupt is, so no library's `except Exception`
+    swallows it; the locks and files it unwinds through are released on the way out."""
+
+    def __init__(self, signum: int, after_training: bool):
+        self.signal_name, self.signal_number = signal.Signals(signum).name, int(signum)
+        self.after_training = after_training
+        super().__init__(self.signal_name)
+
+
+def stop_at_once_on_signals() -> None:
+    """From a trainer's first line: a signal raises StopNow wherever the process is, until a loop's
+    StopRequest takes over (it turns signals into a checkpoint and a clean exit), and again after."""
+    def stop_now(signum, frame):
+        raise StopNow(signum, after_training=StopRequest.took_over)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in StopRequest.SIGNALS:
+            signal.signal(sig, stop_now)
+
+
 class StopRequest:
     """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save and exit.
 
@@ -20,6 +42,7 @@ class StopRequest:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    took_over = False  # set once a loop has taken the signals: what came after stopped a trained run
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -54,6 +77,7 @@ class StopRequest:
         self.signal_number = int(signum)
 
     def __enter__(self) -> StopRequest:
+        StopRequest.took_over = True
         if threading.current_thread() is threading.main_thread():  # handlers only install there
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -22,7 +22,7 @@ from recipes.train.checkpoint import Checkpointer
 from recipes.train.health import HealthGuard, NonFiniteError
 from recipes.train.hooks import Evaluation, StepLog, TrustedCheckpoints, WallClock
 from recipes.train.metrics import MetricsLog, json_safe, progress_bar
-from recipes.train.run_dir import resume_records, write_summary
+from recipes.train.run_dir import record_settings, resume_records, write_summary
 from recipes.train.stop import StopRequest
 
 
@@ -100,6 +100,8 @@ class Trainer:
             self.checkpointer.close()
             return {**self.summary, "train_loss": None, "val_loss": None, "stopped_by": None, "skipped_steps": 0,
                     "target_val_loss": target, **reached}
+        if start < self.stop_step or latest is None:  # it will train: config.yaml says with what
+            record_settings(self.run_dir, self.program)
         self.clock = WallClock(before_resume)
         self.guard = HealthGuard(max_nonfinite_steps=config.train.max_nonfinite_steps,
                                  spike_factor=config.train.spike_factor, vocab_size=config.model.vocab_size,
