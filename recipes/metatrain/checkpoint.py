@@ -4,6 +4,7 @@ An output directory holds:
   config.json             the meta-training settings
   theta.state             the latest theta in the official Celo2 format
   thetas/theta_NNNNNNN.state  snapshots for picking a checkpoint by validation
+  thetas.set_aside/       snapshots a resumed run abandoned (written after the checkpoint it resumed from)
   checkpoints/<step>/     orbax checkpoints of everything needed to resume (theta, outer
                           optimizer state, step, PES populations, RNG) and, beside them, the
                           settings they were written under; the last three are kept
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -27,12 +30,15 @@ import jax
 import numpy as np
 
 from recipes.errors import ConfigError
-from recipes.files import move_aside
+from recipes.files import move_aside, write_json
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 from recipes.optim.theta import save_checkpoint
 from recipes.train.checkpoint import Checkpointer
 
 CHECKPOINTS_DIR = "checkpoints"
+SNAPSHOTS_DIR = "thetas"
+SNAPSHOTS_ASIDE_DIR = "thetas.set_aside"
+SNAPSHOT_NAME = re.compile(r"theta_(\d+)\.state$")
 # The npz layout written before orbax: read only.
 LEGACY_DIRS = ("checkpoint", "checkpoint.new", "checkpoint.previous")
 LEGACY_DAMAGED_DIR = "checkpoint.damaged"
@@ -166,6 +172,46 @@ def _restore_legacy(ckpt: Path, target: MetaState, config: MetaTrainConfig) -> M
 
 
 def snapshot_theta(out_dir: str | Path, theta, step: int) -> Path:
-    path = Path(out_dir) / "thetas" / f"theta_{step:07d}.state"
+    path = Path(out_dir) / SNAPSHOTS_DIR / f"theta_{step:07d}.state"
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(jax.device_get(theta), path)
+
+
+def set_aside_after(out_dir: str | Path, step: int, log: Callable[[str], None] = print) -> None:
+    """Moves what a killed run wrote past outer step ``step`` (the step it now resumes from, 0 for a
+    fresh start) out of the way of the timeline that goes on: theta snapshots to thetas.set_aside/,
+    and their validation scores (RUN/TASK.json, written by scripts/plot_metatrain.py) to
+    RUN/TASK.set_aside.jsonl. The new snapshots of those steps hold other thetas, and shipping reads
+    thetas/ and the scores by step. Nothing is deleted."""
+    out = Path(out_dir)
+    folder = out / SNAPSHOTS_DIR
+    later = sorted(p for p in folder.glob("theta_*.state")
+                   if (m := SNAPSHOT_NAME.fullmatch(p.name)) and int(m.group(1)) > step) if folder.is_dir() else []
+    for path in later:
+        move_aside(path, out / SNAPSHOTS_ASIDE_DIR, path.name)
+    if later:
+        log(f"moved {len(later)} theta snapshot(s) written after outer step {step} to {out / SNAPSHOTS_ASIDE_DIR}")
+    for path in sorted(out.glob("*.json")):
+        _set_aside_scores(path, step, log)
+
+
+def _set_aside_scores(path: Path, step: int, log: Callable[[str], None]) -> None:
+    """The scores in ``path`` of snapshots past ``step``, moved to PATH_STEM.set_aside.jsonl."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):  # not a scores file of ours
+        return
+    scores = record.get("snapshots") if isinstance(record, dict) else None
+    if not isinstance(scores, dict):  # config.json and other files: no scores by step
+        return
+    later = {k: v for k, v in scores.items() if k.isdigit() and int(k) > step}
+    if not later:
+        return
+    aside = path.with_name(f"{path.stem}.set_aside.jsonl")
+    with open(aside, "a") as f:  # appended and synced before the scores file shrinks
+        f.write("".join(json.dumps({"outer_step": int(k), "task": record.get("task"), "score": v}) + "\n"
+                        for k, v in sorted(later.items(), key=lambda item: int(item[0]))))
+        f.flush()
+        os.fsync(f.fileno())
+    write_json(path, {**record, "snapshots": {k: v for k, v in scores.items() if k not in later}})
+    log(f"moved {len(later)} score(s) of snapshots after outer step {step} from {path.name} to {aside.name}")

@@ -178,6 +178,7 @@ class MetaTrainer:
         write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
         if (self.out_dir / "wandb_id").is_file() and not (self.out_dir / "wandb_id.txt").exists():
             (self.out_dir / "wandb_id").rename(self.out_dir / "wandb_id.txt")  # the name used before
+        ckpt.set_aside_after(self.out_dir, int(state.step), log=self.log)  # before this timeline's snapshots
         metrics_log = MetricsLog(self.out_dir, wandb_mode=m.wandb, project=m.wandb_project, name=self.out_dir.name,
                                  config=dataclasses.asdict(self.config), resume_step=int(state.step))
         # The trainer's stop handling: a signal ends the loop, the state is saved, and the

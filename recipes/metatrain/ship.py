@@ -18,19 +18,19 @@ from typing import Callable
 from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
 from recipes.errors import ConfigError
 from recipes.files import atomic_path, write_json
+from recipes.metatrain.checkpoint import SNAPSHOT_NAME, SNAPSHOTS_DIR
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.tasks.lm import TinyLM
 
-_SNAPSHOT = re.compile(r"theta_(\d+)\.state$")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def snapshots(run_dir: Path, every: int = 1) -> dict[int, Path]:
     """Outer step -> theta.state of a run's snapshots, keeping steps divisible by ``every``."""
-    found = {int(m.group(1)): p for p in sorted((run_dir / "thetas").glob("theta_*.state"))
-             if (m := _SNAPSHOT.search(p.name))}
+    found = {int(m.group(1)): p for p in sorted((run_dir / SNAPSHOTS_DIR).glob("theta_*.state"))
+             if (m := SNAPSHOT_NAME.fullmatch(p.name))}
     if not found:
-        raise FileNotFoundError(f"{run_dir / 'thetas'} holds no theta_NNNNNNN.state snapshots: "
+        raise FileNotFoundError(f"{run_dir / SNAPSHOTS_DIR} holds no theta_NNNNNNN.state snapshots: "
                                 "meta-train first (scripts/metatrain.py) with metatrain.snapshot_every > 0")
     return {step: path for step, path in found.items() if step % every == 0 or step == max(found)}
 

@@ -1,6 +1,8 @@
 """Faults met by real scripts/metatrain.py processes: a signal, a second process on the directory,
 damaged and deleted checkpoint files, bad settings. Each ends in its documented exit code, with one
-`error:` line where it fails, and the run then resumes to the same theta as an undisturbed one."""
+`error:` line where it fails, and the run then resumes to the same theta as an undisturbed one; what
+the abandoned steps wrote (snapshots, their scores) is set aside, not mixed with the new timeline."""
+import json
 import os
 import shutil
 import signal
@@ -58,7 +60,7 @@ def saved_steps(run: Path) -> list[int]:
 
 def test_signal_lock_damage_and_bad_settings(tmp_path):
     run = tmp_path / "run"
-    first = start(tmp_path, run, "--metatrain.outer_steps=100000")
+    first = start(tmp_path, run, "--metatrain.outer_steps=100000", "--metatrain.snapshot_every=1")
     try:
         deadline = time.time() + 300
         while len(saved_steps(run)) < 2:  # two checkpoints written
@@ -88,10 +90,20 @@ def test_signal_lock_damage_and_bad_settings(tmp_path):
     for f in (run / "checkpoints" / str(stopped_at) / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(f.read_bytes()[:10])
-    code, out, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end}"))
+    abandoned = {f"theta_{s:07d}.state": (run / "thetas" / f"theta_{s:07d}.state").read_bytes()
+                 for s in range(before + 1, stopped_at + 1)}
+    scores = {"task": "validation/300x3", "snapshots": {str(s): {"mean": float(s)} for s in (0, before, stopped_at)}}
+    (run / "validation.json").write_text(json.dumps(scores))
+    code, out, err = finish(start(tmp_path, run, f"--metatrain.outer_steps={end}", "--metatrain.snapshot_every=1"))
     assert code == 0, err[-3000:]
     assert f"checkpoint {stopped_at} does not restore" in out and f"at outer step {before}" in out
     assert list((run / "checkpoints.damaged").iterdir())
+    # The snapshots and scores of steps past the checkpoint resumed from are set aside, whole.
+    assert sorted(p.name for p in (run / "thetas").iterdir()) == [f"theta_{s:07d}.state" for s in range(1, end + 1)]
+    assert {p.name: p.read_bytes() for p in (run / "thetas.set_aside").iterdir()} == abandoned
+    assert sorted(json.loads((run / "validation.json").read_text())["snapshots"]) == sorted(["0", str(before)])
+    aside = [json.loads(line) for line in (run / "validation.set_aside.jsonl").read_text().splitlines()]
+    assert aside == [{"outer_step": stopped_at, "task": "validation/300x3", "score": {"mean": float(stopped_at)}}]
     undisturbed = tmp_path / "undisturbed"
     code, _, err = finish(start(tmp_path, undisturbed, f"--metatrain.outer_steps={end}"))
     assert code == 0, err[-3000:]
