@@ -10,7 +10,8 @@ special_tokens_map.json), each under a temporary name renamed into place, and
 empty, or an earlier export of the same run; --overwrite writes into any
 directory (replacing only the files above). Without --step the newest
 checkpoint that restores is exported, as train.py resumes: a damaged one is
-moved aside to checkpoints.damaged/ and the next older one is taken.
+moved aside to checkpoints.damaged/ and the next older one is taken. The model's
+settings are those recorded in the checkpoint exported.
 --push-to-hub uploads the directory with huggingface_hub (needs network and a
 token: `hf auth login`).
 """

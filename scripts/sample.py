@@ -5,9 +5,12 @@
 
 --temperature 0 is greedy decoding. Each new token is one forward pass on the cached
 keys and values of the text so far, until the text fills the context; after that
-each token is predicted from the last context_length tokens. Without --step the newest
-checkpoint that restores is used, as train.py resumes: a damaged one is moved aside to
-checkpoints.damaged/ (said on stderr) and the next older one is taken.
+each token is predicted from the last context_length tokens. Generation thus has no end of
+its own, and each token past the context costs a forward pass over a whole window:
+--max-new-tokens is capped at 10,000 (about 7,500 words); for more, sample again with the
+end of the text as --prompt. Without --step the newest checkpoint that restores is used, as train.py
+resumes: a damaged one is moved aside to checkpoints.damaged/ (said on stderr) and the next
+older one is taken. The model is read with the settings its checkpoint was trained with.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ from model.sampling import generate
 from recipes.errors import ConfigError, check_number
 from recipes.train.run_params import load_run_params
 
+MAX_NEW_TOKENS = 10_000  # generation has no end of its own past the context (see above)
+
 
 def main(argv: list[str] | None = None) -> list[int]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run directory (train.out_dir)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help=">= 0")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help=f"0 to {MAX_NEW_TOKENS:,}")
     parser.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0: greedy")
     parser.add_argument("--top-k", type=int, default=None, help=">= 1: sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,7 +50,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuses, before any checkpoint is read, what generate() could only fail on or silently ignore."""
     if not args.prompt:
         raise ConfigError("--prompt must not be empty: give at least one character, e.g. --prompt $'\\n'")
-    check_number("--max-new-tokens", args.max_new_tokens, integer=True, low=0)
+    check_number("--max-new-tokens", args.max_new_tokens, integer=True, low=0, high=MAX_NEW_TOKENS,
+                 hint="for a longer text, sample again with the end of this one as --prompt")
     check_number("--temperature", args.temperature, low=0, hint="0 is greedy decoding")
     if args.top_k is not None:
         check_number("--top-k", args.top_k, integer=True, low=1, hint="leave it out to sample from every token")

@@ -4,6 +4,8 @@
 Without a step, the checkpoint is found exactly as train.py finds the one it resumes from
 (Checkpointer.restore_newest): one that does not restore is moved aside to checkpoints.damaged/,
 never deleted, and the next older one is taken. A step asked for is restored or refused in one line.
+The settings are those the checkpoint restored records it was trained with (a rerun may have changed
+them since, e.g. the head count, which gives the same arrays another function).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from recipes.train.cli import one_line
 
 def load_run_params(run_dir: str | Path, step: int | None = None, log=print):
     """(config, params as a dict of arrays on one device, step) of a run directory's newest checkpoint
-    that restores, or of checkpoint ``step``. ``log`` receives the lines about damaged checkpoints."""
+    that restores, or of checkpoint ``step``; config is the settings that checkpoint was trained with.
+    ``log`` receives the lines about damaged checkpoints."""
     from recipes.train.run_dir import saved_settings
 
     run_dir = Path(run_dir)
@@ -44,16 +47,32 @@ def load_run_params(run_dir: str | Path, step: int | None = None, log=print):
                                     f"{', '.join(map(str, steps))} has a readable record of its arrays): "
                                     "train again, or restore the checkpoints from a copy")
         if step is not None:
-            return config, _restore_asked(checkpoints, step, abstract)["params"], step
+            params = _restore_asked(checkpoints, step, abstract)["params"]
+            return checkpoint_settings(checkpoints, step, config, log), params, step
         found, state = checkpoints.restore_newest(abstract, log=log)
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {directory} restores (each was moved to "
                                     f"{directory.name}.damaged/): train again, or restore the checkpoints from a copy")
         if found != steps[0]:
             log(f"using checkpoint {found}, the newest of {run_dir} that restores")
-        return config, state["params"], found
+        return checkpoint_settings(checkpoints, found, config, log), state["params"], found
     finally:
         checkpoints.close()
+
+
+def checkpoint_settings(checkpoints: Checkpointer, step: int, fallback, log=print):
+    """The settings checkpoint ``step`` records it was trained with, parsed as saved_settings parses
+    them; ``fallback`` (saved_settings') for a checkpoint written before records carried them."""
+    from recipes.train import config as config_lib
+
+    try:
+        settings = checkpoints.read_meta(step).get("config")
+        if settings:
+            return config_lib.Config.from_dict(settings)
+    except Exception as error:  # orbax raises many types for a garbled record; older names raise ConfigError
+        log(f"note: checkpoint {step} has no readable record of its settings ({type(error).__name__}: "
+            f"{one_line(error)[:200]}); using the run directory's newest record")
+    return fallback
 
 
 def _restore_asked(checkpoints: Checkpointer, step: int, abstract: dict) -> dict:

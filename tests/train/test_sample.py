@@ -1,5 +1,9 @@
 """scripts/sample.py greedy decoding == the exported Hugging Face model's greedy generate; a damaged
-newest checkpoint is passed over as train.py passes it over; bad arguments are one line each."""
+newest checkpoint is passed over as train.py passes it over; a checkpoint is read with the settings it
+was trained with; bad arguments are one line each."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -88,8 +92,45 @@ def test_bad_arguments_are_one_line_each_before_any_checkpoint_is_read(trained_r
              ("--temperature", "-0.5"): "error: --temperature must be a number >= 0, got -0.5",
              ("--top-k", "0"): "error: --top-k must be an int >= 1, got 0",
              ("--top-k", "-3"): "error: --top-k must be an int >= 1, got -3",
-             ("--max-new-tokens", "-1"): "error: --max-new-tokens must be an int >= 0, got -1"}
+             ("--max-new-tokens", "-1"): "error: --max-new-tokens must be an int in [0, 10000], got -1",
+             ("--max-new-tokens", "100000000000000000000"):
+                 "error: --max-new-tokens must be an int in [0, 10000], got 100000000000000000000"}
     results = run_at_once({case: ["scripts/sample.py", "--checkpoint", str(trained_run), *case] for case in cases},
                           tmp_path)
     for case, result in results.items():
         assert result.returncode == 1 and one_error_line(result).startswith(cases[case]), (case, result.stderr[-2000:])
+
+
+def test_a_checkpoint_is_read_with_the_settings_it_was_trained_with(trained_run, tmp_path, capsys, monkeypatch):
+    """The older checkpoint records another head count (the same arrays, another function): sample and
+    export read it with its own settings, not the newest checkpoint's."""
+    from model.sampling import generate
+    from recipes.train.run_params import load_run_params
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    older = min(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    record = run_dir / "checkpoints" / str(older) / "meta" / "metadata"
+    meta = json.loads(record.read_text())
+    assert meta["config"]["model"]["n_head"] == 4
+    meta["config"]["model"]["n_head"] = 2
+    record.write_text(json.dumps(meta))
+
+    config, _, step = load_run_params(run_dir, older)
+    assert step == older and config.model.n_head == 2
+    assert load_run_params(run_dir)[0].model.n_head == 4  # the newest keeps its own
+
+    sample = script("sample")
+    used = []  # an untrained model's attention is near uniform, so its text hardly shows the head count
+
+    def generate_recording(model_config, *args, **kwargs):
+        used.append(model_config)
+        return generate(model_config, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", generate_recording)
+    sample.main(["--checkpoint", str(run_dir), "--step", str(older), "--max-new-tokens", "2", "--temperature", "0"])
+    assert [c.n_head for c in used] == [2]
+
+    out = script("export_hf").main(["--checkpoint", str(run_dir), "--step", str(older), "--out", str(tmp_path / "hf")])
+    assert json.loads((out / "config.json").read_text())["n_head"] == 2
+    capsys.readouterr()
