@@ -167,7 +167,7 @@ def test_empty_dataset_is_refused(tmp_path: Path) -> None:
     empty.write_text('{"text": ""}\n{"text": null}\n')
     with pytest.raises(prepare_corpus.EmptyDatasetError, match=r"produced no tokens"):
         prepare_corpus.prepare_files([empty], tmp_path / "out", workers=1, progress=False)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # a failed prepare leaves no directory it created
 
 
 def test_single_document_without_train_split_is_refused(tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_single_document_without_train_split_is_refused(tmp_path: Path) -> None:
     single.write_text("just one document")
     with pytest.raises(prepare_corpus.EmptyDatasetError, match=r"train split is empty.*--text-unit paragraph"):
         prepare_corpus.prepare_files([single], tmp_path / "out", workers=1, progress=False)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
     result = prepare_corpus.prepare_files(
         [single], tmp_path / "out", val_fraction=0.0, workers=1, progress=False
     )  # or with no validation split at all
@@ -204,12 +204,42 @@ def test_failure_midway_leaves_no_shards(tmp_path: Path) -> None:
             yield "train", f"document number {i} with a few words"
         raise RuntimeError("connection lost")
 
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "out"
     with pytest.raises(RuntimeError, match=r"connection lost"):
         prepare_corpus.prepare_documents(
             documents(), out, source={}, split_rule={}, shard_size=8, workers=1, progress=False
         )
-    assert list(out.iterdir()) == []  # neither complete-looking shards nor temporaries nor meta.json
+    assert not (tmp_path / "new").exists()  # neither the directories it created nor anything in them
+
+    mine = tmp_path / "mine"  # a directory that was there before is left as it was
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match=r"connection lost"):
+        prepare_corpus.prepare_documents(
+            documents(), mine, source={}, split_rule={}, shard_size=8, workers=1, progress=False
+        )
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_file_that_is_not_utf8_text_is_named_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("Some text.\n\nAnd more.")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    latin1 = tmp_path / "old.md"  # its first bytes are plain ASCII: found as it is read
+    latin1.write_bytes(b"plain words\n" * 1000 + "caf\u00e9\n".encode("latin-1"))
+    packed = tmp_path / "notes.txt.gz"  # not gzip at all
+    packed.write_text("plain text, wrongly named")
+    cases = {binary: "a NUL byte at offset 0", latin1: "byte 0xe9 at offset 12,003", packed: "does not decompress"}
+    for path, detail in cases.items():
+        out = tmp_path / "out" / path.name
+        assert prepare.main(["--files", str(good), str(path), "--out", str(out), "--workers", "1", "--no-progress"]) == 1
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path} ") and detail in lines[0], lines
+        assert "it out of --files" in lines[0]  # and what to do
+        assert not (tmp_path / "out").exists()
 
 
 def test_overwrite_replaces_only_our_files(inputs: list[Path], tmp_path: Path) -> None:
