@@ -5,14 +5,19 @@
         --grid optimizer.name=celo2,adamw,muon --set train.steps=500 --out runs/sweep [--workers 2]
     python scripts/sweep.py --sweep shakespeare_cpu.yaml          # a file in configs/sweeps/
 
-Each point is a normal run directory under --out. Rerunning skips finished
-points and resumes interrupted ones. One sweep at a time per --out: a second is
-refused. SIGTERM or Ctrl-C stops the running points with a checkpoint (the
-sweep exits 143/130; rerun it to resume); a killed sweep's training child stops
-too, and a rerun waits for it to end. Results go to OUT/results.csv and
-results.json, plots to OUT/*.png. --print-commands prints one train.py command
-per point (for a cluster scheduler) and runs nothing; --wandb-sweep FILE writes
-the equivalent W&B sweep definition.
+Each point is a normal run directory under --out. Every point's config is
+checked before any trains (a refused value is one error line, no point starts);
+values of a key that give the same settings (1e-3 and 0.001) train once, and a
+key given twice in --grid is refused (a later --set wins, as in train.py).
+Rerunning skips finished points and resumes interrupted ones; a rerun with a
+changed grid keeps the rows of the earlier points outside it (in_grid False).
+One sweep at a time per --out: a second is refused. SIGTERM or Ctrl-C stops the
+running points with a checkpoint (the sweep exits 143/130; rerun it to resume);
+a killed sweep's training child stops too, and a rerun waits for it to end.
+Results go to OUT/results.csv and results.json, plots to OUT/*.png; the last
+line counts the finished, unfinished and diverged points. --print-commands
+prints one train.py command per point (for a cluster scheduler) and runs
+nothing; --wandb-sweep FILE writes the equivalent W&B sweep definition.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from pathlib import Path
 
 from recipes.train.cli import run_main
 from recipes.experiments.sweep_plots import plot_sweep
-from recipes.experiments.sweeps import SweepError, SweepStop, commands, make_spec, run_sweep, wandb_sweep_yaml
+from recipes.experiments.sweep_tables import in_grid
+from recipes.experiments.sweeps import (RECORDS_MISSING, SweepError, SweepStop, commands, make_spec, outcome_line,
+                                        run_sweep, wandb_sweep_yaml)
 
 
 def main(argv=None, runner=None) -> int:
@@ -48,15 +55,14 @@ def main(argv=None, runner=None) -> int:
         return 0
     stop = SweepStop()
     rows = run_sweep(spec, runner=runner, stop=stop)
-    for path in plot_sweep(rows, spec.out):
+    grid = [r for r in rows if in_grid(r)]
+    for path in plot_sweep(grid, spec.out):
         print(f"wrote {path}")
-    failed = [r["point"] for r in rows if r["status"] == "failed"]
-    print(f"results: {spec.out / 'results.csv'} ({len(rows)} points, {sum(r['diverged'] for r in rows)} diverged"
-          f"{', failed: ' + ', '.join(failed) if failed else ''})")
-    unfinished = [r for r in rows if r["status"] in ("interrupted", "pending")]
-    if stop.signal_number is not None and unfinished:  # exit as the signal would, so a scheduler reruns
+    print(outcome_line(spec, rows))
+    resumable = [r for r in grid if r["status"] in ("interrupted", "pending")]
+    if stop.signal_number is not None and resumable:  # exit as the signal would, so a scheduler reruns
         return 128 + stop.signal_number
-    return 1 if failed else 0
+    return 1 if any(r["status"] in ("failed", RECORDS_MISSING) for r in grid) else 0
 
 
 if __name__ == "__main__":

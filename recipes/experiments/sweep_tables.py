@@ -10,13 +10,19 @@ LR, WD, OPTIMIZER = "optimizer.lr", "optimizer.weight_decay", "optimizer.name"
 NEAR_BEST = 0.05
 
 
+def in_grid(row: dict) -> bool:
+    """False for an earlier point outside the sweep's current grid (rows read back from
+    results.csv say "False"; rows written before the column existed are in the grid)."""
+    return str(row.get("in_grid", True)) != "False"
+
+
 def is_diverged(row: dict) -> bool:
     """Rows come as written (bool) or read back from results.csv ("True"/"False")."""
     return str(row.get("diverged")) == "True"
 
 
 def final_loss(row: dict) -> float:
-    """The row's final validation loss; NaN when it diverged or has none."""
+    """The row's final validation loss; NaN when it diverged or has none (an unfinished point has none)."""
     value = row.get("final_val_loss")
     if value in (None, "") or is_diverged(row):
         return math.nan
@@ -90,4 +96,10 @@ def grid_table(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    return f"{summary_table(rows)}\n\nFinal validation loss over the grid:\n\n{grid_table(rows)}\n"
+    """The tables over the current grid; earlier points outside it are only named."""
+    grid = [r for r in rows if in_grid(r)]
+    text = f"{summary_table(grid)}\n\nFinal validation loss over the grid:\n\n{grid_table(grid)}\n"
+    outside = [f"{r['point']} ({r['status']})" for r in rows if not in_grid(r)]
+    if outside:
+        text += f"\nEarlier points outside the current grid (their rows are in results.csv): {', '.join(outside)}\n"
+    return text

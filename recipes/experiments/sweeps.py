@@ -7,6 +7,14 @@ ordinary run directory under the sweep directory, trained by
 train.py resumes a run directory, rerunning a sweep continues interrupted
 points, and points whose own ``summary.json`` says finished are skipped.
 
+Every point's config is loaded as train.py loads it before any point trains: a value the
+config's types refuse stops the sweep before any point starts, and values of one key that give
+the same settings (1e-3 and 0.001) are trained once. The results table comes from each
+point's own records: only a point whose summary.json says finished and whose metrics.jsonl
+holds trained steps is finished, and only finished or diverged points have a final loss.
+A rerun with a changed grid keeps the rows of earlier points outside it (``in_grid`` False),
+and sweep.json keeps the earlier grids.
+
 One sweep at a time per sweep directory (its ``.lock``, a RunDirLock); a second is refused
 and changes nothing. The train.py children cannot outlive the sweep: each runs in its own
 session (a terminal's Ctrl-C reaches the sweep only, which passes it on once), a SIGTERM or
@@ -38,18 +46,24 @@ from typing import Callable
 
 import yaml
 
+from recipes.config_parsing import resolve_path
+from recipes.errors import ConfigError
 from recipes.files import write_json
+from recipes.train.cli import EXIT_CODES, one_line
 from recipes.train.metrics import read_records
 from recipes.train.run_dir import RunDirLock
 from recipes.train.stop import StopRequest
-from recipes.experiments.sweep_tables import OPTIMIZER, markdown
+from recipes.experiments.sweep_tables import OPTIMIZER, in_grid, markdown
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
 POINT_FILE = "point.json"
 RESULT_COLUMNS = ("point", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens", "steps",
                   "wall_time_s", "target_val_loss", "target_step", "target_tokens", "target_wall_time_s", "diverged",
-                  "status")
+                  "status", "in_grid")
+# A point whose summary.json says finished but whose metrics.jsonl holds no row past step 0 (its
+# directory was deleted or replaced under the run): rerunning would train nothing, so it is skipped.
+RECORDS_MISSING = "records missing"
 
 
 class SweepError(ValueError):
@@ -63,10 +77,27 @@ class SweepSpec:
     overrides: dict[str, str]
     out: Path
     workers: int = 1
+    # The other grids this sweep directory was swept with (sweep.json keeps them, oldest first).
+    earlier_grids: tuple[dict[str, list[str]], ...] = ()
 
     def points(self) -> list[dict[str, str]]:
-        keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        return _product(self.grid)
+
+    def outside_points(self) -> list[dict[str, str]]:
+        """Points of the earlier grids that are not in this one and have a run directory."""
+        current = {point_name(p) for p in self.points()}
+        outside = {}
+        for grid in self.earlier_grids:
+            for point in _product(grid):
+                name = point_name(point)
+                if name not in current and (self.out / name).is_dir():
+                    outside.setdefault(name, point)
+        return list(outside.values())
+
+
+def _product(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def _text(value) -> str:
@@ -90,9 +121,7 @@ def parse_grid(text: str) -> tuple[str, list[str]]:
     items = [v.strip() for v in values.split(",")]
     if not all(items):
         raise SweepError(f"--grid {text!r} has an empty value; separate values with commas: {key}=a,b,c")
-    if len(set(items)) != len(items):
-        raise SweepError(f"--grid {text!r} repeats a value")
-    return key, items
+    return key, items  # repeated values are trained once (see check_points)
 
 
 def load_sweep_yaml(path: str | Path) -> dict:
@@ -109,16 +138,27 @@ def load_sweep_yaml(path: str | Path) -> dict:
     return data
 
 
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)  # stdout may be --print-commands' commands
+
+
 def make_spec(*, config: str | None, grids: list[str], sets: list[str], out: str | None,
-              workers: int | None, sweep_file: str | None = None) -> SweepSpec:
-    """Command-line flags over an optional sweep file (flags win)."""
+              workers: int | None, sweep_file: str | None = None,
+              log: Callable[[str], None] = _note) -> SweepSpec:
+    """Command-line flags over an optional sweep file (flags win), every point checked by the
+    config's own types (check_points). A key given twice in --grid is refused: its values are
+    given once, as key=a,b,c."""
     base = load_sweep_yaml(sweep_file) if sweep_file else {}
     grid = {k: [_text(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in (base.get("grid") or {}).items()}
+    given: dict[str, list[str]] = {}
     for text in grids:
         key, values = parse_grid(text)
-        grid[key] = values
+        if key in given:
+            raise SweepError(f"--grid {key} is given twice ({','.join(given[key])} and {','.join(values)}); "
+                             f"give all its values in one: --grid {key}={','.join(given[key] + values)}")
+        given[key] = grid[key] = values
     overrides = {k: _text(v) for k, v in (base.get("set") or {}).items()}
-    for text in sets:
+    for text in sets:  # a later --set wins, as a later override does in train.py
         key, value = parse_assignment(text, "--set")
         overrides[key] = value
     config = config or base.get("config")
@@ -140,7 +180,44 @@ def make_spec(*, config: str | None, grids: list[str], sets: list[str], out: str
     for key, values in grid.items():
         for value in values:
             _ = point_name({key: value})  # refuse values that cannot name a directory early
-    return SweepSpec(config=str(config), grid=grid, overrides=overrides, out=Path(out), workers=workers)
+    # Absolute: the train.py children run in the repository, wherever the sweep was started.
+    spec = SweepSpec(config=str(config), grid=grid, overrides=overrides, out=Path(out).absolute(), workers=workers)
+    return check_points(spec, log)
+
+
+def check_points(spec: SweepSpec, log: Callable[[str], None] = _note) -> SweepSpec:
+    """``spec`` with every point's config loaded as train.py will load it (no JAX work), so a
+    value the config refuses stops the sweep before anything trains; values of a key that give
+    the same settings as an earlier value of it, at every point (1e-3 and 0.001), are dropped."""
+    from recipes.train.config import load_config, to_dict  # imports JAX: only once a sweep is made
+
+    resolve_path(spec.config)  # a missing recipe is the recipe's error, not a point's
+    settings = {}
+    for point in spec.points():
+        try:
+            config = load_config(spec.config, _overrides(spec, point), [])
+        except ConfigError as error:
+            given = ",".join(f"{k}={v}" for k, v in point.items())
+            raise SweepError(f"point {given}: {one_line(error)}; fix the value in --grid or --set "
+                             "(no point was started)") from None
+        settings[tuple(point.values())] = to_dict(config)
+    grid = {}
+    for index, (key, values) in enumerate(spec.grid.items()):
+        grid[key] = []
+        for value in values:
+            kept = next((other for other in grid[key] if _same_settings(settings, index, value, other)), None)
+            if kept is None:
+                grid[key].append(value)
+            else:
+                log(f"note: --grid {key}: {value} " + ("is given twice" if value == kept else f"is the same "
+                    f"setting as {kept}") + f"; trained once, as {point_name({key: kept})}")
+    spec = dataclasses.replace(spec, grid=grid)
+    names = [point_name(p) for p in spec.points()]
+    clash = sorted({name for name in names if names.count(name) > 1})
+    if clash:
+        raise SweepError(f"different points would share the run directory {clash[0]}: their values differ only in "
+                         "characters a directory name cannot hold; choose values that differ in letters or digits")
+    return spec
 
 
 def point_name(point: dict[str, str]) -> str:
@@ -154,12 +231,20 @@ def point_name(point: dict[str, str]) -> str:
     return ",".join(parts)
 
 
+def _same_settings(settings: dict[tuple, dict], index: int, value: str, other: str) -> bool:
+    """Whether the grid's ``index``-th key at ``value`` gives the same config as at ``other``,
+    whatever the other keys are."""
+    return all(config == settings[(*combo[:index], other, *combo[index + 1:])]
+               for combo, config in settings.items() if combo[index] == value)
+
+
+def _overrides(spec: SweepSpec, point: dict[str, str]) -> list[str]:
+    return [f"--{k}={v}" for k, v in {**spec.overrides, **point}.items()]
+
+
 def train_argv(spec: SweepSpec, point: dict[str, str]) -> list[str]:
     """The arguments of train.py for one point (without the interpreter and script)."""
-    argv = ["--config", spec.config]
-    argv += [f"--{k}={v}" for k, v in {**spec.overrides, **point}.items()]
-    argv.append(f"--train.out_dir={spec.out / point_name(point)}")
-    return argv
+    return ["--config", spec.config, *_overrides(spec, point), f"--train.out_dir={spec.out / point_name(point)}"]
 
 
 def commands(spec: SweepSpec, python: str = "python") -> list[str]:
@@ -184,23 +269,26 @@ def wandb_sweep_yaml(spec: SweepSpec) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def summarize(run_dir: Path, point: dict[str, str]) -> dict:
-    """One results row from a run directory's metrics and the sweep's point record."""
+def summarize(run_dir: Path, point: dict[str, str], in_grid: bool = True) -> dict:
+    """One results row from a run directory's own records (metrics.jsonl, summary.json) and the
+    sweep's point record. Only a run that ended (finished or diverged) has a final loss: the
+    last evaluation of an interrupted or unstarted point is not a result."""
     record = _read_point(run_dir)
     metrics = read_records(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    status = point_status(record, summary, metrics)
     vals = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     trains = [m for m in metrics if "loss" in m]
     losses = [v for _, v in vals]
     finite = [v for v in losses if v is not None and math.isfinite(v)]
     initial = losses[0] if losses else (trains[0]["loss"] if trains else None)
-    final = losses[-1] if losses else None
+    final = losses[-1] if losses and status in ("finished", "diverged") else None
     nonfinite = any(v is None or not math.isfinite(v) for v in losses) or any(
-        m["loss"] is None for m in trains) or record.get("status") == "diverged"
+        m["loss"] is None for m in trains) or status == "diverged"
     # The first evaluation at or below train.target_val_loss (the latest target, if it was changed).
     targets = [m for m in metrics if m.get("target_step") is not None]
     reached = next((m for m in targets if m.get("target_val_loss") == targets[-1].get("target_val_loss")), {}) \
         if targets else {}
-    summary = _read_json(run_dir / "summary.json")
     above_start = final is not None and initial is not None and math.isfinite(final) and final > initial
     return {
         "point": point_name(point),
@@ -217,19 +305,25 @@ def summarize(run_dir: Path, point: dict[str, str]) -> dict:
         "target_tokens": reached.get("target_tokens"),
         "target_wall_time_s": reached.get("target_wall_time_s"),
         "diverged": bool(nonfinite or above_start),
-        "status": point_status(record, summary),
+        "status": status,
+        "in_grid": in_grid,
     }
 
 
-def point_status(record: dict, summary: dict) -> str:
-    """How a point stands. The run's own summary.json is the truth on whether it finished (a
-    point.json may be stale: written by a sweep that saw only a refused or killed child); the
-    sweep's record says how its last child ended otherwise."""
+def point_status(record: dict, summary: dict, metrics: list[dict]) -> str:
+    """How a point stands. The run's own records are the truth on whether it finished: its
+    summary.json says so and its metrics.jsonl holds rows past step 0 (a step's training row may
+    be missing, not its evaluation's; a point.json may be stale: written by a sweep that saw only a
+    refused or killed child); the sweep's record says how its last child ended otherwise."""
+    trained = any(m.get("step", 0) > 0 for m in metrics)
     if summary.get("finished"):
-        return "finished"
+        return "finished" if trained else RECORDS_MISSING
     if summary.get("stopped_by") == "nonfinite":
         return "diverged"
-    return record.get("status") or ("interrupted" if summary else "pending")
+    status = record.get("status")
+    if status == "finished":  # the child finished, but its summary.json is gone or was rewritten since
+        return "interrupted" if summary else RECORDS_MISSING
+    return status or ("interrupted" if summary else "pending")
 
 
 def _optimizer_of(run_dir: Path, point: dict[str, str]) -> dict:
@@ -356,8 +450,8 @@ def _wait_for_holder(run_dir: Path, stop, log: Callable[[str], None], poll_s: fl
 
 
 def _done(run_dir: Path) -> str | None:
-    status = point_status(_read_point(run_dir), _read_json(run_dir / "summary.json"))
-    return status if status in ("finished", "diverged") else None
+    status = point_status(_read_point(run_dir), _read_json(run_dir / "summary.json"), read_records(run_dir))
+    return status if status in ("finished", "diverged", RECORDS_MISSING) else None
 
 
 def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Callable[[str], None] = print,
@@ -366,7 +460,10 @@ def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Calla
     if not stop:
         _wait_for_holder(run_dir, stop, log)
     done = _done(run_dir)
-    if done:
+    if done == RECORDS_MISSING:
+        log(f"skip   {run_dir.name} ({done}: its summary.json says finished but its metrics.jsonl holds no "
+            f"trained step; delete {run_dir} and rerun to train it again)")
+    elif done:
         log(f"skip   {run_dir.name} ({done})")
     if done or stop:  # stopped before this point began: it stays as it was
         return summarize(run_dir, point)
@@ -379,31 +476,25 @@ def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Calla
               "runs": record.get("runs", 0) + 1,
               "wall_time_s": record.get("wall_time_s", 0.0) + time.perf_counter() - start}
     _write_point(run_dir, record)
-    log(f"{record['status']:<8} {run_dir.name} ({record['wall_time_s']:.0f} s)")
-    return summarize(run_dir, point)
+    row = summarize(run_dir, point)
+    log(f"{row['status']:<8} {run_dir.name} ({record['wall_time_s']:.0f} s)")
+    return row
 
 
 def _status_of(run_dir: Path, code: int, stopped: bool) -> str:
-    """How a child that exited with ``code`` left its point. A signal (the child's own exit
-    130/143, or death by one), a clean exit short of the end, or any exit while the sweep was
-    being stopped leaves it interrupted: the next sweep resumes it. A non-finite loss is a
-    diverged point: recorded, never fatal to the sweep."""
-    if _read_json(run_dir / "summary.json").get("finished", False):
+    """How a child that exited with ``code`` left its point, from that code and the run's
+    summary.json. A signal (the child's own exit 130/143, or death by one), a clean exit short of
+    the end, or any exit while the sweep was being stopped leaves it interrupted: the next sweep
+    resumes it. Too many non-finite steps (exit 3) is a diverged point: recorded, never fatal to
+    the sweep."""
+    summary = _read_json(run_dir / "summary.json")
+    if summary.get("finished", False):
         return "finished"
-    if code == 0 or code < 0 or code in (130, 143):
-        return "interrupted"
-    metrics_nonfinite = any(m.get("val_loss", 0.0) is None or m.get("loss", 0.0) is None for m in read_records(run_dir))
-    if metrics_nonfinite or "non-finite" in _tail(run_dir / "train.log"):
+    if code == EXIT_CODES["nonfinite"] or summary.get("stopped_by") == "nonfinite":
         return "diverged"
-    return "interrupted" if stopped else "failed"
-
-
-def _tail(path: Path, size: int = 4000) -> str:
-    if not path.is_file():
-        return ""
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - size))
-        return f.read().decode(errors="replace")
+    if code == 0 or code < 0 or code in (130, 143) or stopped:
+        return "interrupted"
+    return "failed"
 
 
 def lock_sweep_dir(out: Path, log: Callable[[str], None] = print) -> RunDirLock:
@@ -436,15 +527,21 @@ def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str]
             raise SweepError(
                 f"{spec.out} holds a sweep of {saved['config']} with --set {saved['set']}; this one is "
                 f"{spec.config} with --set {spec.overrides}. Finished points would be reused with the wrong "
-                "settings: choose another --out (the grid itself may grow between runs)")
-        (spec.out / "sweep.json").write_text(json.dumps(
-            {"config": spec.config, "grid": spec.grid, "set": spec.overrides}, indent=2))
+                "settings: choose another --out (the grid itself may change between runs)")
+        spec = dataclasses.replace(spec, earlier_grids=tuple(_earlier_grids(saved, spec.grid)))
+        write_json(spec.out / "sweep.json", {"config": spec.config, "grid": spec.grid, "set": spec.overrides,
+                                             "earlier_grids": list(spec.earlier_grids)}, sort_keys=False)
         points = spec.points()
         log(f"sweep of {len(points)} points into {spec.out} ({spec.workers} at a time)")
+        outside = spec.outside_points()
+        if outside:
+            log(f"{len(outside)} earlier point(s) outside this grid keep their rows (in_grid False): "
+                + ", ".join(point_name(p) for p in outside))
         with stop:
             try:
                 with ThreadPoolExecutor(max_workers=spec.workers) as pool:
                     rows = list(pool.map(lambda p: run_point(spec, p, runner, log, stop), points))
+                rows += [summarize(spec.out / point_name(p), p, in_grid=False) for p in outside]
             except KeyboardInterrupt:  # a second Ctrl-C: the children were interrupted as well
                 rows = collect(spec)
         if stop:
@@ -456,12 +553,43 @@ def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str]
     return rows
 
 
+def _earlier_grids(saved: dict, grid: dict) -> list[dict]:
+    """The grids of a saved sweep.json other than ``grid``, oldest first: a changed grid is kept."""
+    earlier = [g for g in saved.get("earlier_grids", []) if g != grid]
+    if saved.get("grid") and saved["grid"] != grid and saved["grid"] not in earlier:
+        earlier.append(saved["grid"])
+    return earlier
+
+
 def collect(spec: SweepSpec) -> list[dict]:
-    return [summarize(spec.out / point_name(p), p) for p in spec.points()]
+    return [*(summarize(spec.out / point_name(p), p) for p in spec.points()),
+            *(summarize(spec.out / point_name(p), p, in_grid=False) for p in spec.outside_points())]
+
+
+def outcome_line(spec: SweepSpec, rows: list[dict]) -> str:
+    """'OUT/results.csv: 45 points: 4 finished, 41 unfinished, 0 diverged' (a diverged point counts
+    as diverged only), then the failed points and the earlier points outside the grid."""
+    grid = [r for r in rows if in_grid(r)]
+    diverged = sum(bool(r["diverged"]) for r in grid)
+    finished = sum(r["status"] == "finished" and not r["diverged"] for r in grid)
+    line = (f"{spec.out / 'results.csv'}: {_count(len(grid), 'point')}: {finished} finished, "
+            f"{len(grid) - finished - diverged} unfinished, {diverged} diverged")
+    for status in ("failed", RECORDS_MISSING):
+        names = [r["point"] for r in grid if r["status"] == status]
+        if names:
+            line += f"; {status}: {', '.join(names)}"
+    if len(rows) > len(grid):
+        line += f"; {_count(len(rows) - len(grid), 'earlier point')} outside the grid kept (in_grid False)"
+    return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def write_results(spec: SweepSpec, rows: list[dict]) -> None:
-    columns = ["point", *spec.grid, *[c for c in RESULT_COLUMNS if c != "point"]]
+    keys = dict.fromkeys(k for grid in (spec.grid, *spec.earlier_grids) for k in grid)
+    columns = ["point", *keys, *[c for c in RESULT_COLUMNS if c != "point"]]
     with open(spec.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

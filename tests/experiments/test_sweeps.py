@@ -1,11 +1,15 @@
-"""Sweeps: grid expansion and parsing, commands for schedulers, a real tiny sweep that skips,
-resumes, records a diverged point, and writes its table and plots; real sweep processes: a second
-sweep into a busy --out is refused, a SIGTERM stops the child with a checkpoint, a SIGKILLed
-sweep leaves no child training, and reruns resume and finish every point."""
+"""Sweeps: grid expansion and parsing, every point checked by the config's types before any
+trains, duplicate values trained once, commands for schedulers, a real tiny sweep that skips,
+resumes, records a diverged point, and writes its table and plots; tables built from each point's
+own records (unfinished points show no loss, a changed grid keeps the earlier points' rows); real
+sweep processes: a refused value is one error line, a second sweep into a busy --out is refused, a
+SIGTERM stops the child with a checkpoint, a SIGKILLed sweep leaves no child training, and reruns
+resume and finish every point."""
 
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +22,8 @@ import yaml
 import train
 from recipes.experiments.sweeps import (SweepError, collect, commands, make_spec, parse_grid, point_name,
                                         wandb_sweep_yaml)
-from tests.helpers import one_error_line, process_env
+from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors
+from tests.helpers import one_error_line, process_env, run_script
 
 from scripts import plot_sweep, sweep
 
@@ -49,6 +54,7 @@ def test_sweep_file_with_flag_overrides(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"config": "base.yaml", "grid": {"optimizer.lr": [0.001, 0.01]},
                                     "set": {"train.steps": 10}, "out": str(tmp_path / "o"), "workers": 2}))
+    path.write_text(path.read_text().replace("base.yaml", "shakespeare_celo2.yaml"))
     spec = make_spec(config=None, grids=["optimizer.weight_decay=0,0.1"], sets=["train.steps=20"], out=None,
                      workers=None, sweep_file=str(path))
     assert spec.grid == {"optimizer.lr": ["0.001", "0.01"], "optimizer.weight_decay": ["0", "0.1"]}
@@ -58,32 +64,70 @@ def test_sweep_file_with_flag_overrides(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(grids=["lr=1"]), "section.key=value"),
     (dict(grids=["optimizer.lr=1,,2"]), "empty value"),
-    (dict(grids=["optimizer.lr=1,1"]), "repeats"),
+    (dict(grids=["optimizer.lr=1e-3", "optimizer.lr=3e-3"]),
+     r"--grid optimizer.lr is given twice \(1e-3 and 3e-3\); give all its values in one: "
+     r"--grid optimizer.lr=1e-3,3e-3"),
     (dict(grids=[]), "empty grid"),
     (dict(grids=["optimizer.lr=1"], sets=["optimizer.lr=2"]), "both swept"),
     (dict(grids=["train.out_dir=a,b"]), "set by the sweep"),
     (dict(grids=["optimizer.lr=1"], workers=0), "--workers"),
+    # Values the config's own types refuse, found before any point trains.
+    (dict(grids=["optimizer.lr=1e-3,abc"]), "point optimizer.lr=abc: config key 'optimizer.lr' expects float"),
+    (dict(grids=["optimizer.lr=[]"]), "point optimizer.lr=\\[\\]: config key 'optimizer.lr' expects float, got list"),
+    (dict(grids=["optimizer.lr=1"], sets=["train.steps=0"]), "point optimizer.lr=1: .*train.steps"),
+    (dict(grids=["data.path=a b,a_b"]), "share the run directory path=a_b"),
 ])
 def test_bad_sweeps_are_refused(tmp_path, kwargs, message):
-    args = dict(config="base.yaml", grids=[], sets=[], out=str(tmp_path), workers=None) | kwargs
+    args = dict(config="shakespeare_celo2.yaml", grids=[], sets=[], out=str(tmp_path / "sweep"), workers=None) | kwargs
     with pytest.raises(SweepError, match=message):
         make_spec(**args)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_grid_values_are_deduplicated_by_the_configs_types(tmp_path):
+    notes = []
+    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1e-3,0.001,3e-3,3e-3",
+                                                            "optimizer.weight_decay=0,0.0"],
+                     sets=[], out=str(tmp_path), workers=None, log=notes.append)
+    assert spec.grid == {"optimizer.lr": ["1e-3", "3e-3"], "optimizer.weight_decay": ["0"]}
+    assert len(commands(spec)) == 2
+    assert notes == ["note: --grid optimizer.lr: 0.001 is the same setting as 1e-3; trained once, as lr=1e-3",
+                     "note: --grid optimizer.lr: 3e-3 is given twice; trained once, as lr=3e-3",
+                     "note: --grid optimizer.weight_decay: 0.0 is the same setting as 0; trained once, as "
+                     "weight_decay=0"]
+    # Values equal only at some points are kept: both warmups are cut to 10 steps in a 100-step run,
+    # not in a 5000-step one.
+    spec = make_spec(config="shakespeare_celo2.yaml", grids=["train.steps=100,5000",
+                                                            "optimizer.schedule.warmup_steps=1000,2000"],
+                     sets=[], out=str(tmp_path), workers=None, log=notes.append)
+    assert spec.grid["optimizer.schedule.warmup_steps"] == ["1000", "2000"]
+
+
+def test_a_refused_grid_value_is_one_error_line_and_nothing_trains(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_script("sweep", "--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=abc",
+                        "--out", str(out), tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "config key 'optimizer.lr' expects float, got str 'abc'" in one_error_line(result)
+    assert not out.exists()
 
 
 def in_process_runner(calls):
-    """train.main in this process (the real trainer), with the command line's exit codes."""
+    """train.main in this process (the real trainer), ending as train.py does: exit 3 after too
+    many non-finite steps, 1 with one error line for an ordinary error."""
     def run(argv, log_path):
         calls.append(argv)
         try:
             train.main(argv)
             return 0
-        except train.NonFiniteError as error:  # train.py prints this and exits 1
-            log_path.write_text(f"error: {error}\n")
-            return 1
+        except (train.NonFiniteError, *ordinary_errors()) as error:
+            with open(log_path, "a") as log:
+                log.write(f"error: {one_line(error)}\n")
+            return EXIT_CODES["nonfinite" if isinstance(error, train.NonFiniteError) else "error"]
     return run
 
 
-def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
+def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path, capsys):
     out = tmp_path / "sweep"
     # The optimizer is fixed with --set, not gridded: the table still names it.
     sets = [*TINY, "optimizer.name=adamw", "train.target_val_loss=20"]  # above a fresh model's loss: step 0
@@ -95,10 +139,15 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path):
 
     # An interrupted point: its run stopped at step 2 with a checkpoint, before the sweep ran.
     train.main([*spec_argv(spec, spec.points()[0]), "--train.stop_at_step=2"])
+    # Its evaluation at step 2 and the other point's nothing are not results.
+    assert [(r["status"], r["final_val_loss"]) for r in collect(spec)] == [("interrupted", None), ("pending", None)]
 
     calls = []
+    capsys.readouterr()
     assert sweep.main(args, runner=in_process_runner(calls)) == 0
     assert len(calls) == 2
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"{out / 'results.csv'}: 2 points: 1 finished, 0 unfinished, 1 diverged"
     rows = {r["point"]: r for r in csv.DictReader(open(out / "results.csv"))}
     assert set(rows[good.name]) >= {"optimizer.lr", "final_val_loss", "best_val_loss", "tokens", "wall_time_s",
                                     "diverged"}
@@ -141,7 +190,7 @@ def _resumed(run_dir: Path) -> bool:
     return [r["step"] for r in log if "val_loss" in r] == [0, 2, 4] and [r["step"] for r in log if "loss" in r] == [2, 4]
 
 
-def test_the_table_takes_finished_from_the_points_own_summary(tmp_path):
+def test_the_table_takes_finished_from_the_points_own_summary(tmp_path, tiny_run):
     """point.json is the sweep's note of how its last child ended; a run's summary.json says
     whether it finished, and wins (a stale "failed" never hides a finished point)."""
     spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1,2,3,4"], sets=[], out=str(tmp_path),
@@ -156,7 +205,104 @@ def test_the_table_takes_finished_from_the_points_own_summary(tmp_path):
         for name, value in (("point.json", record), ("summary.json", summary)):
             if value:
                 (run_dir / name).write_text(json.dumps(value))
+    shutil.copy(tiny_run / "metrics.jsonl", tmp_path / point_name(spec.points()[0]))  # its trained steps
     assert [row["status"] for row in collect(spec)] == [expected for *_, expected in cases]
+
+
+def finished_point(run_dir: Path, tiny_run: Path) -> None:
+    """A finished point's records: those of the session's tiny trained run."""
+    run_dir.mkdir(parents=True)
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        shutil.copy(tiny_run / name, run_dir / name)
+
+
+def test_a_point_without_a_trained_step_is_never_finished(tmp_path, tiny_run, capsys):
+    """A point whose directory was deleted while it trained: the trainer recreated checkpoints/ and a
+    summary.json saying finished, and the sweep wrote point.json; no metrics.jsonl says it trained.
+    It is not finished, shows no loss, and a rerun skips it with what to do rather than training
+    nothing again."""
+    out = tmp_path / "sweep"
+    finished_point(out / "lr=1e-3", tiny_run)
+    lost = out / "lr=2e-3"
+    (lost / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "summary.json", lost)
+    (lost / "point.json").write_text(json.dumps({"status": "finished", "exit_code": 0, "runs": 1}))
+    calls = []
+    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=1e-3,2e-3", "--out", str(out)]
+    assert sweep.main(args, runner=in_process_runner(calls)) == 1
+    assert calls == []
+    printed = capsys.readouterr().out
+    assert f"skip   lr=2e-3 (records missing: its summary.json says finished but its metrics.jsonl holds no " \
+           f"trained step; delete {lost} and rerun to train it again)" in printed
+    assert printed.splitlines()[-1] == (f"{out / 'results.csv'}: 2 points: 1 finished, 1 unfinished, 0 diverged; "
+                                        "records missing: lr=2e-3")
+    rows = {r["point"]: r for r in results(out)}
+    assert rows["lr=2e-3"]["status"] == "records missing" and rows["lr=2e-3"]["tokens"] == "0"
+    assert rows["lr=2e-3"]["final_val_loss"] == "" and rows["lr=1e-3"]["status"] == "finished"
+    assert "| n/a |" in (out / "results.md").read_text()
+
+
+def test_unfinished_points_show_no_final_loss_and_the_last_line_counts_them(tmp_path, tiny_run, capsys):
+    """A sweep stopped before its second point trained a step (the trainer had evaluated the fresh
+    model) and its third began: their initial loss is no result in the tables."""
+    out = tmp_path / "sweep"
+    (out / "sweep.json").parent.mkdir()
+    (out / "sweep.json").write_text(json.dumps({"config": "shakespeare_celo2.yaml", "set": {},
+                                                "grid": {"optimizer.lr": ["1e-3", "2e-3", "3e-3"]}}))
+    finished_point(out / "lr=1e-3", tiny_run)
+    stopped = out / "lr=2e-3"
+    stopped.mkdir()
+    initial = 10.835
+    (stopped / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": initial}) + "\n")
+    (stopped / "summary.json").write_text(json.dumps({"finished": False, "stopped_by": "SIGTERM", "step": 0}))
+    assert plot_sweep.main([str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"{out / 'results.csv'}: 3 points: 1 finished, 2 unfinished, 0 diverged"
+    rows = {r["point"]: r for r in results(out)}
+    assert [rows[p]["status"] for p in ("lr=1e-3", "lr=2e-3", "lr=3e-3")] == ["finished", "interrupted", "pending"]
+    assert rows["lr=2e-3"]["final_val_loss"] == "" and float(rows["lr=2e-3"]["initial_val_loss"]) == initial
+    table = (out / "results.md").read_text()
+    assert f"{float(rows['lr=1e-3']['final_val_loss']):.3f}" in table and f"{initial:.3f}" not in table
+
+
+def test_a_rerun_with_a_changed_grid_keeps_the_earlier_points(tmp_path, tiny_run, capsys):
+    out = tmp_path / "sweep"
+    finished_point(out / "lr=1e-3", tiny_run)
+    finished_point(out / "lr=2e-3", tiny_run)
+    earlier = {"optimizer.lr": ["1e-3", "2e-3", "3e-3"]}  # lr=3e-3 never started: no directory, no row
+    (out / "sweep.json").write_text(json.dumps({"config": "shakespeare_celo2.yaml", "set": {}, "grid": earlier}))
+    calls = []
+    assert sweep.main(["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=1e-3", "--out", str(out)],
+                      runner=in_process_runner(calls)) == 0
+    assert calls == []
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{out / 'results.csv'}: 1 point: 1 finished, 0 unfinished, 0 diverged; "
+        "1 earlier point outside the grid kept (in_grid False)")
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["grid"] == {"optimizer.lr": ["1e-3"]} and saved["earlier_grids"] == [earlier]
+    expected = [("lr=1e-3", "finished", "True"), ("lr=2e-3", "finished", "False")]
+    assert [(r["point"], r["status"], r["in_grid"]) for r in results(out)] == expected
+    table = (out / "results.md").read_text()
+    assert "| lr 1e-3 |" in table and "| lr 2e-3 |" not in table
+    assert "outside the current grid (their rows are in results.csv): lr=2e-3 (finished)" in table
+    assert plot_sweep.main([str(out)]) == 0  # rebuilt from the run directories and sweep.json's history
+    assert [(r["point"], r["status"], r["in_grid"]) for r in results(out)] == expected
+
+
+def test_a_points_outcome_comes_from_its_exit_code_not_its_log(tmp_path):
+    """A point whose earlier run skipped a non-finite step, then failed for another reason (its
+    data is missing): failed, not diverged, and a rerun tries it again."""
+    out = tmp_path / "sweep"
+    run_dir = out / "lr=3e-3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text("step 3: non-finite loss nan or gradient norm nan; skipped (1 in a row)\n")
+    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3", "--out", str(out),
+            f"--set=data.path={tmp_path / 'no_data'}"]
+    calls = []
+    assert sweep.main(args, runner=in_process_runner(calls)) == 1
+    assert [(r["status"], r["diverged"]) for r in results(out)] == [("failed", "False")]
+    assert sweep.main(args, runner=in_process_runner(calls)) == 1
+    assert len(calls) == 2
 
 
 # A real sweep of one point, long enough to be caught training (a metrics row per step).
@@ -264,6 +410,7 @@ def test_a_second_sweep_is_refused_and_sigterm_stops_the_child_with_a_checkpoint
         end_all([first], [child] if child else [])
     assert not alive(child)
     assert "SIGTERM received" in log.read_text()
+    assert f"{out / 'results.csv'}: 1 point: 0 finished, 1 unfinished, 0 diverged" in log.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGTERM" and summary["finished"] is False
     assert (run_dir / "checkpoints" / str(summary["step"])).is_dir()
