@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = TrainData.open(config, program)
     with open_run_dir(program, log=log0) as run_dir:
         log0(program.routing.format())
-        log0(f"mesh {mesh_lib.describe(program.mesh)} on {program.mesh.size} {jax.devices()[0].device_kind} "
+        log0(f"mesh {mesh_lib.describe_levels(program.mesh, config.mesh)} on {program.mesh.size} {jax.devices()[0].device_kind} "
              f"device(s), {jax.process_count()} process(es); {config.tokens_per_step:,} tokens/step "
              f"({config.data.global_batch} x {config.seq_len}, {program.micro_batches} micro-batch(es)), "
              f"{config.train.steps:,} steps")

@@ -82,31 +82,43 @@ class TrainConfig:
 
 @config_class("mesh.")
 class MeshConfig:
-    """Device mesh axes (-1 takes the remaining devices) and multi-host setup."""
+    """Device mesh axes (-1 takes the remaining devices) and multi-host setup.
+
+    data, fsdp and tensor split the devices of one host (one slice on TPU pods with several
+    slices), over its fast links; dcn_data and dcn_fsdp split the hosts or slices, over the
+    data-centre network. The mesh's data axis is dcn_data x data, its fsdp axis dcn_fsdp x fsdp.
+    """
 
     data: Int = 1
     fsdp: Int = -1
     tensor: Int = 1
+    # Across hosts (or slices): data parallel by default, so FSDP's per-micro-batch gathers stay
+    # on the fast links. One process, one slice: both are 1.
+    dcn_data: Int = -1
+    dcn_fsdp: Int = 1
     devices: Int | None = Field(None, ge=1, description="null uses all devices")  # the first N devices only
     # When FSDP gathers the weights (in the compute dtype): for every micro-batch, or once a step
     # before the micro-batches (a whole compute-dtype copy of the model on every device; the
     # gradients are still reduce-scattered per micro-batch).
     gather_weights: Literal["micro_batch", "step"] = "micro_batch"
-    # Multi-host: call jax.distributed.initialize. Unset fields are auto-detected by JAX
-    # on clusters it knows (SLURM, TPU pods, ...).
-    distributed: Bool = False
+    # Multi-host start: "auto" starts jax.distributed when a cluster launched this process (Slurm,
+    # Open MPI, TPU pod workers, Kubernetes indexed jobs), true always, false never. Unset
+    # coordinator fields are found by JAX on those clusters.
+    distributed: Literal["auto", True, False] = "auto"
     coordinator_address: str | None = None
-    num_processes: Int | None = None
-    process_id: Int | None = None
+    num_processes: Int | None = Field(None, ge=1)
+    process_id: Int | None = Field(None, ge=0)
+    connect_timeout_s: Int = Field(60, ge=1, description="how long to wait for the coordinator and the other processes")
 
     @model_validator(mode="after")
     def _axes(self):
-        axes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        for name, value in axes.items():
-            if value != -1:
-                check_number(f"mesh.{name}", value, integer=True, low=1, hint="or -1 for the remaining devices")
-        if list(axes.values()).count(-1) > 1:
-            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for group in (("data", "fsdp", "tensor"), ("dcn_data", "dcn_fsdp")):
+            axes = {name: getattr(self, name) for name in group}
+            for name, value in axes.items():
+                if value != -1:
+                    check_number(f"mesh.{name}", value, integer=True, low=1, hint="or -1 for the remaining devices")
+            if list(axes.values()).count(-1) > 1:
+                raise ConfigError(f"at most one of {', '.join('mesh.' + n for n in group)} may be -1")
         return self
 
 
