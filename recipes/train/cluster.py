@@ -52,10 +52,16 @@ def first_slurm_host(node_list: str) -> str:
 
 def slurm_settings() -> dict:
     """Where a Slurm step's processes meet: its first node, on a port derived from the job id (the
-    same in every task), unless JAX_COORDINATOR_PORT names one; and the task's rank among them."""
+    same in every task), unless JAX_COORDINATOR_PORT names one; the task's rank among them; and
+    every GPU Slurm gave the task. JAX alone would keep one GPU per task (the task's local id),
+    while a node runs one process with all its GPUs here: the fast links join them inside it."""
     port = os.environ.get("JAX_COORDINATOR_PORT") or str(61440 + int(os.environ["SLURM_JOB_ID"]) % 4096)
-    return {"coordinator_address": f"{first_slurm_host(os.environ['SLURM_STEP_NODELIST'])}:{port}",
-            "num_processes": int(os.environ["SLURM_NTASKS"]), "process_id": int(os.environ["SLURM_PROCID"])}
+    settings = {"coordinator_address": f"{first_slurm_host(os.environ['SLURM_STEP_NODELIST'])}:{port}",
+                "num_processes": int(os.environ["SLURM_NTASKS"]), "process_id": int(os.environ["SLURM_PROCID"])}
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if gpus:  # CUDA numbers the visible GPUs from 0
+        settings["local_device_ids"] = list(range(len(gpus)))
+    return settings
 
 
 def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.5) -> None:
@@ -91,7 +97,7 @@ def start(config, log=print) -> str | None:
     settings.update({k: v for k, v in (("coordinator_address", config.coordinator_address),
                                        ("num_processes", config.num_processes),
                                        ("process_id", config.process_id)) if v is not None})
-    if "coordinator_address" in settings and settings.get("process_id") != 0:
+    if "coordinator_address" in settings and settings.get("process_id") != 0:  # process 0 hosts it
         wait_for_coordinator(settings["coordinator_address"], config.connect_timeout_s)
     try:
         jax.distributed.initialize(**settings, initialization_timeout=config.connect_timeout_s)
