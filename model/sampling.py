@@ -9,6 +9,10 @@ from flax import nnx
 from model.functional import abstract_params, make_apply
 from model.gpt import empty_kv_cache
 
+# Past the context every new token is a forward pass over a whole window: a request with no end
+# would run for hours with nothing shown.
+MAX_NEW_TOKENS = 10_000
+
 
 def _pick(logits_V, temperature: float, top_k: int | None, key):
     if temperature == 0:

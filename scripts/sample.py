@@ -19,11 +19,9 @@ import sys
 
 from recipes.train.cli import run_main
 from data.tokenizer import gpt2_encoding
-from model.sampling import generate
+from model.sampling import MAX_NEW_TOKENS, generate
 from recipes.errors import ConfigError, check_number
 from recipes.train.run_params import load_run_params
-
-MAX_NEW_TOKENS = 10_000  # generation has no end of its own past the context (see above)
 
 
 def main(argv: list[str] | None = None) -> list[int]:

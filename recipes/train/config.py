@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationInfo, model_validator
 
 from model.config import ModelConfig
+from model.sampling import MAX_NEW_TOKENS
 from recipes.config_parsing import Bool, Float, Int, config_class, to_dict
 from recipes.errors import ConfigError, check_number
 from recipes.optim.config import WARMUP_NOTES, OptimizerConfig
@@ -145,7 +146,7 @@ class SampleConfig:
     """Text generated from the final model, printed after the run's summary (0 tokens: none)."""
 
     prompt: str = Field("\n", min_length=1)
-    max_new_tokens: Int = Field(0, ge=0)
+    max_new_tokens: Int = Field(0, ge=0, le=MAX_NEW_TOKENS)
     temperature: Float = Field(0.8, ge=0, description="0 is greedy")
     top_k: Int | None = Field(None, ge=1)
     seed: Int = 0
