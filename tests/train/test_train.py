@@ -159,6 +159,8 @@ def test_dry_run_gpt2_small_and_gpt3_xl(capsys):
         "gpt2_small_celo2", "data", "seq_len")
     assert report["tokens_per_step"] == tokens_per_step == 524_288
     assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert report["mesh_levels"] == {"granules": 1, "across": {"data": 1, "fsdp": 1, "tensor": 1},
+                                     "inside": report["mesh"]}  # one process: nothing crosses a slow link
     # GPT-2 small in closed form: embeddings (vocabulary padded to 50,304, 1,024 positions), 12 blocks of
     # four matrices (12 d^2) and 13 d vectors (biases, two LayerNorms), the final LayerNorm.
     d, layers = 768, 12
