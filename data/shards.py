@@ -139,15 +139,23 @@ def shard_pattern(split: str) -> re.Pattern[str]:
     return re.compile(rf"^(?:.*_)?{re.escape(split)}_\d+\.bin$")
 
 
+def _prepare_command(directory: Path) -> str:
+    """The command that prepares ``directory``: its preset when the folder is named after one."""
+    from data.prepare import PRESETS  # data.prepare imports this module
+
+    preset = directory.name if directory.name in PRESETS else "shakespeare"
+    return f"python -m data.prepare --preset {preset} --out {directory}"
+
+
 def find_shards(directory: str | os.PathLike[str], split: str) -> tuple[list[Path], bool]:
     """The shard files of `split` in `directory`, sorted, and whether they carry a header.
 
     Headered shards are `[prefix_]{split}_NNNNNN.bin`; a plain nanoGPT file is `{split}.bin`.
     """
     directory = Path(directory)
-    hint = (
-        "Prepare data with `python -m data.prepare --preset shakespeare --out DIR` (or --dataset / "
-        "--files), or point at a directory of modded-nanogpt .bin shards or nanoGPT train.bin/val.bin."
+    hint = f"Prepare it with `{_prepare_command(directory)}`" + (
+        " (or --dataset / --files), or point at a directory of modded-nanogpt .bin shards or nanoGPT "
+        "train.bin/val.bin."
     )
     if not directory.exists():
         raise FileNotFoundError(f"shard directory {directory} does not exist. {hint}")

@@ -136,3 +136,10 @@ def test_shards_sorted_and_split_names_not_confused(tmp_path: Path) -> None:
         shards.write_shard(tmp_path / name, np.arange(10))
     paths, _ = shards.find_shards(tmp_path, "train")
     assert [p.name for p in paths] == ["train_000000.bin", "train_000002.bin", "x_train_000001.bin"]
+
+
+def test_a_missing_corpus_folder_names_the_command_that_prepares_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--preset fineweb-edu --out .*fineweb-edu`"):
+        shards.find_shards(tmp_path / "fineweb-edu", "train")
+    with pytest.raises(FileNotFoundError, match=r"--preset shakespeare --out .*my_corpus`"):  # no preset of that name
+        shards.find_shards(tmp_path / "my_corpus", "train")
