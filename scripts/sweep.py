@@ -17,7 +17,11 @@ a killed sweep's training child stops too, and a rerun waits for it to end.
 Results go to OUT/results.csv and results.json, plots to OUT/*.png; the last
 line counts the finished, unfinished and diverged points. --print-commands
 prints one train.py command per point (for a cluster scheduler) and runs
-nothing; --wandb-sweep FILE writes the equivalent W&B sweep definition.
+nothing; --wandb-sweep FILE writes the equivalent W&B sweep definition, and
+--slurm-array FILE a Slurm job array of those commands (`sbatch FILE`; each
+task also runs as `SLURM_ARRAY_TASK_ID=i bash FILE`). When its tasks have
+ended, this command without --slurm-array trains nothing that finished and
+writes the results table.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from recipes.train.cli import run_main
 from recipes.experiments.sweep_plots import plot_sweep
 from recipes.experiments.sweep_tables import in_grid
 from recipes.experiments.sweeps import (RECORDS_MISSING, SweepError, SweepStop, commands, make_spec, outcome_line,
-                                        run_sweep, wandb_sweep_yaml)
+                                        run_sweep, wandb_sweep_yaml, write_slurm_array)
 
 
 def main(argv=None, runner=None) -> int:
@@ -43,10 +47,15 @@ def main(argv=None, runner=None) -> int:
     parser.add_argument("--workers", type=int, help="points trained at once (default 1)")
     parser.add_argument("--print-commands", action="store_true", help="print train.py commands and exit")
     parser.add_argument("--wandb-sweep", type=Path, metavar="FILE", help="write a W&B sweep YAML and exit")
+    parser.add_argument("--slurm-array", type=Path, metavar="FILE", help="write a Slurm job-array script and exit")
     args = parser.parse_args(argv)
     spec = make_spec(config=args.config, grids=args.grid, sets=args.set, out=args.out,
                      workers=args.workers, sweep_file=args.sweep)
-    if args.print_commands or args.wandb_sweep:
+    if args.print_commands or args.wandb_sweep or args.slurm_array:
+        if args.slurm_array:
+            write_slurm_array(spec, args.slurm_array)
+            print(f"wrote {args.slurm_array}: {len(spec.points())} array tasks; submit it with "
+                  f"`sbatch {args.slurm_array}`, then rerun this command without --slurm-array for the results")
         if args.wandb_sweep:
             args.wandb_sweep.write_text(wandb_sweep_yaml(spec))
             print(f"wrote {args.wandb_sweep}: run it with `wandb sweep {args.wandb_sweep}`")

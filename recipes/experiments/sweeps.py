@@ -269,6 +269,55 @@ def wandb_sweep_yaml(spec: SweepSpec) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
+def slurm_array_script(spec: SweepSpec, python: str = sys.executable) -> str:
+    """An sbatch job-array script: array task i runs point i's train.py command (the arguments
+    --print-commands prints), so it also runs as ``SLURM_ARRAY_TASK_ID=i bash FILE``. The
+    interpreter is the one that checked the points, unless PYTHON names another."""
+    points = spec.points()
+    last = len(points) - 1
+    arms = []
+    for index, point in enumerate(points):
+        argv = shlex.join(["train.py", *train_argv(spec, point)])
+        arms.append(f"  {index}) exec \"$PYTHON\" {argv} ;;")
+    return "\n".join([
+        "#!/bin/bash",
+        f"# The sweep of {spec.config} into {spec.out}: one array task per point ({len(points)}).",
+        "#   sbatch [--gpus=1 --time=4:00:00 ...] THIS_FILE      or, anywhere:  SLURM_ARRAY_TASK_ID=0 bash THIS_FILE",
+        "# A task runs its point's train.py command (as scripts/sweep.py --print-commands prints it).",
+        "# Submitting the file again resumes each unfinished point from its checkpoint; a finished",
+        "# point trains nothing. Once every task has ended, scripts/sweep.py with the same flags",
+        "# (without --slurm-array) finds the points finished and writes results.csv without training",
+        "# them again (it would train a point that did not finish).",
+        "#SBATCH --job-name=sweep",
+        f"#SBATCH --array=0-{last}",
+        f"#SBATCH --output={spec.out}/slurm-%A_%a.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=B:TERM@120",
+        "#SBATCH --requeue",
+        "# train.py replaces this shell (exec), so the SIGTERM sent 120 s before the time limit reaches",
+        "# it: it saves a checkpoint and exits 143. A preempted task is requeued and resumes.",
+        "",
+        f"cd {shlex.quote(str(REPO))} || exit 1",
+        f"PYTHON=${{PYTHON:-{shlex.quote(python)}}}",
+        'case "${SLURM_ARRAY_TASK_ID-}" in',
+        *arms,
+        (f'  *) echo "error: SLURM_ARRAY_TASK_ID=\'${{SLURM_ARRAY_TASK_ID-}}\' is not a point of this sweep '
+         f'(0 to {last})" >&2'),
+        "     exit 1 ;;",
+        "esac",
+        "",
+    ])
+
+
+def write_slurm_array(spec: SweepSpec, path: Path) -> None:
+    """Writes slurm_array_script to a new file; the sweep directory is made now, since Slurm
+    writes each task's output there before train.py starts."""
+    if path.exists():
+        raise SweepError(f"{path} exists: choose a new file for --slurm-array (nothing was written)")
+    path.write_text(slurm_array_script(spec))
+    spec.out.mkdir(parents=True, exist_ok=True)
+
+
 def summarize(run_dir: Path, point: dict[str, str], in_grid: bool = True) -> dict:
     """One results row from a run directory's own records (metrics.jsonl, summary.json) and the
     sweep's point record. Only a run that ended (finished or diverged) has a final loss: the
@@ -299,7 +348,8 @@ def summarize(run_dir: Path, point: dict[str, str], in_grid: bool = True) -> dic
         "initial_val_loss": initial,
         "tokens": max((m.get("tokens") or 0 for m in trains), default=0),
         "steps": max((m["step"] for m in metrics), default=0),
-        "wall_time_s": round(record.get("wall_time_s", 0.0), 2),
+        # The sweep's own clock (start-up included) where it ran the point, else the trainer's.
+        "wall_time_s": round(record.get("wall_time_s", summary.get("wall_time_s") or 0.0), 2),
         "target_val_loss": summary.get("target_val_loss", reached.get("target_val_loss")),
         "target_step": reached.get("target_step"),
         "target_tokens": reached.get("target_tokens"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 from recipes.errors import ConfigError
 
@@ -58,10 +59,19 @@ def slurm_settings() -> dict:
     port = os.environ.get("JAX_COORDINATOR_PORT") or str(61440 + int(os.environ["SLURM_JOB_ID"]) % 4096)
     settings = {"coordinator_address": f"{first_slurm_host(os.environ['SLURM_STEP_NODELIST'])}:{port}",
                 "num_processes": int(os.environ["SLURM_NTASKS"]), "process_id": int(os.environ["SLURM_PROCID"])}
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-    if gpus:  # CUDA numbers the visible GPUs from 0
-        settings["local_device_ids"] = list(range(len(gpus)))
+    settings.update(node_gpus())
     return settings
+
+
+def node_gpus() -> dict:
+    """local_device_ids naming every GPU this process may use: those CUDA_VISIBLE_DEVICES lists (CUDA
+    numbers them from 0), or, for the one process of a node, every GPU the driver lists. JAX, on
+    Slurm or Open MPI, would otherwise keep one GPU per process (its local rank)."""
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    alone = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0] == "1" \
+        or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == "1"
+    count = len(visible) if visible else len(list(Path("/proc/driver/nvidia/gpus").glob("*"))) if alone else 0
+    return {"local_device_ids": list(range(count))} if count else {}
 
 
 def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.5) -> None:
@@ -93,7 +103,7 @@ def start(config, log=print) -> str | None:
     import jax
 
     # Slurm's are written out here, so its coordinator is probed like one given in the config.
-    settings = slurm_settings() if cluster == "Slurm" else {}
+    settings = slurm_settings() if cluster == "Slurm" else node_gpus() if cluster == "Open MPI" else {}
     settings.update({k: v for k, v in (("coordinator_address", config.coordinator_address),
                                        ("num_processes", config.num_processes),
                                        ("process_id", config.process_id)) if v is not None})

@@ -1,10 +1,11 @@
 """Sweeps: grid expansion and parsing, every point checked by the config's types before any
-trains, duplicate values trained once, commands for schedulers, a real tiny sweep that skips,
-resumes, records a diverged point, and writes its table and plots; tables built from each point's
-own records (unfinished points show no loss, a changed grid keeps the earlier points' rows); real
-sweep processes: a refused value is one error line, a second sweep into a busy --out is refused, a
-SIGTERM stops the child with a checkpoint, a SIGKILLed sweep leaves no child training, and reruns
-resume and finish every point."""
+trains, duplicate values trained once, commands for schedulers, a Slurm job array whose tasks
+(run by bash) train a tiny sweep that the sweep then only collects, the Slurm launch script, a
+real tiny sweep that skips, resumes, records a diverged point, and writes its table and plots;
+tables built from each point's own records (unfinished points show no loss, a changed grid keeps
+the earlier points' rows); real sweep processes: a refused value is one error line, a second sweep
+into a busy --out is refused, a SIGTERM stops the child with a checkpoint, a SIGKILLed sweep
+leaves no child training, and reruns resume and finish every point."""
 
 import csv
 import json
@@ -445,3 +446,67 @@ def test_a_killed_sweep_leaves_no_child_training_and_a_rerun_adopts_the_point(tm
         end_all([p for p in (first, rerun) if p], [child] if child else [])
     assert [r["status"] for r in results(out)] == ["finished"] and results(out)[0]["steps"] == "20"
     assert f"resumed {run_dir} at step {summary['step']}" in _text(run_dir / "train.log")
+
+
+def test_a_slurm_job_array_trains_each_point_and_the_sweep_then_only_collects(tmp_path, capsys):
+    """--slurm-array writes one array task per point running its train.py command; each task runs
+    as Slurm starts it (bash with SLURM_ARRAY_TASK_ID); the same sweep command then trains nothing
+    and writes the table."""
+    out, array = tmp_path / "sweep", tmp_path / "sweep.sbatch"
+    sets = [*TINY, "optimizer.name=adamw", "sample.max_new_tokens=0"]
+    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3,1e-2", "--out", str(out),
+            *[f"--set={s}" for s in sets]]
+    assert sweep.main([*args, "--slurm-array", str(array)]) == 0
+    text = array.read_text()
+    assert "#SBATCH --array=0-1" in text and f"#SBATCH --output={out}/slurm-%A_%a.out" in text and out.is_dir()
+    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=3e-3,1e-2"], sets=sets, out=str(out),
+                     workers=None)
+    for index, line in enumerate(commands(spec)):  # the commands --print-commands prints
+        assert f'  {index}) exec "$PYTHON" {line.removeprefix("python ")} ;;' in text
+
+    for task in ("0", "1"):
+        result = subprocess.run(["bash", str(array)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                env={**process_env(), "SLURM_ARRAY_TASK_ID": task})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    wrong = subprocess.run(["bash", str(array)], env={**process_env(), "SLURM_ARRAY_TASK_ID": "2"},
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1
+    assert one_error_line(wrong) == "error: SLURM_ARRAY_TASK_ID='2' is not a point of this sweep (0 to 1)"
+
+    calls = []
+    capsys.readouterr()
+    assert sweep.main(args, runner=in_process_runner(calls)) == 0
+    assert calls == []  # both points finished: nothing is trained again
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"{out / 'results.csv'}: 2 points: 2 finished, 0 unfinished, 0 diverged"
+    rows = results(out)
+    assert [(r["point"], r["status"], r["steps"]) for r in rows] == [("lr=3e-3", "finished", "4"),
+                                                                     ("lr=1e-2", "finished", "4")]
+    assert all(float(r["final_val_loss"]) < float(r["initial_val_loss"]) for r in rows)
+
+    with pytest.raises(SweepError, match="exists: choose a new file for --slurm-array"):
+        sweep.main([*args, "--slurm-array", str(array)])
+
+
+def test_the_slurm_gpu_script_passes_the_recipe_and_requeues_after_a_signal_checkpoint(tmp_path):
+    """scripts/launch/slurm_gpu.sbatch is valid bash; with stand-ins for srun and scontrol, its one
+    srun runs train.py with the recipe and the extra arguments, and an exit 143 (stopped with a
+    checkpoint) requeues the job while an exit 0 does not."""
+    script = ROOT / "scripts" / "launch" / "slurm_gpu.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert "#SBATCH --ntasks-per-node=1" in script.read_text() and "#SBATCH --gpus-per-node=8" in script.read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", 'echo "srun $*"; exit "$SRUN_EXIT"'), ("scontrol", 'echo "scontrol $*"')):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in process_env().items() if k != "PYTHON"}  # the script's default interpreter
+    env |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_CPUS_ON_NODE": "96"}
+    for code, requeued in ((143, True), (0, False)):
+        result = subprocess.run(["bash", str(script), "gpt3xl_celo2.yaml", "--train.out_dir=runs/a b"],
+                                env={**env, "SRUN_EXIT": str(code)}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == code
+        assert result.stdout.splitlines()[0] == ("srun --cpus-per-task=96 --kill-on-bad-exit=0 .venv/bin/python "
+                                                 "train.py --config gpt3xl_celo2.yaml --train.out_dir=runs/a b")
+        assert ("scontrol requeue 77" in result.stdout) == requeued

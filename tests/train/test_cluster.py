@@ -1,8 +1,10 @@
 """Which launchers start the multi-host runtime by themselves, read from the variables each one sets
 (the two-process start itself runs in test_distributed.py)."""
+from pathlib import Path
+
 import pytest
 
-from recipes.train.cluster import CLUSTERS, detected_cluster, first_slurm_host, slurm_settings
+from recipes.train.cluster import CLUSTERS, detected_cluster, first_slurm_host, node_gpus, slurm_settings
 
 LAUNCHED = {
     "Slurm": {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_NTASKS": "2",
@@ -25,7 +27,8 @@ def bare_env(monkeypatch):
     for variables in LAUNCHED.values():
         for name in variables:
             monkeypatch.delenv(name, raising=False)
-    for name in ("MEGASCALE_COORDINATOR_ADDRESS", "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_PORT"):
+    for name in ("MEGASCALE_COORDINATOR_ADDRESS", "CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_PORT",
+                 "SLURM_STEP_TASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -60,3 +63,15 @@ def test_a_slurm_task_meets_on_its_first_node_with_every_gpu_it_was_given(bare_e
                                 "process_id": 1, "local_device_ids": [0, 1, 2, 3]}
     bare_env.setenv("JAX_COORDINATOR_PORT", "9999")
     assert slurm_settings()["coordinator_address"] == "gpu003:9999"
+
+
+def test_the_one_process_of_a_node_keeps_every_gpu_even_without_cuda_visible_devices(bare_env, tmp_path):
+    for name, value in LAUNCHED["Open MPI"].items():
+        bare_env.setenv(name, value)
+    bare_env.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+    assert node_gpus() == ({"local_device_ids": list(range(len(list(Path("/proc/driver/nvidia/gpus").glob("*")))))}
+                           if Path("/proc/driver/nvidia/gpus").is_dir() else {})  # the driver's list, where it has one
+    bare_env.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "8")  # a process per GPU: JAX's one each stands
+    assert node_gpus() == {}
+    bare_env.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert node_gpus() == {"local_device_ids": [0, 1]}
