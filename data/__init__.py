@@ -8,6 +8,7 @@
 - prepare.py        its command line, ``python -m data.prepare``
 - shakespeare.py    the bundled default corpus, prepared once into the cache (cache.py)
 - loader.py         deterministic, resumable, per-process batches
+- files.py          atomic file writes every layer uses (checkpoint directories rotated, damaged ones moved aside)
 """
 
 from data.cache import default_cache_dir

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from data import shards
 from data.encode import SPLITS, Encoder, chunk_documents
+from data.files import write_json
 from data.sources import FILE_BUILDERS, assign_splits, file_documents, hf_documents
 from data.tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_encoding
-from recipes.files import write_json
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in modded-nanogpt's FineWeb shards
 DEFAULT_VAL_FRACTION = 0.01

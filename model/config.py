@@ -7,8 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from recipes.config_parsing import Bool, Float, Int, Must, config_class
-from recipes.errors import ConfigError
+from model.config_base import Bool, ConfigError, Float, Int, Must, config_class
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -35,44 +34,40 @@ def _remat_from_bool(value):
     return ("full" if value else "none") if isinstance(value, bool) else value
 
 
-# What the backward pass keeps of each layer's forward: everything ("none": no recomputation),
-# the outputs of its weight matmuls ("dots": the elementwise work is recomputed), or only the
-# residual stream between layers ("full").
-Remat = Annotated[Literal["none", "dots", "full"], BeforeValidator(_remat_from_bool)]
-
-
-@config_class("ModelConfig.", extra_keys=("size",))
+@config_class("ModelConfig.", extra_keys={"size": f"a named size, one of {list(SIZES)}; the other keys override it"})
 class ModelConfig:
     """GPT-2 style decoder. Parameters are always float32; `compute_dtype` sets matmul precision.
 
     From a mapping, ``size`` picks a preset from SIZES and the other keys override it.
     """
 
-    n_layer: PositiveInt = 2
-    n_head: PositiveInt = 4
-    d_model: PositiveInt = 64
-    context_length: PositiveInt = 64
-    vocab_size: PositiveInt = 50257
-    # Embedding rows are padded up to a multiple of this (64 keeps matmuls tile-aligned).
-    pad_vocab_multiple: PositiveInt = 64
-    bias: Flag = True
-    compute_dtype: str = "float32"
-    remat: Remat = "none"
-    # The residual stream between sublayers: float32, or bfloat16 (half the activation bytes kept
-    # for the backward pass; sums of sublayer outputs then round to 8 bits of mantissa).
-    residual_dtype: Literal["float32", "bfloat16"] = "float32"
-    # Forward and training pass: trace each layer on its own instead of one lax.scan over the
-    # stacked layers (decoding still scans). No per-layer activation stacks (a 4-layer CPU step
-    # 7% faster), but compile time grows with depth.
-    unroll_layers: Flag = False
-    layer_norm_eps: PositiveFloat = 1e-5
-    init_std: PositiveFloat = 0.02
-    # "auto": cuDNN fused attention on GPU with bf16 compute, XLA otherwise. Set "xla"
-    # where cuDNN's kernel is unavailable or rejects the shapes.
-    attention_impl: str = "auto"
-    # Positions per device whose float32 logits the training loss holds at once (the output layer
-    # runs in chunks of whole sequence slices): chunk bytes are this x padded vocab x 4.
-    loss_chunk_tokens: PositiveInt = 8192
+    n_layer: PositiveInt = Field(2, description="transformer blocks")
+    n_head: PositiveInt = Field(4, description="attention heads per block")
+    d_model: PositiveInt = Field(64, description="width of the residual stream")
+    context_length: PositiveInt = Field(64, description="the most positions the model reads")
+    vocab_size: PositiveInt = Field(50257, description="token ids the model embeds and predicts")
+    pad_vocab_multiple: PositiveInt = Field(64, description="embedding rows are padded up to a multiple of this "
+                                            "(64 keeps matmuls tile-aligned)")
+    bias: Flag = Field(True, description="biases in the linear layers and LayerNorms")
+    compute_dtype: str = Field("float32", description=f"matmul precision, one of {list(COMPUTE_DTYPES)}")
+    remat: Annotated[Literal["none", "dots", "full"], BeforeValidator(_remat_from_bool)] = Field(
+        "none", description="what the backward pass keeps of each layer's forward: everything (none: no "
+        "recomputation), the outputs of its weight matmuls (dots: the elementwise work is recomputed), or only the "
+        "residual stream between layers (full)")
+    residual_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the residual stream between sublayers; bfloat16 halves the activation bytes kept "
+        "for the backward pass, and sums of sublayer outputs then round to 8 bits of mantissa")
+    unroll_layers: Flag = Field(False, description="forward and training pass: trace each layer on its own instead of "
+                                "one lax.scan over the stacked layers (decoding still scans); no per-layer activation "
+                                "stacks (a 4-layer CPU step 7% faster), but compile time grows with depth")
+    layer_norm_eps: PositiveFloat = Field(1e-5, description="LayerNorm's epsilon")
+    init_std: PositiveFloat = Field(0.02, description="standard deviation of the initial weights")
+    attention_impl: str = Field("auto", description=f'one of {list(ATTENTION_IMPLS)}; "auto": cuDNN fused '
+                                'attention on GPU with bf16 compute, XLA otherwise; set "xla" where cuDNN\'s kernel '
+                                'is unavailable or rejects the shapes')
+    loss_chunk_tokens: PositiveInt = Field(8192, description="positions per device whose float32 logits the "
+                                           "training loss holds at once (the output layer runs in chunks of whole "
+                                           "sequence slices): chunk bytes are this x padded vocab x 4")
 
     @model_validator(mode="before")
     @classmethod

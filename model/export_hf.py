@@ -15,9 +15,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from data.files import atomic_path
 from data.tokenizer import EOT_TEXT, EOT_TOKEN, VOCAB_SIZE, gpt2_vocab_files
 from model.config import ModelConfig
-from recipes.files import atomic_path
 
 
 def _to_numpy_tree(params) -> dict:

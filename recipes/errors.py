@@ -1,29 +1,18 @@
 """The error type every layer raises for a setting that cannot be used, and the wording of numeric
 limits in its messages.
 
-It lives outside the trainer so the optimizer library can raise it without importing the
-trainer; the command-line entry points turn it into one `error:` line. Messages read
-"<key> must be <what>, got <value>".
+Both are defined with the config classes' base in model.config_base, the lowest layer with
+settings, so the model and the optimizer library raise it without importing the trainer; the
+command-line entry points turn it into one `error:` line. Messages read "<key> must be <what>, got <value>".
 """
 
 from __future__ import annotations
 
 import math
 
+from model.config_base import ConfigError, bounds_text
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and how to fix it."""
-
-
-def bounds_text(low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
-    """" in [0, 1)", " >= 1", " < 2" or ""."""
-    if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if low is not None:
-        return f" {'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f" {'<' if high_open else '<='} {high:g}"
-    return ""
+__all__ = ["ConfigError", "bounds_text", "check_number"]
 
 
 def check_number(where: str, value, *, integer: bool = False, low=None, high=None, low_open: bool = False,

@@ -3,6 +3,9 @@
     python scripts/bench_metatrain.py                                  # the authors' shape
     python scripts/bench_metatrain.py --config configs/metatrain/lm.yaml --steps 5
     python scripts/bench_metatrain.py --config configs/metatrain/lm_fast.yaml --baseline-config configs/metatrain/lm.yaml
+    python scripts/bench_metatrain.py --config configs/metatrain/lm.yaml --steps 5 --pes.particles=4
+
+Any config key (listed below) can be set as --KEY=VALUE, on both configs.
 
 Runs the config's outer steps twice in one process: as meta-training runs now
 (families of one shape fused into one population, particles split over the CPU
@@ -22,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from recipes.train.cli import run_main
+from recipes.train.cli import add_config_help, run_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "metatrain" / "bench_authors_shape.yaml"
 
@@ -89,8 +92,16 @@ def alternating_rates(trainers_states: list, steps: int, rounds: int) -> list[fl
     return [per_round * rounds / s for s in seconds]
 
 
+def _meta_config_class() -> type:
+    from recipes.metatrain.config import MetaTrainConfig
+
+    return MetaTrainConfig
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=False)
+    add_config_help(p, _meta_config_class)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--steps", type=int, default=20, help="timed outer steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="outer steps first (compilation)")
@@ -123,7 +134,7 @@ def main(argv=None) -> int:
     peak = matmul_gflops()
     results = {"config": args.config, "inner_steps_per_outer_step": inner_per_outer, "matmul_gflops": peak,
                "devices": len(jax.local_devices())}
-    trainer = MetaTrainer(config, log=lambda line: None)
+    trainer = MetaTrainer(config)  # its messages are not shown: messages.setup() is not called
     state = trainer.fresh_state(trainer.initial_theta())
     alternate = bool(args.baseline_config) and not args.no_baseline  # then timed below, with the baseline
     state, rate, compile_s, _ = timed_steps(trainer, state, 0 if alternate else args.steps, args.warmup)
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
     if alternate:
         base_config = MetaTrainConfig.from_file(args.baseline_config, overrides)
         base_inner = len(base_config.all_families()) * base_config.pes.particles * base_config.pes.truncation
-        before = MetaTrainer(base_config, log=lambda line: None)
+        before = MetaTrainer(base_config)
         base_state, _, compile0, _ = timed_steps(before, before.fresh_state(before.initial_theta()), 0, args.warmup)
         rate, rate0 = alternating_rates([(trainer, state), (before, base_state)], args.steps, args.rounds)
         results["current"].update(outer_steps_per_s=rate, inner_steps_per_s=rate * inner_per_outer,
@@ -149,7 +160,7 @@ def main(argv=None) -> int:
         saved = celo2.TRANSPOSE_BELOW
         celo2.TRANSPOSE_BELOW = 0
         try:
-            before = MetaTrainer(config, log=lambda line: None, fuse=False, devices=jax.local_devices()[:1])
+            before = MetaTrainer(config, fuse=False, devices=jax.local_devices()[:1])
             _, rate0, compile0, _ = timed_steps(before, before.fresh_state(before.initial_theta()), args.steps,
                                                 args.warmup)
         finally:

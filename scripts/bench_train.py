@@ -1,6 +1,9 @@
 """Training throughput of a recipe: tokens/s and a step-time breakdown.
 
-    python scripts/bench_train.py --config gpt2_small_adamw [--steps 10] [--synthetic] [--section.key=value ...]
+    python scripts/bench_train.py --config gpt2_small_adamw --steps 10 --synthetic
+    python scripts/bench_train.py --config shakespeare_celo2 --steps 3 --data.global_batch=8
+
+Any config key (listed below) can be set as --KEY=VALUE.
 
 Times, each as the median over --steps runs after a compile/warm-up run:
   data       reading one global batch on the host and placing it on the devices
@@ -16,14 +19,16 @@ import json
 
 import jax
 
-from recipes.train.cli import run_main
+from recipes.train.cli import add_config_help, run_main
 from recipes.train import config as config_lib
 from recipes.train import mesh as mesh_lib
 from recipes.experiments.benchmarks import TrainingSetup, time_training
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     add_help=False)
+    add_config_help(parser, lambda: config_lib.Config)
     parser.add_argument("--config", help="YAML recipe: a path or a name in configs/")
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of each part")
     parser.add_argument("--synthetic", action="store_true", help="random tokens instead of the data")

@@ -1,8 +1,10 @@
 """Meta-train Celo2 with PES.
 
-    python scripts/metatrain.py --config configs/metatrain/smoke.yaml [--section.key=value ...]
+    python scripts/metatrain.py --config configs/metatrain/smoke.yaml
+    python scripts/metatrain.py --config configs/metatrain/smoke.yaml --metatrain.out_dir=runs/smoke_again
 
-Rerunning into an existing metatrain.out_dir resumes from its checkpoint.
+Any config key (listed below) can be set as --KEY=VALUE. Rerunning into an existing metatrain.out_dir
+resumes from its checkpoint.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import os
 from pathlib import Path
 
 
-from recipes.train.cli import run_main
+from recipes import messages
+from recipes.train.cli import add_config_help, run_main
 from data.cache import jax_cache_dir
 from recipes.errors import ConfigError
 from recipes.metatrain.config import MetaTrainConfig
@@ -20,7 +23,9 @@ from recipes.metatrain.xla_flags import allow_slow_collectives
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     add_help=False)
+    add_config_help(parser, lambda: MetaTrainConfig)
     parser.add_argument("--config", required=True, help="a YAML file, e.g. configs/metatrain/smoke.yaml")
     parser.add_argument("--compilation-cache", default=str(jax_cache_dir()),
                         help="JAX's persistent compilation cache (reruns and resumes skip most compiling; "
@@ -38,7 +43,8 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-    trainer = MetaTrainer(config, log=lambda line: print(line, flush=True))
+    messages.setup()
+    trainer = MetaTrainer(config)
     state = trainer.run()
     if trainer.stopped_by is not None:  # saved and resumable: exit as the signal would, for schedulers
         return 128 + int(trainer.stopped_by)

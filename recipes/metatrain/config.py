@@ -1,10 +1,9 @@
 """Meta-training settings: YAML -> frozen, validated config classes.
 
-A config file has the sections ``metatrain`` (outer loop), ``pes`` (the
-estimator), ``inner`` (how every task trains its parameters) and
-``families`` (the task families, one PES population each). ``lm_sampler``
-optionally adds language-model families of random width/depth/context,
-drawn once from its seed so a resumed run sees the same families.
+A config file has the sections ``metatrain`` (outer loop), ``pes`` (the estimator), ``inner`` (how
+every task trains its parameters) and ``families`` (the task families, one PES population each).
+``lm_sampler`` optionally adds language-model families of random width/depth/context, drawn once
+from its seed so a resumed run sees the same families.
 """
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from recipes.config_parsing import Bool, Float, Int, Must, config_class
-from recipes.errors import ConfigError
+from model.config_base import Bool, ConfigError, Float, Int, Must, config_class
+from recipes.config_parsing import load_file
 from recipes.metatrain.image_datasets import NAMES as IMAGE_DATASETS
 from recipes.optim.config import ThetaSource
 
@@ -27,43 +26,43 @@ Shape = Annotated[tuple[Positive, ...], Field(min_length=3, max_length=3), Must(
 
 @config_class("metatrain.")
 class OuterConfig:
-    outer_steps: Int = Field(100_000, ge=0)
-    out_dir: Annotated[str, Field(min_length=1), Must("a non-empty path")] = "runs/metatrain"
-    init_theta: ThetaSource = "normalized_momentum"
-    theta_seed: Int = 0
-    seed: Int = 0
-    outer_lr: Float = Field(5e-5, ge=0)
-    outer_b1: Float = Field(0.9, ge=0, lt=1)
-    outer_b2: Float = Field(0.999, ge=0, lt=1)
-    outer_weight_decay: Float = Field(0.0, ge=0)
-    # Clips the global norm of the PES gradient estimate; None leaves it alone.
-    outer_grad_clip: Float | None = Field(None, gt=0)
-    # Full state saved at most this often (seconds) and at the end.
-    checkpoint_every_s: Float = Field(300.0, ge=0)
-    # Official-format theta snapshots kept under thetas/ every this many outer steps (0: none).
-    snapshot_every: Int = Field(1000, ge=0)
-    log_every: Positive = 1
-    # Measures the learned rule's share of the time every this many outer steps (0: once at start).
-    profile_every: Int = Field(0, ge=0)
-    profile: Bool = True
-    wandb: Literal["disabled", "online", "offline"] = "disabled"
-    wandb_project: str = "celo2-metatrain"
-    # Families evaluated per outer step (None: all); picked at random without replacement.
-    families_per_step: Positive | None = None
+    outer_steps: Int = Field(100_000, ge=0, description="outer (theta) updates of the run")
+    out_dir: Annotated[str, Field(min_length=1), Must("a non-empty path")] = Field(
+        "runs/metatrain", description="the run directory; an existing one is resumed")
+    init_theta: ThetaSource = Field("normalized_momentum", description="the theta meta-training starts from")
+    theta_seed: Int = Field(0, description='the seed of init_theta="random"')
+    seed: Int = Field(0, description="the populations' random draws and the families picked per step")
+    outer_lr: Float = Field(5e-5, ge=0, description="Adam's learning rate on theta")
+    outer_b1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay on theta")
+    outer_b2: Float = Field(0.999, ge=0, lt=1, description="Adam's second-moment decay on theta")
+    outer_weight_decay: Float = Field(0.0, ge=0, description="decoupled weight decay on theta")
+    outer_grad_clip: Float | None = Field(None, gt=0, description="clips the global norm of the PES gradient "
+                                          "estimate; null leaves it alone")
+    checkpoint_every_s: Float = Field(300.0, ge=0, description="seconds between full-state saves (and one at the end)")
+    snapshot_every: Int = Field(1000, ge=0, description="outer steps between official-format theta snapshots "
+                                "kept under thetas/; 0: none")
+    log_every: Positive = Field(1, description="outer steps between metrics records")
+    profile_every: Int = Field(0, ge=0, description="outer steps between measurements of the learned rule's share "
+                               "of the time; 0: once at the start")
+    profile: Bool = Field(True, description="measure that share at all (false: never)")
+    wandb: Literal["disabled", "online", "offline"] = Field("disabled", description="Weights & Biases logging")
+    wandb_project: str = Field("celo2-metatrain", description="the W&B project")
+    families_per_step: Positive | None = Field(None, description="families evaluated per outer step, picked at "
+                                               "random without replacement; null: all")
 
 
 @config_class("pes.")
 class PESConfig:
-    particles: Positive = 8  # per family; antithetic pairs, so even
-    sigma: Float = Field(0.01, gt=0)
-    truncation: Positive = 50
-    min_length: Positive = 100  # inner-problem lengths are log-uniform in [min_length, max_length]
-    max_length: Positive = 2000
-    # Normalized per-step losses (loss / the task's initial loss) are clipped here; NaN maps to it.
-    loss_cap: Float = Field(1.5, gt=0)
-    # The meta-loss of a truncation: mean_train_loss (the steps' training losses, as published) or
-    # final_unseen_loss (the final parameters on batches no step trained on: rewards generalizing).
-    objective: Literal[PES_OBJECTIVES] = "mean_train_loss"
+    particles: Positive = Field(8, description="per family; antithetic pairs, so even")
+    sigma: Float = Field(0.01, gt=0, description="the standard deviation of theta's perturbations")
+    truncation: Positive = Field(50, description="inner steps per truncation (one outer step)")
+    min_length: Positive = Field(100, description="inner-problem lengths are log-uniform in [min_length, max_length]")
+    max_length: Positive = Field(2000, description="the longest inner problem")
+    loss_cap: Float = Field(1.5, gt=0, description="normalized per-step losses (loss / the task's initial loss) are "
+                            "clipped here; NaN maps to it")
+    objective: Literal[PES_OBJECTIVES] = Field("mean_train_loss", description="the meta-loss of a truncation: the "
+                                               "steps' training losses (as published), or the final parameters' "
+                                               "loss on batches no step trained on (rewards generalizing)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -78,15 +77,15 @@ class PESConfig:
 class InnerConfig:
     """How each task trains: Celo2 on hidden matrices, Adam on embeddings and biases."""
 
-    lr: Float = Field(1e-3, ge=0)
-    adamw_lr_mult: Float = Field(20.0, ge=0)
-    b1: Float = Field(0.9, ge=0, lt=1)
-    b2: Float = Field(0.95, ge=0, lt=1)
-    weight_decay: Float = Field(0.0, ge=0)
-    orthogonalize: Bool = True
-    # Each task is reparameterized by a global scale, log-uniform in [scale_min, scale_max].
-    scale_min: Float = Field(1e-3, gt=0)
-    scale_max: Float = Field(1e3, gt=0)
+    lr: Float = Field(1e-3, ge=0, description="Celo2's learning rate")
+    adamw_lr_mult: Float = Field(20.0, ge=0, description="Adam's learning rate relative to lr")
+    b1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
+    b2: Float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
+    weight_decay: Float = Field(0.0, ge=0, description="decoupled weight decay")
+    orthogonalize: Bool = Field(True, description="hidden matrices train with celo2 (true) or celo2_base (false)")
+    scale_min: Float = Field(1e-3, gt=0, description="each task is reparameterized by a global scale, log-uniform "
+                             "in [scale_min, scale_max]")
+    scale_max: Float = Field(1e3, gt=0, description="the largest such scale")
 
     @model_validator(mode="after")
     def _scales_ordered(self):
@@ -95,35 +94,35 @@ class InnerConfig:
         return self
 
 
+def _family_name(values: dict) -> str:
+    if values["kind"] == "image_mlp":
+        return f"{values['dataset']}_mlp_" + "_".join(map(str, values["hidden"]))
+    return f"lm_l{values['n_layer']}_d{values['d_model']}_c{values['context_length']}"
+
+
 @config_class("families[].")
 class FamilyConfig:
     """One task family. image_mlp: an MLP on an 8x8 image set; lm: a small GPT on a token corpus."""
 
-    kind: Literal[FAMILY_KINDS] = "image_mlp"
-    name: str | None = None  # None: named after its kind and shape
-    batch: Positive = 64
-    weight: Float = Field(1.0, gt=0)  # this family's share of the averaged gradient
-    # image_mlp
-    hidden: tuple[Positive, ...] = (64, 32)
-    dataset: Literal[IMAGE_DATASETS] = "digits"  # recipes/metatrain/image_datasets.py
-    # lm
-    n_layer: Positive = 1
-    n_head: Positive = 2
-    d_model: Positive = 32
-    context_length: Positive = 32
-    vocab: Int = Field(512, ge=2)  # the corpus is re-tokenized to its vocab-1 commonest tokens plus "other"
-    corpus: str = ""  # a shard directory written by data.prepare; "" is the bundled Shakespeare
+    kind: Literal[FAMILY_KINDS] = Field("image_mlp", description="the task")
+    batch: Positive = Field(64, description="examples per inner step")
+    weight: Float = Field(1.0, gt=0, description="this family's share of the averaged gradient")
+    hidden: tuple[Positive, ...] = Field((64, 32), description="image_mlp: the hidden layers' widths")
+    dataset: Literal[IMAGE_DATASETS] = Field("digits", description="image_mlp: the images "
+                                             "(recipes/metatrain/image_datasets.py)")
+    n_layer: Positive = Field(1, description="lm: transformer blocks")
+    n_head: Positive = Field(2, description="lm: attention heads")
+    d_model: Positive = Field(32, description="lm: width")
+    context_length: Positive = Field(32, description="lm: sequence length")
+    vocab: Int = Field(512, ge=2, description="lm: the corpus is re-tokenized to its vocab-1 commonest tokens plus "
+                       '"other"')
+    corpus: str = Field("", description='lm: a shard directory written by data.prepare; "" is the bundled Shakespeare')
+    name: str = Field(default_factory=_family_name, description="default: named after its kind and shape")
 
     @model_validator(mode="after")
-    def _named(self):
+    def _heads_divide(self):
         if self.d_model % self.n_head:
             raise ConfigError(f"families[].d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.name is None:
-            if self.kind == "image_mlp":
-                label = f"{self.dataset}_mlp_" + "_".join(map(str, self.hidden))
-            else:
-                label = f"lm_l{self.n_layer}_d{self.d_model}_c{self.context_length}"
-            object.__setattr__(self, "name", label)
         return self
 
 
@@ -133,15 +132,16 @@ class LMSamplerConfig:
     ``shapes`` lists [n_layer, d_model, context_length] triples, taken from them in turn: families
     of one shape then share a fusion key and train as one population (see ``fused``)."""
 
-    count: Int = Field(0, ge=0)
-    seed: Int = 0
-    n_layer: tuple[Int, ...] = Field((1, 2), min_length=1)
-    d_model: tuple[Int, ...] = Field((32, 64), min_length=1)
-    context_length: tuple[Int, ...] = Field((32, 64), min_length=1)
-    n_head: Int = 2
-    batch: Int = 8
-    vocab: Int = 512
-    shapes: tuple[Shape, ...] = ()  # empty: random draws from the choices above
+    count: Int = Field(0, ge=0, description="lm families added")
+    seed: Int = Field(0, description="the draws' seed")
+    n_layer: tuple[Int, ...] = Field((1, 2), min_length=1, description="transformer blocks to draw from")
+    d_model: tuple[Int, ...] = Field((32, 64), min_length=1, description="widths to draw from")
+    context_length: tuple[Int, ...] = Field((32, 64), min_length=1, description="sequence lengths to draw from")
+    n_head: Int = Field(2, description="attention heads of every drawn family")
+    batch: Int = Field(8, description="examples per inner step of every drawn family")
+    vocab: Int = Field(512, description="the vocabulary of every drawn family")
+    shapes: tuple[Shape, ...] = Field((), description="[n_layer, d_model, context_length] triples taken in turn "
+                                      "instead of random draws")
 
     def _drawn_shapes(self) -> list[tuple[int, ...]]:
         if self.shapes:  # in turn, so each shape gets count / len(shapes) families
@@ -175,8 +175,9 @@ class MetaTrainConfig:
     metatrain: OuterConfig = OuterConfig()
     pes: PESConfig = PESConfig()
     inner: InnerConfig = InnerConfig()
-    families: tuple[FamilyConfig, ...] = ()
+    families: tuple[FamilyConfig, ...] = Field((), description="the task families, one PES population each")
     lm_sampler: LMSamplerConfig = LMSamplerConfig()
+    from_file = classmethod(load_file)
 
     @model_validator(mode="after")
     def _families(self):
@@ -190,4 +191,3 @@ class MetaTrainConfig:
 
     def all_families(self) -> list[FamilyConfig]:
         return list(self.families) + self.lm_sampler.families()
-

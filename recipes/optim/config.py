@@ -1,13 +1,9 @@
 """Typed optimizer configuration: frozen config classes validated on construction.
 
-Recipes select an optimizer by name and override fields from the command
-line, e.g. ``--optimizer.name=muon --optimizer.lr=3e-3``. Every check here
-fails with a message that names the field, the bad value and a fix.
-
-Defaults that are not from the Celo2 paper are marked "to be swept": they are
-nanoGPT-style starting points, not the authors' published settings.
+Recipes select an optimizer by name and override fields from the command line, e.g.
+``--optimizer.name=muon --optimizer.lr=3e-3``; every refusal names the field, the bad value and a fix.
+Defaults marked "to be swept" are nanoGPT-style starting points, not the Celo2 authors' settings.
 """
-
 from __future__ import annotations
 
 import re
@@ -15,8 +11,7 @@ from typing import Annotated, Callable, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, model_validator
 
-from recipes.config_parsing import Bool, Float, Int, Must, config_class
-from recipes.errors import ConfigError
+from model.config_base import Bool, ConfigError, Float, Int, Must, config_class
 from recipes.optim.theta import THETA_NAMES
 
 OPTIMIZER_NAMES = ("celo2", "celo2_base", "muon", "adamw")
@@ -28,12 +23,11 @@ ROUTING_GROUPS = ("main", "adamw")  # "main" is the named optimizer's matrix rul
 DEFAULT_EMBEDDING_PATTERN = r"(^|/)(wte|wpe|lm_head|embedding)(/|$)"
 DEFAULT_STACKED_PATTERN = r"^blocks(/|$)"
 
-# A theta.state path, a directory holding one, hf://OWNER/REPO, or one of THETA_NAMES.
 ThetaSource = Annotated[str, Field(min_length=1), Must(f"a path, hf://OWNER/REPO or one of {list(THETA_NAMES)}")]
 
-# Validation context key: a list there asks for a warmup that does not fit in the run to be cut
-# (with a note appended to the list) rather than refused.
-WARMUP_NOTES = "warmup_notes"
+# Validation context key: true while loading a run's config, whose warmup is fitted to the run
+# afterwards (recipes.train.config.fit_warmup) rather than refused here.
+FIT_WARMUP = "fit_warmup"
 
 
 def _check_regex(owner: str, field: str, pattern) -> None:
@@ -45,31 +39,24 @@ def _check_regex(owner: str, field: str, pattern) -> None:
 
 @config_class("schedule.")
 class ScheduleConfig:
-    """Learning-rate shape over training; the peak comes from OptimizerConfig.
+    """Learning-rate shape over training; the peak comes from OptimizerConfig. Every kind starts with
+    ``warmup_steps`` of linear warmup from 0 to the peak (step 0 has LR 0; the optimizer's statistics
+    still take that gradient in)."""
 
-    Every kind starts with ``warmup_steps`` of linear warmup from 0 to the peak
-    (step 0 has LR 0; the optimizer's statistics still take that gradient in).
-      cosine:   cosine decay to ``min_lr_ratio * peak`` at ``total_steps``.
-      linear:   linear decay to ``min_lr_ratio * peak`` at ``total_steps``.
-      constant: the peak until the end (``total_steps`` unused).
-      wsd:      warmup-stable-decay: the peak until the last ``decay_fraction``
-                of ``total_steps``, then ``decay_shape`` down to the floor.
-    ``total_steps=None`` takes the trainer's step count (passed to the builder).
-    """
-
-    kind: Literal[SCHEDULE_KINDS] = "cosine"
-    warmup_steps: Int = Field(0, ge=0)
-    total_steps: Int | None = Field(None, gt=0)
-    # nanoGPT decays to lr/10; to be swept.
-    min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="the floor as a fraction of the peak")
-    decay_fraction: Float = Field(0.2, gt=0, le=1)
-    decay_shape: Literal[WSD_DECAY_SHAPES] = "linear"
+    kind: Literal[SCHEDULE_KINDS] = Field("cosine", description="cosine or linear decay to the floor at "
+                                          "total_steps, constant (the peak to the end), or wsd: warmup-stable-"
+                                          "decay, the peak until the last decay_fraction, then decay_shape down")
+    warmup_steps: Int = Field(0, ge=0, description="steps of linear warmup from 0 to the peak")
+    total_steps: Int | None = Field(None, gt=0, description="the length the schedule spans; null: the run's steps")
+    min_lr_ratio: Annotated[Float, Must(hint="the floor as a fraction of the peak")] = Field(
+        0.1, ge=0, le=1, description="the floor as a fraction of the peak (nanoGPT's; to be swept)")
+    decay_fraction: Float = Field(0.2, gt=0, le=1, description="wsd: the share of total_steps spent decaying")
+    decay_shape: Literal[WSD_DECAY_SHAPES] = Field("linear", description="wsd: the decay's shape")
 
     @model_validator(mode="after")
     def _fits_its_length(self, info: ValidationInfo):
-        if self.total_steps is not None:
-            notes = (info.context or {}).get(WARMUP_NOTES)
-            object.__setattr__(self, "warmup_steps", self.fitting_warmup(self.total_steps, notes))
+        if self.total_steps is not None and not (info.context or {}).get(FIT_WARMUP):
+            self.check_steps(self.total_steps)
         return self
 
     def decay_steps(self, total_steps: int) -> int:
@@ -102,22 +89,18 @@ class ScheduleConfig:
 
 @config_class("routing rule ")
 class RoutingRule:
-    """Sends the parameters it matches to a group: "main" (the named optimizer's matrix rule,
-    celo2 or muon) or "adamw". The partition label a group gets (celo2, muon, adamw, ...) is
-    the branch; recipes.optim.optimizers.branch_of names it.
-
-    A parameter matches when every given condition holds: ``pattern`` is found
-    (re.search) in its "/"-joined path, its logical rank (leading layer axis
-    excluded) is within [min_rank, max_rank], and ``predicate(path, shape)``
-    is true. A rule with no condition matches everything.
-    """
+    """Sends the parameters it matches to a group; the partition label a group gets (celo2, muon,
+    adamw, ...) is the branch, named by recipes.optim.optimizers.branch_of. A parameter matches when
+    every given condition holds; a rule with no condition matches everything."""
 
     # Settings saved before "group" was named "branch" (run directories' config.yaml) still load.
-    group: Literal[ROUTING_GROUPS] = Field(validation_alias=AliasChoices("group", "branch"))
-    pattern: str | None = None
-    min_rank: Int | None = Field(None, ge=0)
-    max_rank: Int | None = Field(None, ge=0)
-    predicate: Callable[[str, tuple], bool] | None = None
+    group: Literal[ROUTING_GROUPS] = Field(validation_alias=AliasChoices("group", "branch"), description=(
+        "main (the named optimizer's matrix rule, celo2 or muon) or adamw"))
+    pattern: str | None = Field(None, description='a regex found (re.search) in the parameter\'s "/"-joined path')
+    min_rank: Int | None = Field(None, ge=0, description="the least logical rank (leading layer axis excluded)")
+    max_rank: Int | None = Field(None, ge=0, description="the greatest logical rank")
+    predicate: Callable[[str, tuple], bool] | None = Field(None, description="predicate(path, shape) is true "
+                                                           "(set from Python only)")
 
     @model_validator(mode="after")
     def _can_match(self):
@@ -140,20 +123,15 @@ class RoutingRule:
 
 @config_class("routing.")
 class RoutingConfig:
-    """Which parameters the matrix rule gets and which go to AdamW.
+    """Which parameters the matrix rule gets and which go to AdamW."""
 
-    ``rules`` are tried in order and the first match wins; parameters no rule
-    matches follow the authors' default: an embedding (``embedding_pattern``)
-    or logical rank <= ``adamw_max_rank`` goes to AdamW, anything else to the
-    "main" group. Parameters whose path matches ``stacked_pattern`` carry
-    ``stacked_axes`` leading layer axes that are not part of their rank.
-    """
-
-    rules: tuple[RoutingRule, ...] = ()
-    embedding_pattern: str = DEFAULT_EMBEDDING_PATTERN
-    stacked_pattern: str = DEFAULT_STACKED_PATTERN
-    stacked_axes: Int = Field(1, ge=0)
-    adamw_max_rank: Int = Field(1, ge=0)
+    rules: tuple[RoutingRule, ...] = Field((), description="tried in order, the first match wins; parameters no "
+                                           "rule matches go to AdamW if an embedding or of rank <= adamw_max_rank, "
+                                           'else to the "main" group')
+    embedding_pattern: str = Field(DEFAULT_EMBEDDING_PATTERN, description="paths of embeddings")
+    stacked_pattern: str = Field(DEFAULT_STACKED_PATTERN, description="paths of parameters with leading layer axes")
+    stacked_axes: Int = Field(1, ge=0, description="leading layer axes of those, not part of their rank")
+    adamw_max_rank: Int = Field(1, ge=0, description="unmatched parameters of at most this logical rank go to AdamW")
 
     @model_validator(mode="after")
     def _patterns_compile(self):
@@ -166,47 +144,38 @@ class RoutingConfig:
 class MuonConfig:
     """Settings of the muon baseline's matrix branch (optax.contrib.muon)."""
 
-    beta: Float = Field(0.95, ge=0, lt=1)
-    ns_steps: Int = Field(5, ge=1)
-    nesterov: Bool = True
-    # None: Muon's width scaling sqrt(max(1, fan_out/fan_in)); a float c scales the
-    # orthogonalized step to RMS about c, like AdamW's (c=0.2 is Moonlight's choice).
-    consistent_rms: Float | None = Field(None, gt=0)
+    beta: Float = Field(0.95, ge=0, lt=1, description="momentum")
+    ns_steps: Int = Field(5, ge=1, description="Newton-Schulz iterations")
+    nesterov: Bool = Field(True, description="Nesterov momentum")
+    consistent_rms: Float | None = Field(None, gt=0, description="null: Muon's width scaling sqrt(max(1, fan_out/"
+                                         "fan_in)); c scales the orthogonalized step to RMS about c, like AdamW's "
+                                         "(0.2 is Moonlight's choice)")
 
 
 @config_class("optimizer.")
 class OptimizerConfig:
-    """The optimizer harness, selected by ``name`` (one of OPTIMIZER_NAMES).
+    """The optimizer harness, selected by ``name``. Weight decay is decoupled (update -lr * (step +
+    weight_decay * p)) and applied in every branch; both branches' LRs follow the schedule's shape.
+    ``from_dict`` builds one from nested dicts (parsed YAML), refusing unknown keys; ``to_dict`` gives them back."""
 
-    Learning rates: ``lr`` is the peak LR of the main branch (celo2's or muon's
-    hidden matrices); for ``adamw`` and ``celo2_base`` it is the LR of every
-    parameter. The AdamW side branch of celo2/muon uses ``adamw_lr`` if set,
-    else ``adamw_lr_mult * lr``. Both follow the same schedule shape.
-
-    Weight decay is decoupled (update -lr * (step + weight_decay * p)) and
-    applied in every branch; ``decay_rank1=False`` exempts logical rank <= 1
-    parameters (biases, LayerNorm), the nanoGPT convention.
-
-    ``from_dict`` builds one from nested dicts (parsed YAML), refusing unknown keys; ``to_dict``
-    gives them back.
-    """
-
-    name: Literal[OPTIMIZER_NAMES] = "celo2"
-    # Peak LR; to be swept (no value is taken from the paper).
-    lr: Float = Field(1e-3, ge=0)
-    # nanoGPT's value; to be swept.
-    weight_decay: Float = Field(0.1, ge=0)
-    # The AdamW side branch's LR relative to lr. 1.0 is a neutral start, not the
-    # paper's value: sweep it (Celo2 steps have RMS 1, AdamW's are smaller).
-    adamw_lr_mult: Float = Field(1.0, ge=0)
-    adamw_lr: Float | None = Field(None, ge=0)
-    b1: Float = Field(0.9, ge=0, lt=1)
-    b2: Float = Field(0.95, ge=0, lt=1)
-    eps: Float = Field(1e-8, gt=0)
-    theta: ThetaSource = "hf://amoudgl/celo2"
-    theta_seed: Int = 0  # for theta="random"
-    grad_clip_norm: Float | None = Field(None, gt=0, description="null is no clipping")
-    decay_rank1: Bool = True
+    name: Literal[OPTIMIZER_NAMES] = Field("celo2", description="the matrix rule, or adamw/celo2_base for every "
+                                           "parameter")
+    lr: Float = Field(1e-3, ge=0, description="peak LR of the main branch (celo2's or muon's hidden matrices); "
+                      "for adamw and celo2_base, of every parameter. To be swept (no value is taken from the paper)")
+    weight_decay: Float = Field(0.1, ge=0, description="decoupled weight decay (nanoGPT's value; to be swept)")
+    adamw_lr_mult: Float = Field(1.0, ge=0, description="the AdamW side branch's LR relative to lr: a neutral "
+                                 "start, not the paper's value: sweep it (Celo2 steps have RMS 1, AdamW's are smaller)")
+    adamw_lr: Float | None = Field(None, ge=0, description="the AdamW side branch's peak LR; null: adamw_lr_mult * lr")
+    b1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
+    b2: Float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
+    eps: Float = Field(1e-8, gt=0, description="Adam's epsilon")
+    theta: ThetaSource = Field("hf://amoudgl/celo2", description="Celo2's learned weights: a theta.state, a directory "
+                                "holding one, hf://OWNER/REPO or a shipped name")
+    theta_seed: Int = Field(0, description='the seed of theta="random"')
+    grad_clip_norm: Annotated[Float | None, Must(hint="null is no clipping")] = Field(
+        None, gt=0, description="the largest global gradient norm; null is no clipping")
+    decay_rank1: Bool = Field(True, description="false exempts logical rank <= 1 parameters (biases, LayerNorm) "
+                              "from weight decay, the nanoGPT convention")
     schedule: ScheduleConfig = ScheduleConfig()
     routing: RoutingConfig = RoutingConfig()
     muon: MuonConfig = MuonConfig()
@@ -228,4 +197,3 @@ class OptimizerConfig:
     def side_lr(self) -> float:
         """Peak LR of the AdamW side branch of celo2 and muon."""
         return self.adamw_lr if self.adamw_lr is not None else self.adamw_lr_mult * self.lr
-

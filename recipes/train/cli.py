@@ -1,15 +1,31 @@
 """How the command-line entry points end: a result, or one `error:` line and a non-zero exit.
 
 Mistakes in a config, a path, data or weights each come with a message that says what to
-fix, so one line suffices; CELO2_DEBUG=1 shows the traceback as well.
+fix, so one line suffices; CELO2_DEBUG=1 shows the traceback as well. Entry points that take
+--section.key=value overrides list every config key in their --help (``add_config_help``).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
 
 EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal: 128 + its number
+
+
+def add_config_help(parser: argparse.ArgumentParser, config_class: Callable[[], type]) -> None:
+    """-h/--help (of a parser made with add_help=False) that also lists every key of ``config_class()``,
+    the config its overrides set; the class is imported only when help is asked for."""
+    class Help(argparse.Action):
+        def __call__(self, parser, *_):
+            from recipes.config_parsing import keys_help
+
+            parser.epilog = keys_help(config_class())
+            parser.print_help()
+            parser.exit()
+
+    parser.add_argument("-h", "--help", nargs=0, action=Help, help="show this help, with every config key, and exit")
 
 
 def ordinary_errors() -> tuple[type[BaseException], ...]:

@@ -3,47 +3,44 @@
     config = load_config("shakespeare_celo2.yaml", ["--optimizer.lr=3e-3", "--train.steps=100"])
 
 Sections: model (a named size plus ModelConfig overrides), data, optimizer
-(recipes.optim.config.OptimizerConfig), train, mesh, eval, logging, sample. A YAML
-file may name another with ``base: other.yaml`` (relative to the file); its keys
-are merged under the file's own. Top-level keys starting with "_" are ignored, so
-they can hold YAML anchors. Reading and checking keys is recipes.config_parsing's.
+(recipes.optim.config.OptimizerConfig), train, mesh, eval, logging, sample. Reading recipes (``base:``,
+anchors, overrides) is recipes.config_parsing's; checking keys is the config classes' own.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationInfo, model_validator
 
 from model.config import ModelConfig
+from model.config_base import Bool, ConfigError, Float, Int, Must, config_class, to_dict
 from model.sampling import MAX_NEW_TOKENS
-from recipes.config_parsing import Bool, Float, Int, config_class, to_dict
-from recipes.errors import ConfigError, check_number
-from recipes.optim.config import WARMUP_NOTES, OptimizerConfig
+from recipes.config_parsing import load_file
+from recipes.errors import check_number
+from recipes.optim.config import FIT_WARMUP, OptimizerConfig
 
 WANDB_MODES = ("disabled", "offline", "online")
 
 
 @config_class("data.")
 class DataConfig:
-    # "shakespeare" (the bundled corpus, prepared on first use) or a directory of shards.
-    path: str = "shakespeare"
-    seq_len: Int | None = Field(None, ge=1)  # None: the model's context_length
-    global_batch: Int = Field(32, ge=1)  # sequences per optimizer step, summed over all processes
-    # Sequences per forward/backward pass (global); global_batch / micro_batch passes are
-    # accumulated inside one jitted step. None: no accumulation.
-    micro_batch: Int | None = Field(None, ge=1)
-    seed: Int | None = None  # order of the training windows; None: train.seed
-    prefetch: Int = Field(2, ge=1)
+    path: str = Field("shakespeare", description='"shakespeare" (the bundled corpus, prepared on first use) or a '
+                      "directory of shards")
+    seq_len: Int | None = Field(None, ge=1, description="tokens per training sequence; null: model.context_length")
+    global_batch: Int = Field(32, ge=1, description="sequences per optimizer step, summed over all processes")
+    micro_batch: Int | None = Field(None, ge=1, description="sequences per forward/backward pass (global); "
+                                    "global_batch / micro_batch passes are accumulated in one step. null: none")
+    seed: Int | None = Field(None, description="order of the training windows; null: train.seed")
+    prefetch: Int = Field(2, ge=1, description="batches read ahead")
 
     @model_validator(mode="after")
     def _micro_batch_divides(self):
         if self.micro_batch is not None and self.global_batch % self.micro_batch:
-            raise ConfigError(
-                f"data.global_batch={self.global_batch} is not a multiple of data.micro_batch="
-                f"{self.micro_batch}; pick a micro_batch that divides it")
+            raise ConfigError(f"data.global_batch={self.global_batch} is not a multiple of data.micro_batch="
+                              f"{self.micro_batch}; pick a micro_batch that divides it")
         return self
 
     @property
@@ -53,24 +50,23 @@ class DataConfig:
 
 @config_class("train.")
 class TrainConfig:
-    steps: Int = Field(1000, ge=1)
-    seed: Int = 0  # parameter init (and data order unless data.seed is set)
-    out_dir: str = "runs/default"  # the run directory; an existing one is resumed
-    # Stop early at this step with a checkpoint (the schedule still spans `steps`),
-    # e.g. to split a run across jobs. None: run to `steps`.
-    stop_at_step: Int | None = None
-    checkpoint_every: Int = Field(500, ge=1)
-    keep_checkpoints: Int = Field(3, ge=1)
-    # Stop after this many consecutive non-finite steps (each is skipped).
-    max_nonfinite_steps: Int = Field(5, ge=1)
-    # A step whose loss exceeds this many times the median of the last 50 is a spike. A checkpoint
-    # is written only when every step since the previous one was finite and spike-free, so the
-    # checkpoints always hold a state the run trusts. null: no spike guard.
-    spike_factor: Float | None = Field(10.0, gt=1, description="null turns the spike guard off")
-    # Steps to a target: the first evaluation at or below this validation loss records its step,
-    # tokens and training wall time (metrics.jsonl and summary.json). null: no target.
-    target_val_loss: Float | None = Field(None, gt=0)
-    stop_at_target: Bool = False  # end the run (with a checkpoint) once the target is reached
+    steps: Int = Field(1000, ge=1, description="optimizer steps of the run (and of its schedule)")
+    seed: Int = Field(0, description="parameter init (and data order unless data.seed is set)")
+    out_dir: str = Field("runs/default", description="the run directory; an existing one is resumed")
+    stop_at_step: Int | None = Field(None, description="stop early at this step with a checkpoint (the schedule "
+                                     "still spans steps), e.g. to split a run across jobs; null: run to steps")
+    checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
+    keep_checkpoints: Int = Field(3, ge=1, description="checkpoints kept")
+    max_nonfinite_steps: Int = Field(5, ge=1, description="stop after this many consecutive non-finite steps "
+                                     "(each is skipped)")
+    spike_factor: Annotated[Float | None, Must(hint="null turns the spike guard off")] = Field(
+        10.0, gt=1, description="a loss over this many times the median of the last 50 is a spike; a checkpoint is "
+        "written only when every step since the last was finite and spike-free, so the checkpoints always hold a "
+        "state the run trusts; null turns the spike guard off")
+    target_val_loss: Float | None = Field(None, gt=0, description="the first evaluation at or below this validation "
+                                          "loss records its step, tokens and training wall time (metrics.jsonl, "
+                                          "summary.json); null: no target")
+    stop_at_target: Bool = Field(False, description="end the run (with a checkpoint) once the target is reached")
 
     @model_validator(mode="after")
     def _stops_are_reachable(self):
@@ -83,33 +79,31 @@ class TrainConfig:
 
 @config_class("mesh.")
 class MeshConfig:
-    """Device mesh axes (-1 takes the remaining devices) and multi-host setup.
+    """Device mesh axes (-1 takes the remaining devices) and multi-host setup. data, fsdp and tensor
+    split the devices of one host (one slice on TPU pods with several), over its fast links; dcn_data
+    and dcn_fsdp split the hosts or slices, over the data-centre network. The mesh's data axis is
+    dcn_data x data, its fsdp axis dcn_fsdp x fsdp."""
 
-    data, fsdp and tensor split the devices of one host (one slice on TPU pods with several
-    slices), over its fast links; dcn_data and dcn_fsdp split the hosts or slices, over the
-    data-centre network. The mesh's data axis is dcn_data x data, its fsdp axis dcn_fsdp x fsdp.
-    """
-
-    data: Int = 1
-    fsdp: Int = -1
-    tensor: Int = 1
-    # Across hosts (or slices): data parallel by default, so FSDP's per-micro-batch gathers stay
-    # on the fast links. One process, one slice: both are 1.
-    dcn_data: Int = -1
-    dcn_fsdp: Int = 1
-    devices: Int | None = Field(None, ge=1, description="null uses all devices")  # the first N devices only
-    # When FSDP gathers the weights (in the compute dtype): for every micro-batch, or once a step
-    # before the micro-batches (a whole compute-dtype copy of the model on every device; the
-    # gradients are still reduce-scattered per micro-batch).
-    gather_weights: Literal["micro_batch", "step"] = "micro_batch"
-    # Multi-host start: "auto" starts jax.distributed when a cluster launched this process (Slurm,
-    # Open MPI, TPU pod workers, Kubernetes indexed jobs), true always, false never. Unset
-    # coordinator fields are found by JAX on those clusters.
-    distributed: Literal["auto", True, False] = "auto"
-    coordinator_address: str | None = None
-    num_processes: Int | None = Field(None, ge=1)
-    process_id: Int | None = Field(None, ge=0)
-    connect_timeout_s: Int = Field(60, ge=1, description="how long to wait for the coordinator and the other processes")
+    data: Int = Field(1, description="data-parallel ways inside a host")
+    fsdp: Int = Field(-1, description="FSDP ways inside a host")
+    tensor: Int = Field(1, description="tensor-parallel ways inside a host")
+    dcn_data: Int = Field(-1, description="data-parallel ways across hosts or slices (so FSDP's per-micro-batch "
+                          "gathers stay on the fast links); one process, one slice: 1")
+    dcn_fsdp: Int = Field(1, description="FSDP ways across hosts or slices; one process, one slice: 1")
+    devices: Annotated[Int | None, Must(hint="null uses all devices")] = Field(
+        None, ge=1, description="the first N devices only; null uses all devices")
+    gather_weights: Literal["micro_batch", "step"] = Field(
+        "micro_batch", description="when FSDP gathers the weights (in the compute dtype): for every micro-batch, or "
+        "once a step before the micro-batches (a whole compute-dtype copy of the model on every device; the "
+        "gradients are still reduce-scattered per micro-batch)")
+    distributed: Literal["auto", True, False] = Field("auto", description="multi-host start: auto when a cluster "
+                                                      "launched this process (Slurm, Open MPI, TPU pods, Kubernetes "
+                                                      "indexed jobs), true always, false never")
+    coordinator_address: str | None = Field(None, description="null: found by JAX on those clusters")
+    num_processes: Int | None = Field(None, ge=1, description="null: found by JAX")
+    process_id: Int | None = Field(None, ge=0, description="null: found by JAX")
+    connect_timeout_s: Annotated[Int, Must(hint="how long to wait for the coordinator and the other processes")] = \
+        Field(60, ge=1, description="how long to wait for the coordinator and the other processes")
 
     @model_validator(mode="after")
     def _axes(self):
@@ -125,31 +119,32 @@ class MeshConfig:
 
 @config_class("eval.")
 class EvalConfig:
-    every: Int = Field(100, ge=1)  # steps between validation passes (and one at the end)
-    batches: Int = Field(8, ge=1)  # fixed validation batches (the first ones of the val split)
-    at_start: Bool = True  # also evaluate the fresh model, so a curve starts at step 0
-    batch_size: Int | None = Field(None, ge=1)  # None: data.micro_batch or data.global_batch
+    every: Int = Field(100, ge=1, description="steps between validation passes (and one at the end)")
+    batches: Int = Field(8, ge=1, description="fixed validation batches (the first ones of the val split)")
+    at_start: Bool = Field(True, description="also evaluate the fresh model, so a curve starts at step 0")
+    batch_size: Int | None = Field(None, ge=1, description="null: data.micro_batch or data.global_batch")
 
 
 @config_class("logging.")
 class LoggingConfig:
-    every: Int = Field(10, ge=1)  # steps between metrics.jsonl / W&B records
-    progress: Bool = True  # tqdm progress bar
-    wandb: Literal[WANDB_MODES] = "disabled"
-    wandb_project: str = "celo2-gpt"
-    wandb_name: str | None = None  # None: the run directory's name
-    diagnostics: Bool = False  # per-branch update statistics (recipes.optim.diagnostics)
+    every: Int = Field(10, ge=1, description="steps between metrics.jsonl and W&B records")
+    progress: Bool = Field(True, description="a tqdm progress bar")
+    wandb: Literal[WANDB_MODES] = Field("disabled", description="Weights & Biases logging")
+    wandb_project: str = Field("celo2-gpt", description="the W&B project")
+    wandb_name: str | None = Field(None, description="the W&B run name; null: the run directory's name")
+    diagnostics: Bool = Field(False, description="per-branch update statistics (recipes.optim.diagnostics)")
 
 
 @config_class("sample.")
 class SampleConfig:
     """Text generated from the final model, printed after the run's summary (0 tokens: none)."""
 
-    prompt: str = Field("\n", min_length=1)
-    max_new_tokens: Int = Field(0, ge=0, le=MAX_NEW_TOKENS)
-    temperature: Float = Field(0.8, ge=0, description="0 is greedy")
-    top_k: Int | None = Field(None, ge=1)
-    seed: Int = 0
+    prompt: str = Field("\n", min_length=1, description="the text the sample continues")
+    max_new_tokens: Int = Field(0, ge=0, le=MAX_NEW_TOKENS, description="tokens generated; 0: no sample")
+    temperature: Annotated[Float, Must(hint="0 is greedy")] = Field(0.8, ge=0, description="softmax temperature; "
+                                                                     "0 is greedy")
+    top_k: Int | None = Field(None, ge=1, description="sample among the k likeliest tokens; null: all")
+    seed: Int = Field(0, description="the sampling seed")
 
 
 @config_class()
@@ -179,22 +174,28 @@ class Config:
     @model_validator(mode="after")
     def _fits(self, info: ValidationInfo):
         if self.seq_len > self.model.context_length:
-            raise ConfigError(
-                f"data.seq_len={self.seq_len} exceeds model.context_length="
-                f"{self.model.context_length}; lower data.seq_len or raise the context length")
-        schedule = self.optimizer.schedule
-        try:
-            warmup = schedule.fitting_warmup(self.total_steps, (info.context or {}).get(WARMUP_NOTES))
-        except ConfigError as error:
-            raise ConfigError(f"optimizer.{error}") from None
-        if warmup != schedule.warmup_steps:
-            fitted = dataclasses.replace(schedule, warmup_steps=warmup)
-            object.__setattr__(self, "optimizer", dataclasses.replace(self.optimizer, schedule=fitted))
+            raise ConfigError(f"data.seq_len={self.seq_len} exceeds model.context_length={self.model.context_length}; "
+                              "lower data.seq_len or raise the context length")
+        if not (info.context or {}).get(FIT_WARMUP):
+            try:
+                self.optimizer.schedule.check_steps(self.total_steps)
+            except ConfigError as error:
+                raise ConfigError(f"optimizer.{error}") from None
         return self
 
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def fit_warmup(config: Config, notes: list[str]) -> Config:
+    """``config`` with a warmup that does not fit in the run cut to a tenth of it, and a note appended to ``notes``."""
+    schedule = config.optimizer.schedule
+    warmup = schedule.fitting_warmup(config.total_steps, notes)
+    if warmup == schedule.warmup_steps:
+        return config
+    fitted = dataclasses.replace(config.optimizer, schedule=dataclasses.replace(schedule, warmup_steps=warmup))
+    return dataclasses.replace(config, optimizer=fitted)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
@@ -203,4 +204,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
 
     A warmup that does not fit in the run is cut to a tenth of it, with a note appended to ``notes``.
     """
-    return Config.from_file(path, overrides or [], context={WARMUP_NOTES: notes if notes is not None else []})
+    config = load_file(Config, path, overrides or [], context={FIT_WARMUP: True})
+    return fit_warmup(config, notes if notes is not None else [])

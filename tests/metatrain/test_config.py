@@ -40,6 +40,16 @@ def test_lm_sampler_is_deterministic():
     assert len(set(names)) == 5
 
 
+def test_family_names_are_derived_and_help_lists_the_keys():
+    from recipes.config_parsing import keys_help
+    from recipes.metatrain.config import FamilyConfig
+
+    assert FamilyConfig(kind="lm", n_layer=2, d_model=48, context_length=16).name == "lm_l2_d48_c16"
+    assert MetaTrainConfig.from_dict({"families": [{"hidden": [8]}]}).families[0].name == "digits_mlp_8"
+    text = keys_help(MetaTrainConfig)
+    assert "\n  families[].name " in text and "\n  pes.particles=8 " in text and "\n  lm_sampler.shapes=[]" in text
+
+
 def test_shipped_configs_load():
     for name in ("smoke", "lm"):
         MetaTrainConfig.from_file(Path(__file__).parents[2] / "configs" / "metatrain" / f"{name}.yaml")

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from recipes.errors import ConfigError
-from recipes.train.config import Config, load_config, to_yaml
-from recipes.config_parsing import CONFIG_DIR, parse_overrides
+from recipes.train.config import Config, load_config, to_dict, to_yaml
+from recipes.config_parsing import CONFIG_DIR, keys_help, parse_overrides
 from tests.helpers import recipe_setting
 
 RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
@@ -97,6 +97,26 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
 def test_parse_overrides_values():
     assert parse_overrides(["--a.b=1", "--a.c=x", "--d.e=null", "--d.f=true"]) == {
         "a": {"b": 1, "c": "x"}, "d": {"e": None, "f": True}}
+
+
+def flat_keys(values: dict, prefix: str = "") -> list[str]:
+    return [k for name, v in values.items() for k in
+            (flat_keys(v, f"{prefix}{name}.") if isinstance(v, dict) else [f"{prefix}{name}"])]
+
+
+def test_help_lists_every_key_and_its_examples_run():
+    import shlex
+
+    import train
+
+    text = keys_help(Config)
+    assert not [key for key in flat_keys(to_dict(Config())) if f"\n  {key}=" not in text]
+    assert "\n  model.size " in text and "\n  optimizer.routing.rules[].group  (required)" in text
+    examples = [line.split() for line in train.__doc__.splitlines() if line.strip().startswith("python train.py")]
+    assert len(examples) >= 2
+    for example in examples:  # each loads as written (the recipes' own tests train them)
+        args, overrides = train.parse_args(shlex.split(" ".join(example))[2:])
+        load_config(args.config, overrides)
 
 
 @pytest.mark.parametrize("name", RECIPES)
