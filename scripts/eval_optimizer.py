@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from recipes import messages
 from recipes.train.cli import run_main
 from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import (
@@ -98,8 +99,9 @@ def main(argv=None) -> int:
     print(f"{args.task} task {family.name} on {args.corpus or 'the bundled corpus'}: {settings.steps} steps, "
           f"batch {family.batch}, {args.seeds} seeds" + (f" (grid searched with {args.screen_seeds})"
                                                    if args.screen_seeds else ""), flush=True)
-    rows = evaluate(candidates, settings, task, log=lambda line: print(line, flush=True), results_file=args.results,
-                    screen_seeds=args.screen_seeds, extend_edges=args.extend_edges)
+    messages.setup()
+    rows = evaluate(candidates, settings, task, results_file=args.results, screen_seeds=args.screen_seeds,
+                    extend_edges=args.extend_edges)
     print(format_table(rows, settings))
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

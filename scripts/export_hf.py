@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from recipes import messages
 from recipes.train.cli import run_main
 from model import export_hf
 from recipes.errors import ConfigError
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     run_dir, out = Path(args.checkpoint).resolve(), Path(args.out)
     check_out(out, run_dir, args.overwrite)  # before the checkpoint is read: a refusal costs nothing
+    messages.setup()
     config, params, step = load_run_params(args.checkpoint, args.step)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MARKER, {"run_dir": str(run_dir), "step": step})  # first: a cut-short export stays ours

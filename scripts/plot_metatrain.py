@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from recipes import messages
 from recipes.train.cli import run_main
 from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import EVAL_TASKS, EvalSettings
@@ -46,11 +47,11 @@ def main(argv=None) -> int:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    messages.setup()
     settings = EvalSettings(steps=args.steps, seeds=args.seeds)
     for task in args.task or ["validation"]:
         mult = args.adamw_mult if args.adamw_mult is not None else ADAMW_MULTS[task]
-        update_scores(args.run, TinyLM(EVAL_TASKS[task]), settings, mult, args.every,
-                      log=lambda line: print(line, flush=True), scores_file=f"{task}.json")
+        update_scores(args.run, TinyLM(EVAL_TASKS[task]), settings, mult, args.every, scores_file=f"{task}.json")
     records = [json.loads((args.run / f"{task}.json").read_text())
                for task in ADAMW_MULTS if (args.run / f"{task}.json").is_file()]
     out = plot(args.run, records, args.out or args.run / "curve.png")

@@ -15,8 +15,8 @@ older one is taken. The model is read with the settings its checkpoint was train
 from __future__ import annotations
 
 import argparse
-import sys
 
+from recipes import messages
 from recipes.train.cli import run_main
 from data.tokenizer import gpt2_encoding
 from model.sampling import MAX_NEW_TOKENS, generate
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     check_arguments(args)
-    config, params, _ = load_run_params(args.checkpoint, args.step, log=lambda line: print(line, file=sys.stderr))
+    messages.setup(stream="stderr")  # stdout is the text
+    config, params, _ = load_run_params(args.checkpoint, args.step)
     encoding = gpt2_encoding()
     prompt_ids = encoding.encode(args.prompt, allowed_special={"<|endoftext|>"})
     top_k = None if args.top_k is None else min(args.top_k, config.model.vocab_size)  # k >= vocab: every token

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recipes import messages
 from recipes.train.cli import run_main
 from data.cache import jax_cache_dir
 from recipes.metatrain.evaluate import VALIDATION, EvalSettings, format_table
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--compilation-cache", default=str(jax_cache_dir()),
                    help="JAX's persistent compilation cache (default: %(default)s); '' disables")
     args = p.parse_args(argv)
+    messages.setup()
     ship_target(args.name, args.weights_dir, args.overwrite)  # refused before minutes of scoring, not after
     if args.compilation_cache:
         import jax
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
           + (f" ({len(known)} more already scored in {args.run / 'validation.json'})" if known else ""), flush=True)
     rows = list(known.values())
     if todo:
-        rows += score_snapshots(todo, task, settings, lrs, args.adamw_mult, log=lambda line: print(line, flush=True))
+        rows += score_snapshots(todo, task, settings, lrs, args.adamw_mult)
     print(format_table(rows, settings))
     path = ship(args.run, args.name, rows, paths, describe(settings, task, lrs), args.weights_dir, args.overwrite)
     print(f"shipped {path}")

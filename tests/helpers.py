@@ -1,7 +1,9 @@
 """Settings and helpers shared by the test folders: the tiny training run, reading what a run wrote,
 and starting the project's scripts in real processes. It holds no tests itself."""
+import contextlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -44,6 +46,27 @@ def final_params(run_dir: Path):
         step = manager.latest_step()
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return step, jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+@contextlib.contextmanager
+def logged_lines(name: str = "recipes"):
+    """The messages logged under ``name`` while the block runs, one item each: what an entry point
+    prints (recipes.messages), whether or not one set printing up in this process."""
+    lines = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger(name), Lines(logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def process_env() -> dict:

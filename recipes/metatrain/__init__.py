@@ -10,7 +10,8 @@
       lm.py            small GPTs on a token corpus
     population.py      one family's particles
     fused.py           families of one shape trained as one population
-    loop.py            the outer loop (the trainer's run-directory lock, stop handling and metrics log)
+    loop.py            the outer step and its hooks on the trainer's loop (recipes.train.loop), with
+                       the trainer's run-directory lock, stop handling and metrics log
     checkpoint.py      save and resume (orbax, via the trainer's Checkpointer; official-format theta.state)
     evaluate.py        held-out evaluation of a theta against tuned baselines
     progress.py        meta-loss and validation loss against outer step

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -34,6 +35,8 @@ from recipes.files import move_aside, write_json
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 from recipes.optim.theta import save_checkpoint
 from recipes.train.checkpoint import Checkpointer
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 SNAPSHOTS_DIR = "thetas"
@@ -90,7 +93,7 @@ class MetaCheckpointer:
         self._checkpointer.save(int(state.step), {"step": state.step, "opt_state": state}, meta)
         save_checkpoint(jax.device_get(state.theta), self.out_dir / "theta.state")
 
-    def restore_newest(self, target: MetaState, log: Callable[[str], None] = print) -> MetaState | None:
+    def restore_newest(self, target: MetaState) -> MetaState | None:
         """The newest checkpoint that restores completely (``target``: the state's shapes), or None.
 
         A damaged one is moved aside with a note and the next older one is tried; one written
@@ -99,10 +102,10 @@ class MetaCheckpointer:
         abstract = _on_one_device({"step": target.step, "opt_state": target})
         where = self.out_dir / CHECKPOINTS_DIR
         _, state = self._checkpointer.restore_newest(
-            abstract, log=log, check_meta=lambda meta: _check_settings(meta, self.config, where))
+            abstract, check_meta=lambda meta: _check_settings(meta, self.config, where))
         if state is not None:  # through the host, so no array stays committed to one device
             return jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), state["opt_state"])
-        return _newest_legacy_state(self.out_dir, target, self.config, log)
+        return _newest_legacy_state(self.out_dir, target, self.config)
 
     def close(self) -> None:
         """Waits for the last save to finish."""
@@ -135,8 +138,7 @@ def _legacy_candidates(out_dir: Path) -> list[Path]:
     return [out_dir / name for name in LEGACY_DIRS if (out_dir / name / LEGACY_META_FILE).is_file()]
 
 
-def _newest_legacy_state(out: Path, target: MetaState, config: MetaTrainConfig,
-                         log: Callable[[str], None]) -> MetaState | None:
+def _newest_legacy_state(out: Path, target: MetaState, config: MetaTrainConfig) -> MetaState | None:
     def step_of(path: Path) -> int:
         try:
             return int(json.loads((path / LEGACY_META_FILE).read_text())["step"])
@@ -151,8 +153,8 @@ def _newest_legacy_state(out: Path, target: MetaState, config: MetaTrainConfig,
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
             # what numpy, zipfile and json raise for a truncated, missing or garbled file
             aside = move_aside(path, out / LEGACY_DAMAGED_DIR, f"{path.name}.{step_of(path)}")
-            log(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
-                f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
+            logger.info(f"checkpoint {path.name} does not restore ({type(error).__name__}: "
+                        f"{' '.join(str(error).split())[:200]}); moved it to {aside}")
     return None
 
 
@@ -177,7 +179,7 @@ def snapshot_theta(out_dir: str | Path, theta, step: int) -> Path:
     return save_checkpoint(jax.device_get(theta), path)
 
 
-def set_aside_after(out_dir: str | Path, step: int, log: Callable[[str], None] = print) -> None:
+def set_aside_after(out_dir: str | Path, step: int) -> None:
     """Moves what a killed run wrote past outer step ``step`` (the step it now resumes from, 0 for a
     fresh start) out of the way of the timeline that goes on: theta snapshots to thetas.set_aside/,
     and their validation scores (RUN/TASK.json, written by scripts/plot_metatrain.py) to
@@ -190,12 +192,12 @@ def set_aside_after(out_dir: str | Path, step: int, log: Callable[[str], None] =
     for path in later:
         move_aside(path, out / SNAPSHOTS_ASIDE_DIR, path.name)
     if later:
-        log(f"moved {len(later)} theta snapshot(s) written after outer step {step} to {out / SNAPSHOTS_ASIDE_DIR}")
+        logger.info(f"moved {len(later)} theta snapshot(s) written after outer step {step} to {out / SNAPSHOTS_ASIDE_DIR}")
     for path in sorted(out.glob("*.json")):
-        _set_aside_scores(path, step, log)
+        _set_aside_scores(path, step)
 
 
-def _set_aside_scores(path: Path, step: int, log: Callable[[str], None]) -> None:
+def _set_aside_scores(path: Path, step: int) -> None:
     """The scores in ``path`` of snapshots past ``step``, moved to PATH_STEM.set_aside.jsonl."""
     try:
         record = json.loads(path.read_text())
@@ -214,4 +216,4 @@ def _set_aside_scores(path: Path, step: int, log: Callable[[str], None]) -> None
         f.flush()
         os.fsync(f.fileno())
     write_json(path, {**record, "snapshots": {k: v for k, v in scores.items() if k not in later}})
-    log(f"moved {len(later)} score(s) of snapshots after outer step {step} from {path.name} to {aside.name}")
+    logger.info(f"moved {len(later)} score(s) of snapshots after outer step {step} from {path.name} to {aside.name}")

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks.lm import TinyLM, corpus
 from recipes.optim.config import OptimizerConfig
 from recipes.optim.optimizers import build_optimizer, peak_rates
+
+logger = logging.getLogger(__name__)
 
 HELD_OUT = FamilyConfig(kind="lm", name="heldout_lm_l2_d48_c48", n_layer=2, n_head=2, d_model=48,
                         context_length=48, batch=16, vocab=512)
@@ -166,7 +169,7 @@ def point_key(task: TinyLM, settings: EvalSettings, c: Candidate) -> str:
                        c.lr, c.adamw_lr_mult, [list(m) for m in c.muon], theta])
 
 
-def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None, log=print,
+def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM | None = None,
              results_file: Path | None = None, screen_seeds: int | None = None, extend_edges: int = 0) -> list[dict]:
     """One row per label: its best (learning rate, AdamW-side multiplier) and that point's loss statistics.
 
@@ -194,8 +197,8 @@ def evaluate(candidates: list[Candidate], settings: EvalSettings, task: TinyLM |
             done[key] = stats
             write_json(results_file, done)  # after every point: an interrupted table keeps its work
         seeds = "" if at is settings else f" ({at.seeds} seed{'s' * (at.seeds > 1)}, search)"
-        log(f"  {c.label:<28} lr {c.lr:<8.3g} side x{c.adamw_lr_mult:<4g} val loss {stats['mean']:.4f} "
-            f"+- {stats['std']:.4f}{seeds}" + (" (done before)" if cached else ""))
+        logger.info(f"  {c.label:<28} lr {c.lr:<8.3g} side x{c.adamw_lr_mult:<4g} val loss {stats['mean']:.4f} "
+                    f"+- {stats['std']:.4f}{seeds}" + (" (done before)" if cached else ""))
         return {"label": c.label, "lr": c.lr, "adamw_lr_mult": c.adamw_lr_mult, **stats}
 
     by_label: dict[str, list[Candidate]] = {}

@@ -1,14 +1,17 @@
 """The outer loop: PES gradients from every family, AdamW on theta, logs and checkpoints.
 
-Randomness is a function of (seed, outer step), so a resumed run continues
-exactly as an uninterrupted one would.
+The loop is the trainer's (recipes.train.loop), with the outer step as its step and its own hooks
+(_hooks): metrics rows and lines, theta snapshots, profiles, timed checkpoints, stop on a signal.
+Randomness is a function of (seed, outer step), so a resumed run continues exactly as an
+uninterrupted one would.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +19,9 @@ import numpy as np
 import optax
 
 from recipes.optim.theta import resolve_theta
+from recipes.train.loop import Hooks, Loop
 from recipes.train.metrics import MetricsLog
-from recipes.train.run_dir import RunDirLock
+from recipes.train.run_dir import locked
 from recipes.train.stop import StopRequest
 from recipes.errors import ConfigError
 from recipes.files import write_json
@@ -26,6 +30,8 @@ from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups
 from recipes.metatrain.population import Population
 from recipes.metatrain.tasks import build_task
+
+logger = logging.getLogger(__name__)
 
 
 def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
@@ -37,11 +43,10 @@ def outer_optimizer(config: MetaTrainConfig) -> optax.GradientTransformation:
 
 
 class MetaTrainer:
-    def __init__(self, config: MetaTrainConfig, log: Callable[[str], None] = print, *, fuse: bool = True,
-                 devices=None):
+    def __init__(self, config: MetaTrainConfig, *, fuse: bool = True, devices=None):
         """``fuse``: families of one shape share one compiled truncation (False: one each, as a
         baseline); ``devices``: where particles are split (default: every local device)."""
-        self.config, self.log = config, log
+        self.config = config
         self.fuse, self.devices = fuse, devices
         self.stopped_by: int | None = None  # the signal that ended the last run(), if one did
         self.out_dir = Path(config.metatrain.out_dir)
@@ -85,14 +90,14 @@ class MetaTrainer:
         m = self.config.metatrain
         if checkpointer.exists():
             target = jax.eval_shape(self.fresh_state, resolve_theta("normalized_momentum"))
-            state = checkpointer.restore_newest(target, log=self.log)
+            state = checkpointer.restore_newest(target)
             if state is None:  # starting over would overwrite theta.state and the snapshots
                 raise ConfigError(
                     f"no checkpoint of {self.out_dir} restores (each was moved to a *.damaged/ directory "
                     "beside it); to start over, move the directory aside or choose another metatrain.out_dir")
-            self.log(f"resumed {self.out_dir} at outer step {int(state.step)}")
+            logger.info(f"resumed {self.out_dir} at outer step {int(state.step)}")
             return state
-        self.log(f"starting from theta {m.init_theta!r}")
+        logger.info(f"starting from theta {m.init_theta!r}")
         return self.fresh_state(self.initial_theta())
 
     def initial_theta(self) -> dict:
@@ -155,74 +160,94 @@ class MetaTrainer:
 
     # -- the run ----------------------------------------------------------------------
     def run(self) -> ckpt.MetaState:
-        m = self.config.metatrain
-        lock = RunDirLock(self.out_dir)  # one meta-trainer per directory
-        try:
-            lock.acquire(log=self.log)
-        except RuntimeError as error:
-            raise ConfigError(str(error).replace("train.out_dir", "metatrain.out_dir")) from None
-        try:
-            return self._run(m)
-        finally:
-            lock.release()
-
-    def _run(self, m) -> ckpt.MetaState:
-        checkpointer = ckpt.MetaCheckpointer(self.out_dir, self.config)
-        try:
-            return self._train(m, checkpointer)
-        finally:
-            checkpointer.close()  # waits for the last save
+        with locked(self.out_dir, "metatrain.out_dir"):  # one meta-trainer per directory
+            checkpointer = ckpt.MetaCheckpointer(self.out_dir, self.config)
+            try:
+                return self._train(self.config.metatrain, checkpointer)
+            finally:
+                checkpointer.close()  # waits for the last save
 
     def _train(self, m, checkpointer: ckpt.MetaCheckpointer) -> ckpt.MetaState:
         state = self.initial_state(checkpointer)
-        write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
-        if (self.out_dir / "wandb_id").is_file() and not (self.out_dir / "wandb_id.txt").exists():
-            (self.out_dir / "wandb_id").rename(self.out_dir / "wandb_id.txt")  # the name used before
-        ckpt.set_aside_after(self.out_dir, int(state.step), log=self.log)  # before this timeline's snapshots
+        start = int(state.step)
+        self._prepare_out_dir(start)
         metrics_log = MetricsLog(self.out_dir, wandb_mode=m.wandb, project=m.wandb_project, name=self.out_dir.name,
-                                 config=dataclasses.asdict(self.config), resume_step=int(state.step))
+                                 config=dataclasses.asdict(self.config), resume_step=start)
         # The trainer's stop handling: a signal ends the loop, the state is saved, and the
         # caller exits with 128 + the signal's number.
         with StopRequest() as stop_request:
             try:
-                last_save, window_start, window_steps = time.time(), time.perf_counter(), 0
-                saved_step = int(state.step) if checkpointer.exists() else None  # resumed: on disk
-                if m.profile and int(state.step) < m.outer_steps:
-                    self._log_record(self.profile(state), metrics_log, int(state.step), "profile")
-                while int(state.step) < m.outer_steps and not stop_request:
-                    state, metrics = self.outer_step(state)
-                    step = int(state.step)
-                    window_steps += 1
-                    if step % m.log_every == 0 or step == m.outer_steps:
-                        elapsed = time.perf_counter() - window_start
-                        metrics["outer_it_per_s"] = window_steps / elapsed
-                        metrics["seconds_per_outer_it"] = elapsed / window_steps
-                        self._log_record(metrics, metrics_log, step)
-                        window_start, window_steps = time.perf_counter(), 0
-                    if m.snapshot_every and step % m.snapshot_every == 0:
-                        ckpt.snapshot_theta(self.out_dir, state.theta, step)
-                    if m.profile and m.profile_every and step % m.profile_every == 0 and step < m.outer_steps:
-                        self._log_record(self.profile(state), metrics_log, step, "profile")
-                        window_start = time.perf_counter()
-                    if time.time() - last_save >= m.checkpoint_every_s:
-                        checkpointer.save(state)
-                        last_save, saved_step = time.time(), step
-                if saved_step != int(state.step):  # a step already on disk is not saved again
-                    checkpointer.save(state)
-                self.stopped_by = stop_request.signal_number
-                if stop_request:
-                    self.log(f"stopped by {stop_request.signal_name} at outer step {int(state.step)}; checkpoint saved")
+                hooks = self._hooks(m, checkpointer, metrics_log, stop_request, start)
+                info = Loop(lambda s, _: self.outer_step(s), hooks).run(
+                    state, start, m.outer_steps, itertools.repeat(None, max(m.outer_steps - start, 0)))
             finally:
                 metrics_log.close()
-        return state
+        return info.state
+
+    def _prepare_out_dir(self, start: int) -> None:
+        write_json(self.out_dir / "config.json", ckpt.config_record(self.config))
+        if (self.out_dir / "wandb_id").is_file() and not (self.out_dir / "wandb_id.txt").exists():
+            (self.out_dir / "wandb_id").rename(self.out_dir / "wandb_id.txt")  # the name used before
+        ckpt.set_aside_after(self.out_dir, start)  # before this timeline's snapshots
+
+    def _hooks(self, m, checkpointer, metrics_log: MetricsLog, stop_request: StopRequest, start: int) -> Hooks:
+        """What the loop does besides the outer step, in the order it is done at a step."""
+        hooks, saves, logged = Hooks(), TimedCheckpoints(checkpointer, m.checkpoint_every_s, start), start
+
+        def log_metrics(info) -> None:  # with the throughput since the last line
+            nonlocal logged
+            elapsed, steps, logged = info.clock.lap(), info.step - logged, info.step
+            metrics = {**info.read(), "outer_it_per_s": steps / elapsed, "seconds_per_outer_it": elapsed / steps}
+            self._log_record(metrics, metrics_log, info.step)
+
+        def profile(info) -> None:
+            if info.step < m.outer_steps:
+                with info.clock.paused():  # not outer-step time
+                    self._log_record(self.profile(info.state), metrics_log, info.step, "profile")
+
+        def stopped(info) -> None:
+            self.stopped_by = stop_request.signal_number
+            if stop_request:
+                logger.info(f"stopped by {stop_request.signal_name} at outer step {info.step}; checkpoint saved")
+
+        hooks.add(log_metrics, every=m.log_every, last=True)
+        hooks.add(lambda info: ckpt.snapshot_theta(self.out_dir, info.state.theta, info.step), every=m.snapshot_every)
+        if m.profile:
+            hooks.add(profile, every=m.profile_every, at_start=True)
+        hooks.add(saves, every=1)
+        hooks.add(stop_request, every=1, at_start=True)  # before each outer step, the first too
+        hooks.add(saves.at_end, at_end=True)
+        hooks.add(stopped, at_end=True)
+        return hooks
 
     def _log_record(self, record: dict, metrics_log: MetricsLog, step: int, kind: str = "train") -> None:
         metrics_log.log({"step": step, "kind": kind, "outer_step": step, "time": time.time(), **record})
         if kind == "profile":
-            self.log(f"[profile] learned rule {100 * record['rule_share']:.0f}% of unroll time "
-                     f"({record['unroll_seconds_per_truncation']:.2f}s per truncation of all families, "
-                     f"forward/backward alone {record['fwd_bwd_seconds_per_truncation']:.2f}s)")
+            logger.info(f"[profile] learned rule {100 * record['rule_share']:.0f}% of unroll time "
+                        f"({record['unroll_seconds_per_truncation']:.2f}s per truncation of all families, "
+                        f"forward/backward alone {record['fwd_bwd_seconds_per_truncation']:.2f}s)")
         else:
             families = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in record.items() if k.startswith("meta_loss/"))
-            self.log(f"step {step}: meta_loss {record['meta_loss']:.4f} ({families}) "
-                     f"|g| {record['grad_norm']:.3g} {record['outer_it_per_s']:.3f} it/s")
+            logger.info(f"step {step}: meta_loss {record['meta_loss']:.4f} ({families}) "
+                        f"|g| {record['grad_norm']:.3g} {record['outer_it_per_s']:.3f} it/s")
+
+
+class TimedCheckpoints:
+    """A checkpoint every metatrain.checkpoint_every_s seconds, and at the end unless that step is on
+    disk already (a resumed run's first step is)."""
+
+    def __init__(self, checkpointer: ckpt.MetaCheckpointer, every_s: float, start: int):
+        self.checkpointer, self.every_s = checkpointer, every_s
+        self.last_save, self.saved_step = time.time(), start if checkpointer.exists() else None
+
+    def __call__(self, info) -> None:
+        if time.time() - self.last_save >= self.every_s:
+            self.save(info)
+
+    def at_end(self, info) -> None:
+        if self.saved_step != info.step:
+            self.save(info)
+
+    def save(self, info) -> None:
+        self.checkpointer.save(info.state)
+        self.last_save, self.saved_step = time.time(), info.step

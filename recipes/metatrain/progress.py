@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -29,8 +28,8 @@ REFERENCE_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2, 3e-2), "muon": (3e-3, 1e-2, 3e-2,
 
 
 def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_mult: float = 20.0,
-                  every: int = 1, log: Callable[[str], None] = print, celo2_lrs=CELO2_LRS,
-                  reference_grids=REFERENCE_GRIDS, scores_file: str = SCORES_FILE) -> dict:
+                  every: int = 1, celo2_lrs=CELO2_LRS, reference_grids=REFERENCE_GRIDS,
+                  scores_file: str = SCORES_FILE) -> dict:
     """Scores the snapshots (and the starting theta, as step 0) not scored yet into RUN/scores_file;
     returns the whole record."""
     path = run_dir / scores_file
@@ -49,7 +48,7 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
     for step, theta in sorted(todo.items()):
         theta = load_checkpoint(theta) if isinstance(theta, Path) else theta
         rows = evaluate([Candidate(f"step {step}", "celo2", lr, theta, adamw_lr_mult) for lr in celo2_lrs],
-                        settings, task, log=log)
+                        settings, task)
         (best,) = rows  # one label: evaluate already picked its best learning rate
         record["snapshots"][str(step)] = _summary(best)
         write_json(path, record)  # after each snapshot: an interrupted refresh keeps its work
@@ -60,7 +59,7 @@ def update_scores(run_dir: Path, task: TinyLM, settings: EvalSettings, adamw_lr_
                        for name, grid in reference_grids.items()})
     for name, candidates in references.items():
         if name not in record["references"]:
-            (best,) = evaluate(candidates, settings, task, log=log)
+            (best,) = evaluate(candidates, settings, task)
             record["references"][name] = _summary(best)
             write_json(path, record)
     return record

@@ -13,7 +13,6 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
 
 from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
 from recipes.errors import ConfigError
@@ -36,11 +35,11 @@ def snapshots(run_dir: Path, every: int = 1) -> dict[int, Path]:
 
 
 def score_snapshots(paths: dict[int, Path], task: TinyLM, settings: EvalSettings, lrs: list[float],
-                    adamw_lr_mult: float, log: Callable[[str], None] = print) -> list[dict]:
+                    adamw_lr_mult: float) -> list[dict]:
     """One row per snapshot: its best learning rate's validation statistics."""
     candidates = [Candidate(f"step {step}", "celo2", lr, load_checkpoint(path), adamw_lr_mult)
                   for step, path in sorted(paths.items()) for lr in lrs]
-    rows = evaluate(candidates, settings, task, log=log)
+    rows = evaluate(candidates, settings, task)
     for row in rows:
         row["outer_step"] = int(row["label"].split()[1])
     return rows

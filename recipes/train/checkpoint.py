@@ -19,6 +19,8 @@ import orbax.checkpoint as ocp
 
 from recipes.files import move_aside
 
+logger = logging.getLogger(__name__)
+
 
 def _saveable(state: dict) -> dict:
     leaves = jax.tree.leaves(state["opt_state"])
@@ -153,7 +155,7 @@ class Checkpointer:
         """The JSON record saved beside the state at ``step``, without reading any array."""
         return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def restore_newest(self, abstract: dict, log=print, check_meta=None) -> tuple[int | None, dict | None]:
+    def restore_newest(self, abstract: dict, check_meta=None) -> tuple[int | None, dict | None]:
         """(step, state) of the newest checkpoint that restores completely, or (None, None).
 
         A checkpoint that fails to restore (truncated file, missing item, garbled metadata) is
@@ -165,7 +167,7 @@ class Checkpointer:
             try:
                 meta = self.read_meta(step)
             except Exception as error:  # orbax raises many types for a damaged directory
-                self._set_aside(step, error, log)
+                self._set_aside(step, error)
                 continue
             if check_meta is not None:
                 check_meta(meta)
@@ -174,15 +176,15 @@ class Checkpointer:
                 jax.block_until_ready(state)
                 return step, state
             except Exception as error:
-                self._set_aside(step, error, log)
+                self._set_aside(step, error)
         return None, None
 
-    def _set_aside(self, step: int, error: Exception, log) -> None:
+    def _set_aside(self, step: int, error: Exception) -> None:
         aside = move_aside(self.directory / str(step),
                            self.directory.with_name(self.directory.name + ".damaged"), str(step))
         self._manager.reload()
         reason = " ".join(str(error).split())[:200] or type(error).__name__
-        log(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")
+        logger.info(f"checkpoint {step} does not restore ({type(error).__name__}: {reason}); moved it to {aside}")
 
     def close(self) -> None:
         try:

@@ -93,7 +93,7 @@ def wait_for_coordinator(address: str, timeout_s: float, poll_s: float = 0.5) ->
             time.sleep(poll_s)
 
 
-def start(config, log=print) -> str | None:
+def start(config) -> str | None:
     """Starts jax.distributed as ``config`` (a MeshConfig) asks; returns the cluster's name, or
     None when the run stays one process. Must come before any other JAX call."""
     cluster = detected_cluster()

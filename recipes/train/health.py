@@ -8,9 +8,12 @@ checkpoint, so a resume never starts from a blown-up state.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -23,7 +26,7 @@ class NonFiniteError(RuntimeError):
 
 class HealthGuard:
     def __init__(self, *, max_nonfinite_steps: int, spike_factor: float | None, vocab_size: int,
-                 trusted_step: int | None, log=print):
+                 trusted_step: int | None):
         self.max_nonfinite_steps, self.spike_factor = max_nonfinite_steps, spike_factor
         self.fresh_loss = math.log(vocab_size)  # a fresh model's loss, the reference before any history
         self.trusted_step = trusted_step  # the newest checkpoint whose state the run trusts
@@ -31,7 +34,6 @@ class HealthGuard:
         self.streak = 0  # consecutive non-finite steps
         self.skipped_steps = 0
         self._recent = collections.deque(maxlen=50)
-        self._log = log
 
     def reference(self) -> float:
         """The recent typical loss: the median of the last 50, or ln(vocab) before there are 5."""
@@ -47,16 +49,16 @@ class HealthGuard:
             self.streak += 1
             self.skipped_steps += 1
             self.clean = False
-            self._log(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
-                      f"skipped ({self.streak} in a row)")
+            logger.info(f"step {step}: non-finite loss {loss} or gradient norm {grad_norm}; "
+                        f"skipped ({self.streak} in a row)")
             if self.streak >= self.max_nonfinite_steps:
                 raise self._too_many(step)
             return False
         self.streak = 0
         if self.is_spike(loss):
             self.clean = False
-            self._log(f"step {step}: loss {loss:.4g} is over {self.spike_factor:g}x the recent median "
-                      f"{self.reference():.4g}; no checkpoint until the steps are healthy again")
+            logger.info(f"step {step}: loss {loss:.4g} is over {self.spike_factor:g}x the recent median "
+                        f"{self.reference():.4g}; no checkpoint until the steps are healthy again")
         else:
             self._recent.append(loss)
         return True
@@ -70,8 +72,8 @@ class HealthGuard:
             return True
         reason = (f"its loss after the update is {probe_loss:.4g}" if blown
                   else "a non-finite step or a loss spike since the last checkpoint")
-        self._log(f"step {step}: not saving a checkpoint: {reason} "
-                  f"(the newest trusted checkpoint is step {self.trusted_step})")
+        logger.info(f"step {step}: not saving a checkpoint: {reason} "
+                    f"(the newest trusted checkpoint is step {self.trusted_step})")
         self.clean = not blown  # a blown state stays untrusted; otherwise judge the next interval afresh
         return False
 

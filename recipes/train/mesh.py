@@ -12,7 +12,7 @@ from recipes.errors import ConfigError
 
 
 
-def init_distributed(config: MeshConfig, log=print) -> None:
+def init_distributed(config: MeshConfig) -> None:
     """Starts the multi-host runtime when the config or the cluster asks for it (before any other
     JAX call); see recipes.train.cluster."""
     from recipes.train.cluster import start

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from recipes.train.metrics import json_safe
 from recipes.train.build import placeholder_theta
 from recipes.train.state import abstract_param_dict
 
+logger = logging.getLogger(__name__)
+
 
 class RunDirLock:
     """An exclusive lock on a run directory for as long as a process trains into it.
@@ -32,13 +35,15 @@ class RunDirLock:
     process ends however it ends, so a killed run never leaves a stale lock behind.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, setting: str = "train.out_dir"):
         self.path = Path(run_dir) / ".lock"
+        self.setting = setting  # the setting that names the directory, for the refusal
         self._file = None
 
-    def acquire(self, log=print) -> None:
+    def acquire(self, log=None) -> None:
         """Takes the lock, or raises RuntimeError naming the live process that holds it. A lock
-        file left by a process that died is taken over with a note."""
+        file left by a process that died is taken over with a note (to this module's logger;
+        ``log``, a callable, is deprecated: it receives the note instead)."""
         import fcntl
         import os
 
@@ -51,11 +56,12 @@ class RunDirLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise RuntimeError(f"{self.path.parent} is in use by {holder}: wait for it to finish or stop it, "
-                               "or train into another train.out_dir") from None
+                               f"or train into another {self.setting}") from None
         handle.seek(0)
         left = handle.read().strip()
         if left and left != f"pid {os.getpid()}":
-            log(f"note: {self.path} was left by {left}, which ended without releasing it; taking it over")
+            (log or logger.info)(f"note: {self.path} was left by {left}, which ended without releasing it; "
+                                 "taking it over")
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
@@ -140,7 +146,7 @@ def check_run_dir(run_dir: Path) -> None:
                           "changed in it. Pick an empty or new train.out_dir, or the directory of an earlier run")
 
 
-def saved_settings(run_dir: Path, log=print):
+def saved_settings(run_dir: Path):
     """The settings the run directory's checkpoints were trained with: the newest checkpoint's own
     record, else config.yaml (checkpoints written before records carried it). None for a new run."""
     # The records are read as files, not through orbax: its manager synchronizes processes, and
@@ -163,7 +169,7 @@ def saved_settings(run_dir: Path, log=print):
             if steps:
                 raise ConfigError(f"{saved} is not readable ({error}) and no checkpoint records its "
                                   "settings; restore the file or pick a new train.out_dir") from None
-            log(f"note: {saved} is not readable; no checkpoint depends on it, so it goes to config_history/")
+            logger.info(f"note: {saved} is not readable; no checkpoint depends on it, so it goes to config_history/")
     return None
 
 
@@ -185,7 +191,7 @@ def changes_meaning(key: str) -> bool:
     return key.startswith(STATE_MEANING)
 
 
-def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
+def check_resumable(run_dir: Path, config, state_abstract) -> None:
     """Refuses to rerun into a run directory whose checkpoints were trained with settings that give
     its parameters or optimizer state another meaning or layout (read from the checkpoints
     themselves, so a lost config.yaml changes nothing); other changes (learning rate, steps, data,
@@ -193,7 +199,7 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
     check_run_dir(run_dir)
     if not (run_dir / "checkpoints").is_dir():
         return
-    old = saved_settings(run_dir, log)
+    old = saved_settings(run_dir)
     if old is None:
         return
     old_values, new_values = _flat_keys(config_lib.to_dict(old)), _flat_keys(config_lib.to_dict(config))
@@ -224,8 +230,8 @@ def check_resumable(run_dir: Path, config, state_abstract, log=print) -> None:
             f"optimizer state mean ({listed(meaning)}); nothing was changed in it. Rerun with its settings to "
             "resume, or pick a new train.out_dir")
     if changed:
-        log(f"note: resuming {run_dir} with changed settings: "
-             + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
+        logger.info(f"note: resuming {run_dir} with changed settings: "
+                    + ", ".join(f"{k} {old_values.get(k)!r} -> {new_values.get(k)!r}" for k in changed[:8]))
 
 
 def keep_config_history(run_dir: Path, new_yaml: str) -> None:
@@ -254,18 +260,13 @@ def record_settings(run_dir: Path, program) -> None:
 
 
 @contextlib.contextmanager
-def open_run_dir(program, log=print):
-    """The run directory of ``program``'s config, checked (check_resumable) before anything in it
-    is written, and locked for this process. Yields its absolute path; the lock is released however
-    the block ends. The trainer records the settings (record_settings) once it knows it will train."""
-    config = program.config
-    run_dir = Path(config.train.out_dir).absolute()
-    check_resumable(run_dir, config, program.state_abstract, log=log)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunDirLock(run_dir) if jax.process_index() == 0 else None  # one trainer per run directory
+def locked(run_dir: Path, setting: str = "train.out_dir"):
+    """One trainer per directory: ``run_dir`` locked (RunDirLock) for the block, on process 0 (the
+    one that writes it); a directory another live process holds is refused (ConfigError)."""
+    lock = RunDirLock(run_dir, setting) if jax.process_index() == 0 else None
     if lock is not None:
         try:
-            lock.acquire(log=log)
+            lock.acquire()
         except RuntimeError as error:
             raise ConfigError(str(error)) from None
     try:
@@ -273,3 +274,16 @@ def open_run_dir(program, log=print):
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def open_run_dir(program):
+    """The run directory of ``program``'s config, checked (check_resumable) before anything in it
+    is written, and locked for this process. Yields its absolute path; the lock is released however
+    the block ends. The trainer records the settings (record_settings) once it knows it will train."""
+    config = program.config
+    run_dir = Path(config.train.out_dir).absolute()
+    check_resumable(run_dir, config, program.state_abstract)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with locked(run_dir):
+        yield run_dir

@@ -9,6 +9,7 @@ them since, e.g. the head count, which gives the same arrays another function).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -17,15 +18,17 @@ from recipes.errors import ConfigError
 from recipes.train.checkpoint import Checkpointer
 from recipes.train.cli import one_line
 
+logger = logging.getLogger(__name__)
 
-def load_run_params(run_dir: str | Path, step: int | None = None, log=print):
+
+def load_run_params(run_dir: str | Path, step: int | None = None):
     """(config, params as a dict of arrays on one device, step) of a run directory's newest checkpoint
     that restores, or of checkpoint ``step``; config is the settings that checkpoint was trained with.
-    ``log`` receives the lines about damaged checkpoints."""
+    Damaged checkpoints passed over are logged."""
     from recipes.train.run_dir import saved_settings
 
     run_dir = Path(run_dir)
-    config = saved_settings(run_dir, log) if run_dir.is_dir() else None  # the checkpoints' own record first
+    config = saved_settings(run_dir) if run_dir.is_dir() else None  # the checkpoints' own record first
     if config is None:
         raise FileNotFoundError(f"{run_dir} is not a run directory (no checkpoint records and no config.yaml): "
                                 "pass train.out_dir of a run")
@@ -48,19 +51,19 @@ def load_run_params(run_dir: str | Path, step: int | None = None, log=print):
                                     "train again, or restore the checkpoints from a copy")
         if step is not None:
             params = _restore_asked(checkpoints, step, abstract)["params"]
-            return checkpoint_settings(checkpoints, step, config, log), params, step
-        found, state = checkpoints.restore_newest(abstract, log=log)
+            return checkpoint_settings(checkpoints, step, config), params, step
+        found, state = checkpoints.restore_newest(abstract)
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {directory} restores (each was moved to "
                                     f"{directory.name}.damaged/): train again, or restore the checkpoints from a copy")
         if found != steps[0]:
-            log(f"using checkpoint {found}, the newest of {run_dir} that restores")
-        return checkpoint_settings(checkpoints, found, config, log), state["params"], found
+            logger.info(f"using checkpoint {found}, the newest of {run_dir} that restores")
+        return checkpoint_settings(checkpoints, found, config), state["params"], found
     finally:
         checkpoints.close()
 
 
-def checkpoint_settings(checkpoints: Checkpointer, step: int, fallback, log=print):
+def checkpoint_settings(checkpoints: Checkpointer, step: int, fallback):
     """The settings checkpoint ``step`` records it was trained with, parsed as saved_settings parses
     them; ``fallback`` (saved_settings') for a checkpoint written before records carried them."""
     from recipes.train import config as config_lib
@@ -70,8 +73,8 @@ def checkpoint_settings(checkpoints: Checkpointer, step: int, fallback, log=prin
         if settings:
             return config_lib.Config.from_dict(settings)
     except Exception as error:  # orbax raises many types for a garbled record; older names raise ConfigError
-        log(f"note: checkpoint {step} has no readable record of its settings ({type(error).__name__}: "
-            f"{one_line(error)[:200]}); using the run directory's newest record")
+        logger.info(f"note: checkpoint {step} has no readable record of its settings ({type(error).__name__}: "
+                    f"{one_line(error)[:200]}); using the run directory's newest record")
     return fallback
 
 

@@ -1,15 +1,19 @@
-"""Stopping a run cleanly: SIGTERM or SIGINT becomes a flag the loop polls, so it saves and exits.
+"""Stopping a run cleanly: SIGTERM or SIGINT becomes a flag the loop polls (StopRequest is a hook
+of recipes.train.loop), so it saves and exits.
 
 Both trainers (train.py and meta-training) exit with 128 + the signal's number after saving,
 as a scheduler expects of a job the signal ended.
 """
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 import jax
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class StopNow(BaseException):
@@ -35,7 +39,9 @@ def stop_at_once_on_signals() -> None:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save and exit.
+    """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save and exit: as a hook
+    (every step), it stops the loop once every process agrees (agreed), asking the others every
+    ``check_every`` steps.
 
     A second signal of the same kind falls through to the previous handler (e.g. a second
     Ctrl-C interrupts at once).
@@ -44,10 +50,26 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     took_over = False  # set once a loop has taken the signals: what came after stopped a trained run
 
-    def __init__(self):
+    def __init__(self, check_every: int = 1):
         self.signal_name: str | None = None
         self.signal_number: int | None = None  # None too when another process was signalled
+        self.check_every = check_every
+        self.stopped_by: str | None = None  # the signal that stopped the loop, once one did
         self._previous: dict = {}
+
+    def __call__(self, info) -> None:
+        if self.agreed(check_others=info.step % self.check_every == 0):
+            self.stopped_by = self.signal_name
+            info.stop(self.signal_name)
+
+    def announce(self, info) -> None:
+        """When the loop stops: says so, if this stopped it."""
+        if self.stopped_by is not None:
+            logger.info(f"{self.stopped_by} received: saving a checkpoint at step {info.step} and exiting")
+
+    def report(self, info) -> dict:
+        """For the run's summary: what stopped it."""
+        return {"stopped_by": self.stopped_by}
 
     def __bool__(self) -> bool:
         return self.signal_name is not None

@@ -5,13 +5,15 @@
 
 ``run`` restores the run directory's newest trusted checkpoint (or starts fresh), steps until
 ``train.steps`` (or ``stop_at_step``, a signal, the target, or too many non-finite steps), and
-returns the summary it also writes to summary.json. What happens besides stepping lives in
-recipes.train.hooks; the health policy in recipes.train.health.
+returns the summary it also writes to summary.json. The loop is recipes.train.loop's; what
+happens besides stepping are the hooks of recipes.train.hooks (and the StopRequest), registered in
+``_hooks``; the health policy is recipes.train.health.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -20,16 +22,14 @@ from recipes.train import config as config_lib
 from recipes.train import mesh as mesh_lib
 from recipes.train.checkpoint import Checkpointer
 from recipes.train.health import HealthGuard, NonFiniteError
-from recipes.train.hooks import Evaluation, StepLog, TrustedCheckpoints, WallClock
-from recipes.train.metrics import MetricsLog, json_safe, progress_bar
-from recipes.train.run_dir import record_settings, resume_records, write_summary
+from recipes.train.hooks import Evaluation, StepMetrics, Summary, TrustedCheckpoints
+from recipes.train.loop import Clock, Hooks, Loop
+from recipes.train.metrics import MetricsLog, progress_bar
+from recipes.train.report import summary_lines
+from recipes.train.run_dir import record_settings, resume_records
 from recipes.train.stop import StopRequest
 
-
-def log0(*args) -> None:
-    """Prints on process 0 only, so a multi-host run says each thing once."""
-    if jax.process_index() == 0:
-        print(*args, flush=True)
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -41,9 +41,11 @@ class TrainData:
     eval_batches: int
 
     @classmethod
-    def open(cls, config, program, log=log0) -> TrainData:
+    def open(cls, config, program, log=None) -> TrainData:
+        """``log``, a callable, is deprecated: it receives the notes instead of this module's logger."""
         from data.loader import TokenLoader, data_directory
 
+        log = log or logger.info
         eval_batch = config.eval.batch_size or program.micro_batch
         mesh_lib.check_batch(eval_batch, eval_batch, program.mesh, what="eval.batch_size")
         loader = TokenLoader.open(data_directory(config.data.path), seq_len=config.seq_len,
@@ -60,126 +62,106 @@ class TrainData:
 
 
 class Trainer:
-    def __init__(self, program, data: TrainData, run_dir: Path, log=log0):
-        self.program, self.config, self.data, self.run_dir, self.log = program, program.config, data, run_dir, log
+    def __init__(self, program, data: TrainData, run_dir: Path):
+        self.program, self.config, self.data, self.run_dir = program, program.config, data, run_dir
         self.checkpointer = Checkpointer(run_dir / "checkpoints", keep=self.config.train.keep_checkpoints)
         self.stop_step = self.config.train.stop_at_step or self.config.train.steps
         self.state = None  # the state it trained to, once run() has trained
+        self.evaluation = None  # its Evaluation hook, once run() has begun training
 
     def restore_or_init(self) -> tuple[int | None, dict]:
         """(the step restored, or None for a fresh start; the train state)."""
-        latest, state = self.checkpointer.restore_newest(self.program.state_abstract, log=self.log)
+        latest, state = self.checkpointer.restore_newest(self.program.state_abstract)
         if latest is None:
             return None, self.program.init_state()
-        self.log(f"resumed {self.run_dir} at step {latest}")
+        logger.info(f"resumed {self.run_dir} at step {latest}")
         return latest, state
 
     def run(self) -> dict:
         latest, state = self.restore_or_init()
         start = int(jax.device_get(state["step"]))
         if start >= self.stop_step and (self.run_dir / "summary.json").is_file():
-            self.checkpointer.close()
-            finished = json.loads((self.run_dir / "summary.json").read_text())
-            self.log(f"{self.run_dir} is already at step {start} of {self.stop_step}: nothing to train "
-                     "(its summary.json is kept)")
-            self.log(json.dumps(finished))
-            # Nothing is left at the steps asked for, whatever stopped the run last time: a scheduler
-            # that reruns on a signal's exit code must not rerun this forever.
-            return {**finished, "stopped_by": None}
-        config = self.config
-        metrics_log = MetricsLog(self.run_dir, wandb_mode=config.logging.wandb, project=config.logging.wandb_project,
-                                 name=config.logging.wandb_name or self.run_dir.name,
-                                 config=config_lib.to_dict(config), resume_step=latest)
-        target = config.train.target_val_loss
-        before_resume, reached = resume_records(metrics_log.records, target)
-        self.summary = {"start_step": start, "total_steps": config.train.steps, "run_dir": str(self.run_dir)}
-        if target is not None and reached is not None and config.train.stop_at_target:
-            self.log(f"{self.run_dir} reached val loss {target} at step {reached['target_step']} "
-                     "(train.stop_at_target): nothing to train")
-            metrics_log.close()
-            self.checkpointer.close()
-            return {**self.summary, "train_loss": None, "val_loss": None, "stopped_by": None, "skipped_steps": 0,
-                    "target_val_loss": target, **reached}
+            return self._already_finished(start)
+        config, metrics_log = self.config, self._metrics_log(latest)
+        before_resume, reached = resume_records(metrics_log.records, config.train.target_val_loss)
+        if reached is not None and config.train.target_val_loss is not None and config.train.stop_at_target:
+            return self._target_already_reached(start, reached, metrics_log)
         if start < self.stop_step or latest is None:  # it will train: config.yaml says with what
             record_settings(self.run_dir, self.program)
-        self.clock = WallClock(before_resume)
-        self.guard = HealthGuard(max_nonfinite_steps=config.train.max_nonfinite_steps,
-                                 spike_factor=config.train.spike_factor, vocab_size=config.model.vocab_size,
-                                 trusted_step=latest, log=self.log)
-        show_bar = config.logging.progress and jax.process_index() == 0
-        with jax.set_mesh(self.program.mesh), StopRequest() as stop_request, \
+        clock = Clock(before_resume)  # training time: compiling and evaluation left out
+        with jax.set_mesh(self.program.mesh), StopRequest(check_every=config.logging.every) as stop_request, \
                 self.data.loader.iter_from(start, stop_step=self.stop_step, prefetch=config.data.prefetch) as batches, \
-                progress_bar(start, self.stop_step, show_bar) as bar:
-            self.bar = bar
-            self.step_log = StepLog(config, metrics_log, self.guard, self.clock, bar,
-                                    list(self.program.mesh.devices.flat), self.stop_step)
-            self.evaluation = Evaluation(self.program, self.data.loader, self.data.eval_batches, metrics_log,
-                                         self.clock, self.step_log, reached, say=bar.write if show_bar else self.log)
-            self.checkpoints = TrustedCheckpoints(self.checkpointer, self.guard, self.evaluation)
+                progress_bar(start, self.stop_step, config.logging.progress and jax.process_index() == 0) as bar:
+            hooks, summary = self._hooks(start, latest, metrics_log, reached, stop_request, bar)
             try:
-                self.state, step = self._loop(state, start, latest, batches, stop_request)
+                info = Loop(self._step, hooks, clock).run(state, start, self.stop_step, batches)
             except NonFiniteError as error:
-                self.summary.update(stopped_by="nonfinite", finished=False)
-                write_summary(self.run_dir, self._summary(error.step))
+                summary.stopped_by_nonfinite(error.step, clock)
                 raise
             finally:
                 self.checkpointer.close()
                 metrics_log.close()
-        self.summary["finished"] = step >= config.train.steps or bool(self.summary.get("ended_at_target"))
-        summary = self._summary(step)
-        write_summary(self.run_dir, summary)
-        self.log(json.dumps(json_safe(summary)))
-        return summary
+        self.state = info.state
+        return summary.result
 
-    def _loop(self, state, start: int, latest: int | None, batches, stop_request) -> tuple[dict, int]:
-        """Steps until the data, a stop, the target or a signal ends it; returns (state, step)."""
-        config, mesh = self.config, self.program.mesh
-        self.summary["stopped_by"] = None
+    def _step(self, state, batch) -> tuple[dict, dict]:
+        _, tokens_local = batch  # (step index, this process's rows)
+        return self.program.train_step(state, mesh_lib.global_batch_array(tokens_local, self.program.mesh))
+
+    def _hooks(self, start: int, latest: int | None, metrics_log, reached, stop_request, bar) -> tuple[Hooks, Summary]:
+        """What the loop does besides stepping, in the order it is done at a step."""
+        config, hooks = self.config, Hooks()
+        guard = HealthGuard(max_nonfinite_steps=config.train.max_nonfinite_steps,
+                            spike_factor=config.train.spike_factor, vocab_size=config.model.vocab_size,
+                            trusted_step=latest)
+        step_metrics = StepMetrics(config, metrics_log, guard, bar, list(self.program.mesh.devices.flat))
+        self.evaluation = evaluation = Evaluation(self.program, self.data.loader, self.data.eval_batches,
+                                                  metrics_log, reached)
+        checkpoints = TrustedCheckpoints(self.checkpointer, guard, evaluation.probe, config, start, latest)
+        summary = Summary(self.run_dir, start, config.train.steps,
+                          [stop_request, step_metrics, evaluation, checkpoints])
+        hooks.add(step_metrics, every=1, metrics=True)  # read one step late
+        hooks.add(lambda info: bar.update(1), every=1)
         if start == 0 and config.eval.at_start and start < self.stop_step:
-            self.evaluation(0, state["params"])
-        pending, step = None, start  # the step whose metrics are still on the device
-        for index, tokens_local in batches:
-            # Dispatch this step before reading the last one's metrics, so the device never idles.
-            state, metrics = self.program.train_step(state, mesh_lib.global_batch_array(tokens_local, mesh))
-            step = index + 1
-            if step == start + 1:  # compilation is not training time
-                jax.block_until_ready(metrics)
-                self.clock.restart()
-            if pending is not None:
-                self.step_log(*pending)
-            pending = (step, metrics)
-            self.bar.update(1)
-            if step % config.eval.every == 0 or step == self.stop_step:
-                self.step_log(*pending)
-                pending = None
-                self.evaluation(step, state["params"])
-                if config.train.stop_at_target and self.evaluation.reached_at(step):
-                    self.summary["ended_at_target"] = True
-                    break
-            self.checkpointer.check()  # a failed write stops the run now, not at the next save
-            stopping = stop_request.agreed(check_others=step % config.logging.every == 0)
-            periodic = step % config.train.checkpoint_every == 0
-            if (periodic or stopping) and pending is not None:
-                self.step_log(*pending)  # the guard must see the step it would save
-                pending = None
-            if periodic and step != self.stop_step and not stopping:
-                self.checkpoints.save(step, state)
-            if stopping:
-                self.summary["stopped_by"] = stop_request.signal_name
-                self.log(f"{stop_request.signal_name} received: saving a checkpoint at step {step} and exiting")
-                break
-        if pending is not None:
-            self.step_log(*pending)
-        if step > start or latest is None:
-            self.checkpoints.save(step, state)
-        return state, step
+            hooks.add(evaluation.measure, at_start=True)
+        hooks.add(evaluation, every=config.eval.every, last=True, after_metrics=True)
+        hooks.add(checkpoints.check, every=1)  # a failed write stops the run now, not at the next save
+        hooks.add(stop_request, every=1)
+        hooks.add(checkpoints.periodic, every=config.train.checkpoint_every, after_metrics=True)  # the guard saw it
+        hooks.add(stop_request.announce, on_stop=True)
+        # The last checkpoint on disk, W&B finished and the bar closed before the summary says how it ended.
+        for closing in (checkpoints.at_end, lambda info: metrics_log.close(), lambda info: bar.close(), summary):
+            hooks.add(closing, at_end=True)
+        return hooks, summary
 
-    def _summary(self, step: int) -> dict:
-        summary = {**self.summary, "step": step, "train_loss": self.step_log.last_loss,
-                   "val_loss": self.evaluation.last_loss, "skipped_steps": self.guard.skipped_steps,
-                   "trusted_step": self.guard.trusted_step, "wall_time_s": round(self.clock.training_time(), 3)}
-        if self.evaluation.target is not None:
-            summary.update(target_val_loss=self.evaluation.target,
-                           **(self.evaluation.reached or dict.fromkeys(("target_step", "target_tokens",
-                                                                         "target_wall_time_s"))))
-        return summary
+    def _metrics_log(self, latest: int | None) -> MetricsLog:
+        config = self.config
+        return MetricsLog(self.run_dir, wandb_mode=config.logging.wandb, project=config.logging.wandb_project,
+                          name=config.logging.wandb_name or self.run_dir.name, config=config_lib.to_dict(config),
+                          resume_step=latest)
+
+    def _already_finished(self, start: int) -> dict:
+        self.checkpointer.close()
+        finished = json.loads((self.run_dir / "summary.json").read_text())
+        logger.info(f"{self.run_dir} is already at step {start} of {self.stop_step}: nothing to train "
+                    "(its summary.json is kept)")
+        logger.info(json.dumps(finished))
+        # Nothing is left at the steps asked for, whatever stopped the run last time: a scheduler
+        # that reruns on a signal's exit code must not rerun this forever.
+        return {**finished, "stopped_by": None}
+
+    def _target_already_reached(self, start: int, reached: dict, metrics_log: MetricsLog) -> dict:
+        target = self.config.train.target_val_loss
+        logger.info(f"{self.run_dir} reached val loss {target} at step {reached['target_step']} "
+                    "(train.stop_at_target): nothing to train")
+        metrics_log.close()
+        self.checkpointer.close()
+        return {"start_step": start, "total_steps": self.config.train.steps, "run_dir": str(self.run_dir),
+                "train_loss": None, "val_loss": None, "stopped_by": None, "skipped_steps": 0,
+                "target_val_loss": target, **reached}
+
+    def closing_lines(self, summary: dict, wall_s: float) -> list[str]:
+        """What a person reads when the run has trained (recipes.train.report)."""
+        tokens = (summary["step"] - summary["start_step"]) * self.config.tokens_per_step
+        return summary_lines(summary, self.evaluation.first_loss, tokens, wall_s, self.run_dir / "checkpoints",
+                             self.config.sample.prompt)

@@ -9,6 +9,7 @@ from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import (HELD_OUT, Candidate, EvalSettings, _compiled_run, evaluate, format_table,
                                        model_key, point_key)
 from recipes.metatrain.tasks.lm import TinyLM
+from tests.helpers import logged_lines
 
 
 def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
@@ -17,14 +18,14 @@ def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
     theta = normalized_momentum_theta()
     results = tmp_path / "points.json"
     candidate = Candidate("celo2", "celo2", 1e-3, theta, 20.0)
-    rows = evaluate([candidate], settings, task, log=lambda line: None, results_file=results)
+    rows = evaluate([candidate], settings, task, results_file=results)
     assert len(rows) == 1 and rows[0]["grid"] == [1e-3]
     assert len(rows[0]["per_seed"]) == 2 and np.isfinite(rows[0]["mean"])
     assert abs(rows[0]["mean"] - np.log(64)) < 1.0  # two steps from a fresh model: near uniform
     assert "| celo2 | 0.001" in format_table(rows, settings)
-    lines = []
-    again = evaluate([candidate, Candidate("celo2", "celo2", 3e-3, theta, 20.0)], settings, task, log=lines.append,
-                     results_file=results)
+    with logged_lines() as lines:
+        again = evaluate([candidate, Candidate("celo2", "celo2", 3e-3, theta, 20.0)], settings, task,
+                         results_file=results)
     assert "(done before)" in lines[0] and "(done before)" not in lines[1]  # only the new point trained
     assert {p["lr"]: p["mean"] for p in again[0]["points"]}[1e-3] == rows[0]["mean"]
     assert len(json.loads(results.read_text())) == 2
@@ -36,7 +37,7 @@ def test_best_point_searches_the_side_multiplier_and_flags_grid_edges():
     candidates = [Candidate("muon", "muon", lr, None, mult, (("consistent_rms", 0.2),))
                   for mult in (1.0, 30.0) for lr in (1e-3, 3e-2)]
     compiled_before = _compiled_run.cache_info().misses
-    (row,) = evaluate(candidates, settings, task, log=lambda line: None)
+    (row,) = evaluate(candidates, settings, task)
     assert _compiled_run.cache_info().misses == compiled_before + 1  # one program for the whole grid
     assert row["grid"] == [1e-3, 3e-2] and row["mult_grid"] == [1.0, 30.0] and len(row["points"]) == 4
     assert row["mean"] == min(p["mean"] for p in row["points"])
@@ -68,11 +69,11 @@ def test_eval_script_default_task_on_a_prepared_corpus(tmp_path):
 def test_screened_search_extends_an_edge_and_retrains_the_best_point_with_every_seed(tmp_path):
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     settings = EvalSettings(steps=3, seeds=2, val_windows=8)
-    lines = []
     # lr 1e-4 and 1e-3 are both far too small for 3 steps: the best is the upper edge, so 1e-2 is tried.
     candidates = [Candidate("adamw", "adamw", lr) for lr in (1e-4, 1e-3)]
-    (row,) = evaluate(candidates, settings, task, log=lines.append, screen_seeds=1, extend_edges=1,
-                      results_file=tmp_path / "points.json")
+    with logged_lines() as lines:
+        (row,) = evaluate(candidates, settings, task, screen_seeds=1, extend_edges=1,
+                          results_file=tmp_path / "points.json")
     assert row["grid"] == [1e-4, 1e-3, 1e-2] and len(row["points"]) == 3
     assert row["lr"] == 1e-2 == min(row["points"], key=lambda p: p["mean"])["lr"]
     assert row["search_seeds"] == 1 and len(row["per_seed"]) == 2  # the final run has every seed

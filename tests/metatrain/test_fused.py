@@ -14,6 +14,7 @@ from recipes.metatrain.config import MetaTrainConfig  # noqa: E402
 from recipes.metatrain.fused import FusedFamilies, fusable_groups  # noqa: E402
 from recipes.metatrain.loop import MetaTrainer  # noqa: E402
 from recipes.optim.theta import resolve_theta  # noqa: E402
+from tests.helpers import logged_lines  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -36,14 +37,14 @@ FAMILIES = [
 
 
 def test_families_group_by_shape(tmp_path):
-    trainer = MetaTrainer(_config(tmp_path, FAMILIES), log=lambda line: None)
+    trainer = MetaTrainer(_config(tmp_path, FAMILIES))
     assert fusable_groups(trainer.populations) == [[0, 1], [2]]
     assert [names for names, _ in trainer.fused([0, 1, 2])] == [[0, 1], [2]]
 
 
 def test_fused_truncation_equals_each_family_alone(tmp_path):
     one_layer = [{**family, "hidden": []} for family in FAMILIES[:2]]  # compiles fastest
-    trainer = MetaTrainer(_config(tmp_path, one_layer), log=lambda line: None)
+    trainer = MetaTrainer(_config(tmp_path, one_layer))
     theta = resolve_theta("normalized_momentum")
     state = trainer.fresh_state(theta)
     keys = (jax.random.key(5), jax.random.key(6))
@@ -59,7 +60,7 @@ def test_fused_truncation_equals_each_family_alone(tmp_path):
 
 
 def test_each_particle_draws_from_its_own_family_window(tmp_path):
-    trainer = MetaTrainer(_config(tmp_path, FAMILIES[:2]), log=lambda line: None)
+    trainer = MetaTrainer(_config(tmp_path, FAMILIES[:2]))
     together = FusedFamilies(trainer.populations)
     n = int(trainer.populations[0].task.data["n"])
     data, axes = together._particle_data(together.data)
@@ -79,15 +80,15 @@ def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
         "inner": {"scale_min": 0.5, "scale_max": 2.0},
         "families": [{"kind": "image_mlp", "hidden": [], "batch": 8}],
     })
-    lines = []
-    state = MetaTrainer(config, log=lines.append).run()
+    with logged_lines() as lines:
+        state = MetaTrainer(config).run()
     assert any("resumed" in line and "outer step 2" in line for line in lines)
     assert int(state.step) == 3
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.theta))
     # The npz checkpoint is read; the run goes on in orbax checkpoints, which the next resume takes.
     assert (out / "checkpoints" / "3").is_dir()
-    lines.clear()
-    again = MetaTrainer(dataclasses.replace(config, metatrain=dataclasses.replace(config.metatrain, outer_steps=4)),
-                        log=lines.append).run()
+    with logged_lines() as lines:
+        again = MetaTrainer(dataclasses.replace(config, metatrain=dataclasses.replace(config.metatrain,
+                                                                                      outer_steps=4))).run()
     assert any("resumed" in line and "outer step 3" in line for line in lines) and int(again.step) == 4
 

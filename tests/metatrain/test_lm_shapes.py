@@ -26,7 +26,7 @@ TINY_LM = {
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     config = MetaTrainConfig.from_dict({**TINY_LM, "metatrain": {**TINY_LM["metatrain"], "out_dir": str(tmp_path_factory.mktemp("lm"))}})
-    return MetaTrainer(config, log=lambda line: None)
+    return MetaTrainer(config)
 
 
 def test_random_draws_are_unchanged_without_shapes():
@@ -41,7 +41,7 @@ def test_shapes_are_taken_in_turn_and_fuse_by_shape():
     assert [f.name for f in families] == ["lm_l1_d32_c32", "lm_l2_d32_c32", "lm_l1_d32_c32_2",
                                           "lm_l2_d32_c32_2", "lm_l1_d32_c32_3"]
     config = MetaTrainConfig.from_dict({**TINY_LM, "lm_sampler": {"count": 4, "shapes": [[1, 16, 8], [2, 16, 8]], "vocab": 32}})
-    trainer = MetaTrainer(config, log=lambda line: None)
+    trainer = MetaTrainer(config)
     assert fusable_groups(trainer.populations) == [[0, 2], [1, 3]]
 
 

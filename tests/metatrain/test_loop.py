@@ -24,7 +24,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     config = MetaTrainConfig.from_dict({**TINY, "metatrain": {**TINY["metatrain"], "out_dir": str(tmp_path_factory.mktemp("a"))}})
-    return MetaTrainer(config, log=lambda line: None)
+    return MetaTrainer(config)
 
 
 def _leaves(state):

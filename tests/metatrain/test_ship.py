@@ -12,7 +12,7 @@ from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import EvalSettings
 from recipes.metatrain.ship import score_snapshots, ship, snapshots
 from recipes.metatrain.tasks.lm import TinyLM
-from tests.helpers import one_error_line, run_at_once
+from tests.helpers import logged_lines, one_error_line, run_at_once
 
 
 @pytest.fixture
@@ -38,8 +38,7 @@ def test_missing_snapshots_name_the_fix(tmp_path):
 def test_ship_copies_the_best_scoring_snapshot(run_dir, tmp_path):
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     paths = snapshots(run_dir)
-    rows = score_snapshots(paths, task, EvalSettings(steps=3, seeds=2, val_windows=8), [1e-2], 1.0,
-                           log=lambda line: None)
+    rows = score_snapshots(paths, task, EvalSettings(steps=3, seeds=2, val_windows=8), [1e-2], 1.0)
     assert sorted(r["outer_step"] for r in rows) == [10, 20, 25]
     best = min(rows, key=lambda r: r["mean"])
     shipped = ship(run_dir, "tiny", rows, paths, "a test", weights_dir=tmp_path / "weights")
@@ -72,14 +71,14 @@ def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_pat
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     settings = EvalSettings(steps=3, seeds=1, val_windows=8)
     grids = {"adamw": (1e-2,), "muon": (1e-2,)}
-    seen = []
-    record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+    with logged_lines() as seen:
+        record = update_scores(run_dir, task, settings, 1.0, celo2_lrs=(1e-2,), reference_grids=grids)
     assert sorted(int(k) for k in record["snapshots"]) == [0, 10, 20, 25]  # 0: the starting theta
     assert set(record["references"]) == {"normalized_momentum", "adamw", "muon"}
     assert len(seen) == 7
     save_checkpoint(normalized_momentum_theta(), run_dir / "thetas" / "theta_0000030.state")
-    seen.clear()
-    record = update_scores(run_dir, task, settings, 1.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+    with logged_lines() as seen:
+        record = update_scores(run_dir, task, settings, 1.0, celo2_lrs=(1e-2,), reference_grids=grids)
     assert len(seen) == 1 and "30" in record["snapshots"]  # only the new snapshot was trained
     out = plot(run_dir, [record], tmp_path / "curve.png")
     assert out.stat().st_size > 10_000
@@ -93,7 +92,7 @@ def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_pat
     shipped = ship(run_dir, "reused", list(known.values()), snapshots(run_dir), "test", tmp_path / "weights")
     assert shipped.is_file()
     with pytest.raises(ConfigError, match="other settings"):  # never mixes scores of two settings
-        update_scores(run_dir, task, settings, 3.0, log=seen.append, celo2_lrs=(1e-2,), reference_grids=grids)
+        update_scores(run_dir, task, settings, 3.0, celo2_lrs=(1e-2,), reference_grids=grids)
 
 
 def test_ship_theta_refuses_a_path_as_name_and_an_existing_theta_in_one_line(run_dir, tmp_path):
