@@ -1,13 +1,19 @@
 """Will a recipe fit a TPU slice or a GPU node? Compile its real train step for it, with neither here.
 
-    python scripts/aot_check.py --config gpt3xl_celo2.yaml --topology v5e-8 [--section.key=value ...] [--out DIR]
+    python scripts/aot_check.py --config gpt3xl_celo2.yaml --topology v5e-8 --data.micro_batch=8 --out runs/aot_v5e
+    python scripts/aot_check.py --config gpt3xl_celo2.yaml --topology v5e-8 --slices 2
     python scripts/aot_check.py --config gpt2_small_adamw.yaml --topology h200-1
 
+Any config key of the recipe (listed below) can be set as --KEY=VALUE.
+
 Slices are named as Cloud TPU names them: v5e-8 and v6e-16 count chips, v4-8 and v5p-32
-count TensorCores (two per chip). GPU nodes: h100-1, h100-8, h200-1, h200-8.
+count TensorCores (two per chip). GPU nodes: h100-1, h100-8, h200-1, h200-8. --slices N compiles
+for N such slices joined by the data-centre network, on the recipe's two-level mesh (mesh.dcn_data,
+mesh.dcn_fsdp across slices; by default data parallel across them, FSDP inside).
 Writes OUT/aot_check.json and OUT/aot_check.md: whether it fits, bytes per device against the
 chip's memory, a step time projected kernel by kernel as a range (ms, tokens/s, MFU), the
-heaviest kernels, the optimizer's share, the collectives per step and the library kernels chosen.
+heaviest kernels, the optimizer's share, the collectives per step (inside slices and between
+them) and the library kernels chosen.
 Exit codes: 0 fits, 2 does not fit (one line says what to change), 1 an error.
 Needs the TPU runtime (pip install -e '.[tpu]') or, for GPUs, the CUDA compiler (pip install -e '.[cuda]').
 """
@@ -19,6 +25,7 @@ import sys
 from pathlib import Path
 
 from recipes.experiments.tpu_slices import quiet_tpu_environment
+from recipes.train.cli import add_config_help
 
 EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 
@@ -47,15 +54,24 @@ def advice(config, slice_) -> str:
     return ", ".join(steps)
 
 
+def _run_config_class() -> type:
+    from recipes.train.config import Config
+
+    return Config
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, add_help=False)
+    add_config_help(parser, _run_config_class)
     parser.add_argument("--config", required=True, help="YAML recipe: a path or a name in configs/")
     parser.add_argument("--topology", required=True,
                         help="a TPU slice as Cloud TPU names it (v5e-8, v5p-32, ...) or a GPU node (h100-1, h100-8, "
                              "h200-1, h200-8)")
+    parser.add_argument("--slices", type=int, default=1,
+                        help="how many such TPU slices, joined by the data-centre network (default 1)")
     parser.add_argument("--out", type=Path, help="where aot_check.json and .md go "
-                        "(default runs/aot_check/RECIPE_SLICE)")
+                        "(default runs/aot_check/RECIPE_SLICE, RECIPE_NxSLICE for several)")
     args, overrides = parser.parse_known_args(argv)
 
     quiet_tpu_environment()  # before JAX starts
@@ -64,7 +80,7 @@ def main(argv=None) -> int:
     from recipes.train.cli import one_line, ordinary_errors
 
     try:
-        slice_ = aot_check.parse_topology(args.topology)
+        slice_ = aot_check.parse_topology(args.topology, args.slices)
         missing = aot_check.compiler_missing(slice_)
         if missing:
             raise RuntimeError(missing)
@@ -73,7 +89,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     recipe = Path(args.config).stem
-    out = args.out or Path("runs/aot_check") / f"{recipe}_{slice_.name}"
+    out = args.out or Path("runs/aot_check") / f"{recipe}_{slice_.label}"
     if out.exists() and not out.is_dir():  # said before minutes of compiling, not after
         print(f"error: --out {out} is a file; name a directory for aot_check.json and aot_check.md", file=sys.stderr)
         return EXIT_ERROR
@@ -83,8 +99,9 @@ def main(argv=None) -> int:
         needed = "more than it has" if refusal.needed is None else f"{refusal.needed / 2**30:.1f} GiB"
         out.mkdir(parents=True, exist_ok=True)
         (out / "aot_check.json").write_text(json.dumps(
-            {"recipe": recipe, "slice": slice_.name, "fits": False, "needed_bytes": refusal.needed,
-             "available_bytes": refusal.available, "compiler": str(refusal)}, indent=2) + "\n")
+            {"recipe": recipe, "slice": slice_.name, "slices": slice_.slices, "fits": False,
+             "needed_bytes": refusal.needed, "available_bytes": refusal.available, "compiler": str(refusal)},
+            indent=2) + "\n")
         print(does_not_fit(recipe, slice_, config, f"the compiler needs {needed}"), file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     except (ValueError, *ordinary_errors()) as error:
@@ -105,7 +122,7 @@ def main(argv=None) -> int:
 
 
 def does_not_fit(recipe: str, slice_, config, needed: str) -> str:
-    return (f"error: {recipe} does not fit {slice_.name}: {needed} per device, a {slice_.chip.kind} chip has "
+    return (f"error: {recipe} does not fit {slice_.label}: {needed} per device, a {slice_.chip.kind} chip has "
             f"{slice_.chip.hbm_bytes / 2**30:.2f} GiB; {advice(config, slice_)}")
 
 

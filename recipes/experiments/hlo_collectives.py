@@ -4,6 +4,15 @@ A collective inside a loop body runs once per iteration; the iteration count of 
 (the layer scan, the micro-batch scan) is read from its condition, which compares the
 counter with a constant. A loop whose count cannot be read counts once, and is named in
 ``uncounted_loops``.
+
+Each collective is put on a level: "ici" when it stays inside one slice (or host), "dcn" when
+it crosses between them over the data-centre network. A TPU program compiled for several
+slices is one slice's program: the compiler keeps its collectives inside the slice and sends
+what crosses slices through the multi-slice runtime, as host transfers marked with
+``_xla_megascale_transfer_type`` (ALL_REDUCE, ALL_GATHER, ...): those are the dcn ones. A
+program over all devices instead names them in replica groups (partition ids: positions in the
+program's device assignment, for an SPMD program the mesh's ``devices.flat``), and a group
+whose devices sit in different granules is dcn.
 """
 from __future__ import annotations
 
@@ -22,6 +31,72 @@ _CALLEE = re.compile(r"(?:calls|to_apply|true_computation|false_computation)=%?(
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\(.*condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)")
 _CONSTANT = re.compile(r"[su](?:32|64)\[\](?:\{[^}]*\})?\s+constant\((\d+)\)")
+LEVELS = ("ici", "dcn")
+# A transfer between slices: the receiving end holds the collective's result.
+_DCN_TRANSFER = re.compile(r"=\s*(\(.*?\)|\S+)\s+recv\(.*_xla_megascale_transfer_type=\"([A-Z_]+)\"")
+_DCN_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+              "ALL_TO_ALL": "all-to-all", "COLLECTIVE_PERMUTE": "collective-permute",
+              "ONE_TO_ONE": "collective-permute"}
+_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=(\{(?:[^{}]|\{[^{}]*\})*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
+_IOTA = re.compile(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+
+
+def replica_groups(attributes: str) -> list[list[int]] | None:
+    """The device groups of a collective's line: explicit ``{{0,1},{2,3}}``, iota ``[2,4]<=[8]`` or
+    ``[4,2]<=[2,4]T(1,0)`` (iota over the second shape, transposed, cut into the first shape's rows),
+    or source-target pairs. [] when the groups are empty (every device one group); None when absent."""
+    found = _GROUPS.search(attributes)
+    if not found:
+        return None
+    text = found.group(1)
+    iota = _IOTA.fullmatch(text)
+    if iota:
+        shape, dims, perm = ([int(v) for v in g.split(",")] if g else None for g in iota.groups())
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        ids = ids.transpose(perm) if perm else ids
+        return ids.reshape(shape[0], -1).tolist()
+    return [[int(v) for v in g.split(",") if v.strip()] for g in re.findall(r"\{([\d,\s]*)\}", text[1:-1])]
+
+
+def level(line: str, granule_of: list[int] | None = None) -> str:
+    """"dcn" when a collective's line crosses granules (slices or hosts), else "ici". granule_of[i]
+    is the granule of partition i (None: the program is one granule's own, as TPU multi-slice
+    programs are, and only its host transfers between slices cross)."""
+    if "_xla_megascale_transfer_type" in line:
+        return "dcn"
+    if granule_of is None:
+        return "ici"
+    groups = replica_groups(line)
+    if groups == []:
+        groups = [list(range(len(granule_of)))]
+    for group in groups or ():
+        if len({granule_of[i] for i in group if i < len(granule_of)}) > 1:
+            return "dcn"
+    return "ici"
+
+
+def dcn_transfer(line: str) -> tuple[str, str] | None:
+    """(result shape, kind) of a transfer between TPU slices (its receiving end), else None."""
+    found = _DCN_TRANSFER.search(line)
+    if not found or found.group(2) not in _DCN_KINDS:
+        return None
+    return found.group(1), _DCN_KINDS[found.group(2)]
+
+
+def fused_kind(computation: str, kind: str) -> str:
+    """The TPU compiler writes a reduce-scatter as an all-reduce fused with the slice each device
+    keeps (an all-reduce-scatter fusion): counted as a reduce-scatter of the all-reduce's bytes,
+    its input, about what a ring moves per device."""
+    return "reduce-scatter" if kind == "all-reduce" and computation.startswith("all-reduce-scatter") else kind
+
+
+def partitions(hlo_text: str) -> int | None:
+    """How many devices the program runs on (its partitions times replicas), from the module header."""
+    header = hlo_text[:hlo_text.find("\n") if "\n" in hlo_text else len(hlo_text)]
+    found = [re.search(rf"\b{key}=(\d+)", header) for key in ("num_partitions", "replica_count")]
+    if not found[0] and not found[1]:
+        return None
+    return int(np.prod([int(f.group(1)) for f in found if f]))
 
 
 def _array_bytes(shape: str) -> list[int]:
@@ -83,8 +158,9 @@ def _split(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
-def collectives(hlo_text: str) -> dict:
-    """{kind: {count, bytes}} per execution of the program, plus the loops whose trip count was unknown."""
+def collectives(hlo_text: str, granule_of: list[int] | None = None) -> dict:
+    """{kind: {count, bytes}} per execution of the program, the same bytes by level ({kind: {ici,
+    dcn}} and totals), and the loops whose trip count was unknown. granule_of: see ``level``."""
     computations, entry = _split(hlo_text)
     edges = defaultdict(list)  # caller -> [(callee, times)]
     uncounted = []
@@ -112,18 +188,29 @@ def collectives(hlo_text: str) -> dict:
 
     visit(entry or next(iter(computations), ""), 1)
     totals = {kind: {"count": 0, "bytes": 0} for kind in KINDS}
+    by_level = {kind: dict.fromkeys(LEVELS, 0) for kind in KINDS}
     for name, lines in computations.items():
         for line in lines:
-            found = _INSTRUCTION.search(line)
-            if not found or not times.get(name):
+            if not times.get(name):
                 continue
-            shape, kind, is_start = found.groups()
-            sizes = _array_bytes(shape)
-            # An async start's result holds its operand and its result: the result is the last array.
-            moved = sizes[-1] if is_start and len(sizes) > 1 else sum(sizes)
+            found, transfer = _INSTRUCTION.search(line), None
+            if found:
+                shape, kind, is_start = found.groups()
+                kind = fused_kind(name, kind)
+                sizes = _array_bytes(shape)
+                # An async start's result holds its operand and its result: the result is the last array.
+                moved = sizes[-1] if is_start and len(sizes) > 1 else sum(sizes)
+            elif "_xla_megascale_transfer_type" in line and (transfer := dcn_transfer(line)):
+                shape, kind = transfer
+                moved = sum(_array_bytes(shape))
+            else:
+                continue
             totals[kind]["count"] += times[name]
             totals[kind]["bytes"] += times[name] * moved
-    return {"per_step": totals, "uncounted_loops": uncounted}
+            by_level[kind][level(line, granule_of)] += times[name] * moved
+    return {"per_step": totals, "by_level": by_level,
+            "level_totals": {lv: sum(v[lv] for v in by_level.values()) for lv in LEVELS},
+            "uncounted_loops": uncounted}
 
 
 _CUSTOM_CALL = re.compile(r"custom-call\(.*custom_call_target=\"([^\"]+)\"")

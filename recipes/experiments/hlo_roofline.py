@@ -3,11 +3,12 @@
 Every kernel the program launches (a fusion, a matmul, a library call, a copy), times the
 loops around it, costs max(FLOPs / peak, bytes / memory bandwidth) at best and their sum at
 worst; collectives cost their bytes over the interconnect, from fully hidden behind compute
-to not at all. FLOPs are those of the kernel's matmuls (dots inside a fusion, cuBLAS GEMMs,
-cuDNN attention from its own shapes); elementwise work is left to the memory side. Bytes are
-what a kernel reads and writes: its operands and results, where a fusion that only slices a
-large operand (a layer of stacked weights) or updates one in place (a layer's saved
-activations) moves the slice, not the whole buffer.
+to not at all: inside a slice over its links (ICI), between slices over the data-centre network
+(DCN, recipes.experiments.hlo_collectives.level). FLOPs are those of the kernel's matmuls (dots
+inside a fusion, cuBLAS GEMMs, cuDNN attention from its own shapes); elementwise work is left to
+the memory side. Bytes are what a kernel reads and writes: its operands and results, where a
+fusion that only slices a large operand (a layer of stacked weights) or updates one in place (a
+layer's saved activations) moves the slice, not the whole buffer.
 
 Checked against a measurement: for GPT-2 small's step on one H200 (AdamW, micro-batch 64), as
 compiled at the commit the device check measured, the range is 156-179 ms; the H200 took 205.8
@@ -21,7 +22,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from recipes.experiments.hlo_collectives import _DTYPE_BYTES, _WHILE, _split, trip_count
+from recipes.experiments.hlo_collectives import (LEVELS, _DTYPE_BYTES, _WHILE, _split, dcn_transfer, fused_kind, level,
+                                                 trip_count)
 
 _NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
                 "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-start",
@@ -214,8 +216,9 @@ class Program:
                 total += read
         return total + max(_bytes(shape) - in_place, 0)
 
-    def kernels(self) -> list[dict]:
-        """Every kernel launch of one execution: name, kind, launches, FLOPs and bytes per launch."""
+    def kernels(self, granule_of: list[int] | None = None) -> list[dict]:
+        """Every kernel launch of one execution: name, kind, launches, FLOPs and bytes per launch, and
+        for collectives the bytes over the links and their level (granule_of: see hlo_collectives.level)."""
         found = []
 
         def visit(computation: str, times: int, depth: int = 0) -> None:
@@ -234,14 +237,29 @@ class Program:
                         visit(callee, times, depth + 1)
                     continue
                 base = opcode.removesuffix("-start").removesuffix("-done")
+                transfer = dcn_transfer(f"= {shape} {opcode}({attributes}") if opcode == "recv" else None
+                if transfer:  # a collective between TPU slices, received: its result
+                    found.append({"name": name, "kind": transfer[1], "launches": times, "flops": 0.0, "bytes": 0,
+                                  "link_bytes": _bytes(shape) * COLLECTIVES[transfer[1]], "level": "dcn"})
+                    continue
                 if opcode in _NOT_KERNELS or opcode.endswith("-done"):
                     continue
                 if base in COLLECTIVES:
                     arrays = [a for a in _arrays(shape) if a[1]]
                     moved = _DTYPE_BYTES[arrays[-1][0]] * int(np.prod(arrays[-1][1])) if arrays else 0
                     found.append({"name": name, "kind": base, "launches": times, "flops": 0.0, "bytes": 0,
-                                  "link_bytes": moved * COLLECTIVES[base]})
+                                  "link_bytes": moved * COLLECTIVES[base], "level": level(attributes, granule_of)})
                     continue
+                # A collective fused into a kernel (async, a reduce-scatter, or beside a matmul): its bytes go
+                # on the links, and the kernel's own compute and memory count as any fusion's.
+                for callee in _CALLS.findall(attributes) if opcode == "fusion" else ():
+                    for _, inner_shape, inner, _, inner_attributes in self.computations.get(callee, []):
+                        if inner.removesuffix("-start") in COLLECTIVES:
+                            inner_kind = fused_kind(callee, inner.removesuffix("-start"))
+                            moved = _first_array_bytes(inner_shape, last=True)
+                            found.append({"name": name, "kind": inner_kind, "launches": times, "flops": 0.0,
+                                          "bytes": 0, "link_bytes": moved * COLLECTIVES[inner_kind],
+                                          "level": level(inner_attributes, granule_of)})
                 flops, moved = 0.0, _bytes(shape) + sum(_bytes(s) for s in operand_shapes)
                 kind = opcode
                 if opcode == "fusion":
@@ -274,12 +292,15 @@ class Program:
 
 
 def project(hlo_text: str, *, peak_flops: float, memory_bytes_per_s: float, link_bytes_per_s: float | None,
-            top: int = 12) -> dict:
-    """The step-time range of one device's program and what it is made of."""
-    kernels = Program(hlo_text).kernels()
+            dcn_bytes_per_s: float | None = None, granule_of: list[int] | None = None, top: int = 12) -> dict:
+    """The step-time range of one device's program and what it is made of. Collectives inside a
+    slice go at link_bytes_per_s, those between slices at dcn_bytes_per_s (None: the link's)."""
+    kernels = Program(hlo_text).kernels(granule_of)
+    rates = {"ici": link_bytes_per_s, "dcn": dcn_bytes_per_s or link_bytes_per_s}
     for k in kernels:
         compute, memory = k["flops"] / peak_flops, k["bytes"] / memory_bytes_per_s
-        link = k["link_bytes"] / link_bytes_per_s if link_bytes_per_s else 0.0
+        rate = rates[k.get("level", "ici")]
+        link = k["link_bytes"] / rate if rate else 0.0
         k["best_s"], k["worst_s"], k["link_s"] = max(compute, memory), compute + memory, link
     total = {key: sum(k[key] * k["launches"] for k in kernels) for key in ("flops", "bytes", "link_bytes",
                                                                             "best_s", "worst_s", "link_s")}
@@ -298,6 +319,10 @@ def project(hlo_text: str, *, peak_flops: float, memory_bytes_per_s: float, link
         # memory of each kernel one after the other, collectives after everything.
         "step_s_range": [total["best_s"], total["worst_s"] + total["link_s"]],
         "collectives_s": total["link_s"],
+        "link_bytes_by_level": {lv: sum(k["link_bytes"] * k["launches"] for k in kernels if k.get("level") == lv)
+                                for lv in LEVELS},
+        "collectives_s_by_level": {lv: sum(k["link_s"] * k["launches"] for k in kernels if k.get("level") == lv)
+                                   for lv in LEVELS},
         "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1]["best_s"])),
         "heaviest": [{key: k[key] for key in ("name", "kind", "launches", "flops", "bytes", "best_s", "link_s")}
                      for k in heaviest],
@@ -318,7 +343,8 @@ def main(argv=None) -> int:
     chip = parse_topology(args.topology).chip
     with open(args.hlo) as file:
         report = project(file.read(), peak_flops=chip.peak_bf16_flops, memory_bytes_per_s=chip.hbm_bytes_per_s,
-                         link_bytes_per_s=chip.link_bytes_per_s or None)
+                         link_bytes_per_s=chip.link_bytes_per_s or None,
+                         dcn_bytes_per_s=chip.dcn_bytes_per_s or None)
     if args.tokens:
         report["tokens_per_s_range"] = [args.tokens / s for s in reversed(report["step_s_range"])]
     print(json.dumps(report, indent=1))

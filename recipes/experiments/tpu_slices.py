@@ -2,7 +2,8 @@
 
 Cloud TPU names count chips for v5e and v6e (v5e-8: 8 chips) and TensorCores for v4 and
 v5p (v5p-8: 4 chips of 2 cores each, which JAX shows as one device per chip). JAX's
-topology names give the chip grid instead (v5e:2x4, v5p:2x2x1).
+topology names give the chip grid instead (v5e:2x4, v5p:2x2x1). Several slices of one shape
+(multislice) join over the data-centre network (DCN), much slower than the chips' own links.
 """
 from __future__ import annotations
 
@@ -20,16 +21,26 @@ class Chip:
     grid_rank: int           # 2-D or 3-D chip grid
     source: str
     link_bytes_per_s: float = 0.0  # chip-to-chip interconnect per chip (ICI, NVLink)
+    dcn_bytes_per_s: float = 0.0   # data-centre network per chip, between slices (0: none known)
 
 
 GB, GIB = 10**9, 2**30
+GBIT = 10**9 / 8
 CHIPS = {
     # ICI per chip as the pages give it: 2,400 / 1,600 / 4,800 / 3,584 Gbit/s.
-    "v4": Chip("v4", 32 * GIB, 275e12, 1200 * GB, True, 3, "https://cloud.google.com/tpu/docs/v4", 300 * GB),
-    "v5e": Chip("v5e", 16 * GIB, 197e12, 819 * GB, False, 2, "https://cloud.google.com/tpu/docs/v5e", 200 * GB),
-    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765 * GB, True, 3, "https://cloud.google.com/tpu/docs/v5p", 600 * GB),
-    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640 * GB, False, 2, "https://cloud.google.com/tpu/docs/v6e", 448 * GB),
+    # DCN per chip from the same pages: v5e a host's 2 x 100 Gbit/s NICs over its 8 chips (= 6.4 Tbit/s
+    # per 256-chip pod), 25 Gbit/s; v5p "DCN bandwidth per chip 50 Gbps"; v6e 4 x 200 Gbit/s per
+    # 8-chip host (= 25.6 Tbit/s per pod), 100 Gbit/s. v4's page gives none: assumed 25 Gbit/s, as v5e.
+    "v4": Chip("v4", 32 * GIB, 275e12, 1200 * GB, True, 3, "https://cloud.google.com/tpu/docs/v4", 300 * GB,
+               25 * GBIT),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819 * GB, False, 2, "https://cloud.google.com/tpu/docs/v5e", 200 * GB,
+                25 * GBIT),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765 * GB, True, 3, "https://cloud.google.com/tpu/docs/v5p", 600 * GB,
+                50 * GBIT),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640 * GB, False, 2, "https://cloud.google.com/tpu/docs/v6e", 448 * GB,
+                100 * GBIT),
 }
+DCN_ASSUMED = {"v4"}  # no published figure: the report says so
 # The chip grids Cloud TPU offers as single slices, smallest first.
 GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -40,12 +51,18 @@ GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: 
 class Slice:
     name: str        # as users say it: v5p-32
     chip: Chip
-    chips: int
+    chips: int       # per slice
     grid: str        # JAX's chip grid: 2x2x4
+    slices: int = 1  # several, joined by the data-centre network
 
     @property
     def topology_name(self) -> str:
         return f"{self.chip.kind}:{self.grid}"
+
+    @property
+    def label(self) -> str:
+        """v5e-8, or 2xv5e-8 for two of them."""
+        return self.name if self.slices == 1 else f"{self.slices}x{self.name}"
 
     @property
     def accelerator_type(self) -> str:
@@ -96,9 +113,11 @@ def runtime_missing() -> str | None:
 
 
 def slice_devices(slice_: Slice):
-    """The slice's devices, described by the TPU runtime; nothing runs on them, programs compile for them."""
+    """The devices of the slice (of all its slices, each device with its slice_index), described by
+    the TPU runtime; nothing runs on them, programs compile for them."""
     from jax.experimental import topologies
 
     os.environ["TPU_ACCELERATOR_TYPE"] = slice_.accelerator_type  # else the runtime warns it cannot tell
     options = {"chip_config_name": "megacore"} if slice_.chip.kind == "v4" else {}
-    return topologies.get_topology_desc(topology_name=slice_.topology_name, platform="tpu", **options).devices
+    return topologies.get_topology_desc(topology_name=slice_.topology_name, platform="tpu",
+                                        num_slices=slice_.slices, **options).devices

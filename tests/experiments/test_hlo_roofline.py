@@ -121,3 +121,37 @@ ENTRY %main (a: bf16[1,96,2304]) -> bf16[1,96,2304] {
     assert collectives(hlo)["per_step"]["collective-permute"] == {"count": 1, "bytes": 96 * 2304 * 2}
     report = project(hlo, peak_flops=1e12, memory_bytes_per_s=1e11, link_bytes_per_s=1e9)
     assert report["link_bytes"] == 96 * 2304 * 2 and report["collectives_s"] == pytest.approx(96 * 2304 * 2 / 1e9)
+
+
+def test_collectives_fused_into_a_kernel_go_on_the_links():
+    """The TPU compiler's reduce-scatter (an all-reduce fused with each device's slice of it) and its
+    async all-gathers sit inside fusions: their bytes cross the links."""
+    hlo = """HloModule m
+
+%all-reduce-scatter.3.clone.1 (input.1: bf16[2048,2048]) -> bf16[256,2048] {
+  %input.1 = bf16[2048,2048]{1,0} parameter(0)
+  %all-reduce.1 = bf16[2048,2048]{1,0:T(8,128)(2,1)} all-reduce(%input.1), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, use_global_device_ids=true, to_apply=%add
+  %z = s32[] constant(0)
+  ROOT %d = bf16[256,2048]{1,0} dynamic-slice(%all-reduce.1, %z, %z), dynamic_slice_sizes={256,2048}
+}
+
+%fused_computation.5 (p: bf16[16,512]) -> (bf16[16,512], bf16[128,512], u32[]) {
+  %p = bf16[16,512]{1,0} parameter(0)
+  %all-gather.7 = bf16[128,512]{1,0} all-gather(%p), channel_id=4, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, use_global_device_ids=true
+  ROOT %c = (bf16[16,512]{1,0}, bf16[128,512]{1,0}, u32[]) custom-call(%all-gather.7), custom_call_target="AsyncCollectiveStart"
+}
+
+ENTRY %main (a: bf16[2048,2048], b: bf16[16,512]) -> bf16[256,2048] {
+  %a = bf16[2048,2048]{1,0} parameter(0)
+  %b = bf16[16,512]{1,0} parameter(1)
+  %g = (bf16[16,512]{1,0}, bf16[128,512]{1,0}, u32[]) fusion(%b), kind=kCustom, calls=%fused_computation.5
+  ROOT %f = bf16[256,2048]{1,0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.3.clone.1
+}
+"""
+    c = collectives(hlo)["per_step"]
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 2048 * 2048 * 2} and c["all-reduce"]["count"] == 0
+    assert c["all-gather"] == {"count": 1, "bytes": 128 * 512 * 2}
+    report = project(hlo, peak_flops=1e12, memory_bytes_per_s=1e11, link_bytes_per_s=1e9)
+    assert report["link_bytes"] == 2048 * 2048 * 2 + 128 * 512 * 2
+    assert report["bytes"] > 0  # the kernels still read and write memory
+    assert report["link_bytes_by_level"] == {"ici": report["link_bytes"], "dcn": 0}
