@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
 from model.config_base import Bool, ConfigError, Float, Int, Must, config_class
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ComputeDtype = Literal["float32", "bfloat16"]
+COMPUTE_DTYPES = typing.get_args(ComputeDtype)
+AttentionImpl = Literal["auto", "xla", "cudnn"]
+ATTENTION_IMPLS = typing.get_args(AttentionImpl)
 
 # (n_layer, d_model, n_head, context_length). GPT-2 sizes follow Radford et al. 2019,
 # gpt3_xl follows Brown et al. 2020 (Table 2.1); tiny/mini are for CPU runs and tests.
@@ -49,7 +52,7 @@ class ModelConfig:
     pad_vocab_multiple: PositiveInt = Field(64, description="embedding rows are padded up to a multiple of this "
                                             "(64 keeps matmuls tile-aligned)")
     bias: Flag = Field(True, description="biases in the linear layers and LayerNorms")
-    compute_dtype: str = Field("float32", description=f"matmul precision, one of {list(COMPUTE_DTYPES)}")
+    compute_dtype: ComputeDtype = Field("float32", description="matmul precision")
     remat: Annotated[Literal["none", "dots", "full"], BeforeValidator(_remat_from_bool)] = Field(
         "none", description="what the backward pass keeps of each layer's forward: everything (none: no "
         "recomputation), the outputs of its weight matmuls (dots: the elementwise work is recomputed), or only the "
@@ -62,7 +65,7 @@ class ModelConfig:
                                 "stacks (a 4-layer CPU step 7% faster), but compile time grows with depth")
     layer_norm_eps: PositiveFloat = Field(1e-5, description="LayerNorm's epsilon")
     init_std: PositiveFloat = Field(0.02, description="standard deviation of the initial weights")
-    attention_impl: str = Field("auto", description=f'one of {list(ATTENTION_IMPLS)}; "auto": cuDNN fused '
+    attention_impl: AttentionImpl = Field("auto", description='"auto": cuDNN fused '
                                 'attention on GPU with bf16 compute, XLA otherwise; set "xla" where cuDNN\'s kernel '
                                 'is unavailable or rejects the shapes')
     loss_chunk_tokens: PositiveInt = Field(8192, description="positions per device whose float32 logits the "
@@ -88,10 +91,6 @@ class ModelConfig:
     def _consistent(self):
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unknown compute_dtype {self.compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         return self
 
     @classmethod

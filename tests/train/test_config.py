@@ -171,3 +171,12 @@ def test_ordinary_mistakes_end_in_one_error_line(tmp_path, args, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected.format(**values)), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_only_true_and_false_are_booleans_and_choices_name_the_choices():
+    # YAML 1.1 reads on/off/yes/no as booleans: "--logging.wandb=on" reached the config as True.
+    with pytest.raises(ConfigError, match=r"logging.wandb must be one of \['disabled', 'offline', 'online'\], got 'on'"):
+        load_config(None, ["--logging.wandb=on"], [])
+    with pytest.raises(ConfigError, match=r"model.compute_dtype must be one of \['float32', 'bfloat16'\], got 'fp16'"):
+        load_config(None, ["--model.compute_dtype=fp16"], [])
+    assert load_config(None, ["--model.bias=False"], []).model.bias is False
