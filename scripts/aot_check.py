@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from recipes import messages
 from recipes.experiments.tpu_slices import quiet_tpu_environment
 from recipes.train.cli import add_config_help
 
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="where aot_check.json and .md go "
                         "(default runs/aot_check/RECIPE_SLICE, RECIPE_NxSLICE for several)")
     args, overrides = parser.parse_known_args(argv)
+    messages.setup()  # the compile's progress on stdout
 
     quiet_tpu_environment()  # before JAX starts
     from recipes.experiments import aot_check
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         print(f"error: --out {out} is a file; name a directory for aot_check.json and aot_check.md", file=sys.stderr)
         return EXIT_ERROR
     try:
-        report = aot_check.check(config, slice_, log=lambda line: print(line, flush=True))
+        report = aot_check.check(config, slice_)
     except aot_check.DoesNotFit as refusal:
         needed = "more than it has" if refusal.needed is None else f"{refusal.needed / 2**30:.1f} GiB"
         out.mkdir(parents=True, exist_ok=True)

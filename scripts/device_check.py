@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> dict:
+    from recipes import messages
     from recipes.experiments.device_check import SECTIONS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +29,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--compilation-cache", default="cache/jax",
                         help="JAX's persistent compilation cache ('' disables it); repeated programs compile once")
     args = parser.parse_args(argv)
+    messages.setup()  # each section's lines on stdout as it measures
     sections = [s for s in args.sections.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -43,7 +45,7 @@ def main(argv=None) -> dict:
     began = time.perf_counter()
     print(f"device check on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{'tiny' if tiny else 'full'} shapes -> {args.out}", flush=True)
-    report = device_check.run(args.out, tiny, sections, log=lambda line: print(line, flush=True))
+    report = device_check.run(args.out, tiny, sections)
     print(f"\n{device_check.markdown(report)}\nwrote {args.out / 'device_check.json'} and "
           f"{args.out / 'device_check.md'} in {time.perf_counter() - began:.0f} s", flush=True)
     return report

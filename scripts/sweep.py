@@ -30,6 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from recipes import messages
 from recipes.train.cli import run_main
 from recipes.experiments.sweep_plots import plot_sweep
 from recipes.experiments.sweep_tables import in_grid
@@ -49,6 +50,7 @@ def main(argv=None, runner=None) -> int:
     parser.add_argument("--wandb-sweep", type=Path, metavar="FILE", help="write a W&B sweep YAML and exit")
     parser.add_argument("--slurm-array", type=Path, metavar="FILE", help="write a Slurm job-array script and exit")
     args = parser.parse_args(argv)
+    messages.setup("stderr")  # the notes of checking the points: stdout may carry --print-commands' commands
     spec = make_spec(config=args.config, grids=args.grid, sets=args.set, out=args.out,
                      workers=args.workers, sweep_file=args.sweep)
     if args.print_commands or args.wandb_sweep or args.slurm_array:
@@ -62,6 +64,7 @@ def main(argv=None, runner=None) -> int:
         if args.print_commands:
             print("\n".join(commands(spec)))
         return 0
+    messages.setup()  # training: the sweep's progress on stdout
     stop = SweepStop()
     rows = run_sweep(spec, runner=runner, stop=stop)
     grid = [r for r in rows if in_grid(r)]

@@ -16,6 +16,7 @@ each level at its own bandwidth in the projection.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -24,6 +25,7 @@ import jax
 import optax
 
 from model import make_mesh
+from recipes.experiments.benchmarks import compiled_memory
 from recipes.experiments.gpu_slices import cuda_missing, gpu_devices, is_gpu, known_gpus, parse_gpu
 from recipes.experiments.hlo_collectives import LEVELS, collectives, custom_calls, partitions
 from recipes.experiments.hlo_roofline import project
@@ -33,6 +35,8 @@ from recipes.train.build import TrainProgram, build_program
 from recipes.train.config import Config
 from recipes.train.mesh import describe_levels, granules, mesh_levels
 from recipes.train.metrics import flops_per_token
+
+logger = logging.getLogger(__name__)
 
 
 def parse_topology(name: str, slices: int = 1) -> Slice:
@@ -83,10 +87,10 @@ def _out_of_memory(error: Exception) -> DoesNotFit | None:
 
 
 class Heartbeat:
-    """Prints how long a compile has run, every ``every`` seconds, so a long one is seen to be alive."""
+    """Says how long a compile has run, every ``every`` seconds, so a long one is seen to be alive."""
 
-    def __init__(self, what: str, log, every: float = 15.0):
-        self.what, self.log, self.every = what, log, every
+    def __init__(self, what: str, every: float = 15.0):
+        self.what, self.every = what, every
         self._done = threading.Event()
 
     def __enter__(self):
@@ -97,7 +101,7 @@ class Heartbeat:
 
     def _beat(self):
         while not self._done.wait(self.every):
-            self.log(f"  {self.what}: {time.perf_counter() - self.began:.0f} s")
+            logger.info(f"  {self.what}: {time.perf_counter() - self.began:.0f} s")
 
     def __exit__(self, *exc):
         self._done.set()
@@ -146,15 +150,15 @@ def granule_map(hlo_text: str, mesh) -> list[int] | None:
     return [index[d.id] for d in devices]
 
 
-def check(config: Config, slice_: Slice, log=print) -> dict:
+def check(config: Config, slice_: Slice) -> dict:
     """The report of one recipe on one slice (or several); raises DoesNotFit when the compiler refuses it."""
     devices = topology_devices(slice_)
     program = build_program(config, devices=devices, shapes_only=True, diagnostics=False)
     n = len(devices)
-    log(f"compiling the train step for {slice_.label} ({n} x {devices[0].device_kind}, "
-        f"mesh {describe_levels(program.mesh, config.mesh)}, micro-batch {program.micro_batch} x "
-        f"{program.micro_batches})")
-    with Heartbeat("compiling", log) as beat:
+    logger.info(f"compiling the train step for {slice_.label} ({n} x {devices[0].device_kind}, "
+                f"mesh {describe_levels(program.mesh, config.mesh)}, micro-batch {program.micro_batch} x "
+                f"{program.micro_batches})")
+    with Heartbeat("compiling") as beat:
         try:
             compiled = program.compile()
         except Exception as error:  # the TPU compiler's refusal arrives as a runtime error
@@ -162,15 +166,12 @@ def check(config: Config, slice_: Slice, log=print) -> dict:
             if refusal is None:
                 raise
             raise refusal from None
-    memory, hlo = compiled.memory_analysis(), compiled.as_text()
-    per_device = {"argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
-                  "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes,
-                  "code": memory.generated_code_size_in_bytes}
-    per_device["peak"] = (per_device["argument"] + per_device["output"] - per_device["alias"]
-                          + per_device["temp"] + per_device["code"])
+    hlo = compiled.as_text()
+    per_device = compiled_memory(compiled)
+    del per_device["buffers"]  # the report's figures: the parts, and their peak with the code
     hbm, chip = slice_.chip.hbm_bytes, slice_.chip
     granule_of = granule_map(hlo, program.mesh)
-    with Heartbeat("projecting the step's time", log):
+    with Heartbeat("projecting the step's time"):
         projection = project(hlo, peak_flops=chip.peak_bf16_flops, memory_bytes_per_s=chip.hbm_bytes_per_s,
                              link_bytes_per_s=chip.link_bytes_per_s or None,
                              dcn_bytes_per_s=chip.dcn_bytes_per_s or None, granule_of=granule_of)

@@ -7,6 +7,8 @@ noise hits them alike.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import statistics
 import time
 
@@ -38,6 +40,34 @@ def median_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The messages of logger ``name`` under WARNING dropped while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def compiled_memory(compiled) -> dict:
+    """XLA's memory analysis of a compiled program, in bytes per device: ``argument``, ``output``,
+    ``alias`` (outputs written into donated arguments, counted in both), ``temp`` and ``code`` (the
+    generated code); ``buffers``, what the device's allocator holds at once (arguments and outputs
+    less their aliases, and temporaries: what a measured peak_bytes_in_use compares with), and
+    ``peak``, that and the code (what a chip must hold). {} where the backend gives no analysis."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    b = {"argument": int(analysis.argument_size_in_bytes), "output": int(analysis.output_size_in_bytes),
+         "alias": int(analysis.alias_size_in_bytes), "temp": int(analysis.temp_size_in_bytes),
+         "code": int(analysis.generated_code_size_in_bytes)}
+    buffers = b["argument"] + b["output"] - b["alias"] + b["temp"]
+    return {**b, "buffers": buffers, "peak": buffers + b["code"]}
+
+
 class TrainingSetup:
     """A recipe's program (recipes.train.build, what train.py runs) with synthetic or real batches."""
 
@@ -57,7 +87,9 @@ class TrainingSetup:
         else:
             from recipes.train.trainer import TrainData
 
-            loader = TrainData.open(config, self.program, log=lambda *_: None).loader  # as train.py reads
+            # As train.py reads, without its notes on the val split (no eval here).
+            with _quiet("recipes.train.trainer"):
+                loader = TrainData.open(config, self.program).loader
             self.host_batch = loader.train_batch
 
     def batch(self, step: int = 0) -> jax.Array:
@@ -73,12 +105,8 @@ class TrainingSetup:
         return self._compiled
 
     def compiled_bytes(self) -> dict:
-        """XLA's memory analysis of the train step: arguments, outputs and temporaries, per device."""
-        analysis = self.compiled_step().memory_analysis()
-        if analysis is None:
-            return {}
-        return {"argument": int(analysis.argument_size_in_bytes), "output": int(analysis.output_size_in_bytes),
-                "temp": int(analysis.temp_size_in_bytes), "alias": int(analysis.alias_size_in_bytes)}
+        """XLA's memory analysis of the train step, per device (compiled_memory)."""
+        return compiled_memory(self.compiled_step())
 
 
 def time_training(setup: TrainingSetup, repeats: int, fwd_bwd_seconds: float | None = None) -> dict:
@@ -159,7 +187,7 @@ def _compiled_update(tx, shapes, grads, key) -> dict:
 
     # Lowered from shapes: a second optimizer state would only cost device memory.
     compiled = jax.jit(apply, donate_argnums=(0, 1)).lower(params, jax.eval_shape(tx.init, params), grads).compile()
-    memory = compiled.memory_analysis()
+    memory = compiled_memory(compiled)
     largest = max(int(np.prod(s)) for s in shapes)
     holder = {"carry": (params, tx.init(params))}
 
@@ -172,7 +200,7 @@ def _compiled_update(tx, shapes, grads, key) -> dict:
     for _ in range(2):  # warm-up
         run_once()
     return {"run_once": run_once, "params": sum(int(np.prod(s)) for s in shapes),
-            "temp_bytes_per_param_of_largest": (memory.temp_size_in_bytes / largest) if memory else None}
+            "temp_bytes_per_param_of_largest": (memory["temp"] / largest) if memory else None}
 
 
 def time_updates(shapes, repeats: int, theta) -> dict[str, dict]:

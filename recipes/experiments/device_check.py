@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
 import re
 import time
 import traceback
@@ -44,6 +45,8 @@ TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer shar
 NUMERICS_TOLERANCE = 1e-3  # largest |loss difference| over the steps compared, fp32 with full-precision matmuls
 MEMORY_HEADROOM = 0.92  # a micro-batch fits when XLA's estimate is under this share of device memory
 TARGET_CONFIG_FILE = "gpu_target_config.txtpb"  # beside device_check.json, on a GPU
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,7 @@ def _config(name: str, overrides, micro_batch: int):
     return config_lib.load_config(name, args)
 
 
-def largest_fitting(configs: Callable[[int], list], micro_batches, log,
+def largest_fitting(configs: Callable[[int], list], micro_batches,
                     estimate: bool = True) -> tuple[int, int, TrainingSetup | None]:
     """The largest micro-batch whose every config's compiled train step fits device memory, and
     XLA's estimate of its bytes. Without memory statistics (CPUs) the first candidate is taken,
@@ -115,19 +118,19 @@ def largest_fitting(configs: Callable[[int], list], micro_batches, log,
         # Compiling is the slow part: judge by the config whose optimizer state is largest.
         setups = [TrainingSetup(config) for config in configs(micro)]
         largest = max(setups, key=lambda t: bytes_per_device(t.program.state_abstract))
-        b = largest.compiled_bytes()
-        worst = b.get("argument", 0) + b.get("output", 0) + b.get("temp", 0) - b.get("alias", 0)
+        # The allocator's share (the generated code is not in peak_bytes_in_use); 0 without an analysis.
+        worst = largest.compiled_bytes().get("buffers", 0)
         if limit is None or worst <= MEMORY_HEADROOM * limit:
-            log(f"  micro-batch {micro}: XLA estimates {worst / 2**30:.2f} GiB for {largest.config.optimizer.name}"
-                + ("" if limit is None else f" of {limit / 2**30:.1f} GiB"))
+            logger.info(f"  micro-batch {micro}: XLA estimates {worst / 2**30:.2f} GiB for "
+                        f"{largest.config.optimizer.name}" + ("" if limit is None else f" of {limit / 2**30:.1f} GiB"))
             return micro, worst, largest
-        log(f"  micro-batch {micro} does not fit ({worst / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB)")
+        logger.info(f"  micro-batch {micro} does not fit ({worst / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB)")
     raise RuntimeError(f"none of the micro-batches {micro_batches} fits device memory")
 
 
-def check_memory(sizes: Sizes, log) -> dict:
+def check_memory(sizes: Sizes) -> dict:
     micro, estimate, setup = largest_fitting(lambda m: [_config("gpt3xl_celo2", sizes.memory_overrides, m)],
-                                              sizes.memory_micro_batches, log)
+                                              sizes.memory_micro_batches)
     config = setup.config
     report = dry_run_report(config, setup.program.routing, setup.program.state_abstract, setup.mesh)
     state = setup.init()
@@ -148,10 +151,10 @@ def check_memory(sizes: Sizes, log) -> dict:
             "peak_over_xla_estimate": None if peak is None else peak / estimate}
 
 
-def check_training(sizes: Sizes, log) -> dict:
+def check_training(sizes: Sizes) -> dict:
     names = ("adamw", "muon", "celo2")
     micro, _, _ = largest_fitting(lambda m: [_config(f"gpt2_small_{n}", sizes.train_overrides, m) for n in names],
-                                  sizes.train_micro_batches, log, estimate=False)
+                                  sizes.train_micro_batches, estimate=False)
     rows, fwd_bwd = {}, None
     for name in names:
         config = _config(f"gpt2_small_{name}", sizes.train_overrides, micro)
@@ -165,9 +168,9 @@ def check_training(sizes: Sizes, log) -> dict:
         timed["compute_dtype"] = config.model.compute_dtype
         timed["projection"] = projected_step(setup, s["step"])
         rows[name] = timed
-        log(f"  {name}: {timed['tokens_per_s']:,.0f} tokens/s"
-            + (f", MFU {timed['mfu']:.1%}" if timed["mfu"] is not None else "")
-            + f", fwd+bwd {s['fwd_bwd'] * 1e3:.1f} ms, optimizer {s['optimizer'] * 1e3:.1f} ms")
+        logger.info(f"  {name}: {timed['tokens_per_s']:,.0f} tokens/s"
+                    + (f", MFU {timed['mfu']:.1%}" if timed["mfu"] is not None else "")
+                    + f", fwd+bwd {s['fwd_bwd'] * 1e3:.1f} ms, optimizer {s['optimizer'] * 1e3:.1f} ms")
         gc.collect()
     return {"micro_batch": micro, "seq_len": config.seq_len, "optimizers": rows,
             "celo2/muon_step": rows["celo2"]["seconds"]["step"] / rows["muon"]["seconds"]["step"]}
@@ -191,18 +194,18 @@ def projected_step(setup: TrainingSetup, measured_s: float) -> dict | None:
             "heaviest": report["heaviest"][:8]}
 
 
-def check_updates(sizes: Sizes, log) -> dict:
+def check_updates(sizes: Sizes) -> dict:
     theta = theta_from_source(THETA)
     out = {}
     for label, shapes in sizes.update_workloads.items():
         out[label] = time_updates(shapes, sizes.repeats, theta)
         out[label]["params"] = int(sum(np.prod(s) for s in shapes))
-        log(f"  {label}: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in out[label]["results"].items()))
+        logger.info(f"  {label}: " + ", ".join(f"{k} {v['ms']:.2f} ms" for k, v in out[label]["results"].items()))
         gc.collect()
     return out
 
 
-def check_numerics(sizes: Sizes, log) -> dict:
+def check_numerics(sizes: Sizes) -> dict:
     overrides = [*sizes.numerics_overrides, "--model.compute_dtype=float32", f"--optimizer.theta={THETA}",
                  "--mesh.devices=1"]
     config = config_lib.load_config("shakespeare_celo2", overrides)
@@ -223,7 +226,9 @@ def target_description(devices=None) -> tuple[str, str | None]:
     """The platform of ``devices`` (default: all) and, on a GPU, its target description: XLA's
     GpuTargetConfigProto in text format, which the GPU runtime lists among its topology's attributes
     as ``target_config``. None elsewhere (a CPU's or TPU's topology has no such attribute)."""
-    from jax._src.lib import xla_client  # get_topology_for_devices is not public API (jax 0.10, 0.11)
+    # Not public API (jax 0.10.2): jax.experimental.topologies hands out only a topology's devices,
+    # and neither jax.extend.backend's client nor a Device gives the topology itself.
+    from jax._src.lib import xla_client
 
     devices = list(devices or jax.devices())
     topology = xla_client.get_topology_for_devices(devices)
@@ -243,17 +248,17 @@ def runtime_target_description() -> tuple[str, str | None]:
     return platform, text.decode() if isinstance(text, bytes) else text
 
 
-def save_target_description(out_dir: Path, log, describe=None) -> dict:
+def save_target_description(out_dir: Path, describe=None) -> dict:
     """Writes the GPU's target description to OUT/gpu_target_config.txtpb; what the report records of it."""
     began = time.perf_counter()
     try:
         platform, text = (describe or target_description)()
     except Exception as error:  # recorded like a failed section; the sections still run
-        log(f"  failed: {type(error).__name__}: {error}")
+        logger.info(f"  failed: {type(error).__name__}: {error}")
         return {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}",
                 "wall_s": round(time.perf_counter() - began, 1)}
     if text is None:
-        log(f"  skipped: the {platform} backend has no GPU target description")
+        logger.info(f"  skipped: the {platform} backend has no GPU target description")
         return {"skipped": f"{platform} backend"}
     (out_dir / TARGET_CONFIG_FILE).write_text(text)
     found = re.search(r'device_description_str:\s*"([^"]*)"', text)
@@ -264,8 +269,8 @@ def save_target_description(out_dir: Path, log, describe=None) -> dict:
               "device_description": found.group(1) if found else None,
               "compute_capability": f"{capability.group(1)}.{capability.group(2) or 0}" if capability else None,
               "wall_s": round(time.perf_counter() - began, 1)}
-    log(f"  saved {TARGET_CONFIG_FILE} ({result['bytes']:,} bytes, {result['device_description']}, "
-        f"compute capability {result['compute_capability']})")
+    logger.info(f"  saved {TARGET_CONFIG_FILE} ({result['bytes']:,} bytes, {result['device_description']}, "
+                f"compute capability {result['compute_capability']})")
     return result
 
 
@@ -289,25 +294,25 @@ SECTIONS = {"memory": check_memory, "training": check_training, "updates": check
             "numerics": check_numerics}
 
 
-def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
+def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS)) -> dict:
     """Runs the sections in order, rewriting device_check.json and .md after each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     report = {"device": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
               "jax": jax.__version__, "mode": "tiny" if tiny else "full", "theta": THETA, "sections": {}}
-    log("[target description]")  # first, and written at once: cheap, and kept whatever happens later
-    report["gpu_target_config"] = save_target_description(out_dir, log)
+    logger.info("[target description]")  # first, and written at once: cheap, and kept whatever happens later
+    report["gpu_target_config"] = save_target_description(out_dir)
     write(out_dir, report)
     for name in sections:
-        log(f"[{name}]")
+        logger.info(f"[{name}]")
         began = time.perf_counter()
         try:
-            result = SECTIONS[name](TINY if tiny else FULL, log)
+            result = SECTIONS[name](TINY if tiny else FULL)
             result["wall_s"] = round(time.perf_counter() - began, 1)
         except Exception as error:  # a failed section is recorded; the others still run
             result = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}",
                       "traceback": traceback.format_exc(limit=8), "wall_s": round(time.perf_counter() - began, 1)}
-            log(f"  failed: {result['error']}")
+            logger.info(f"  failed: {result['error']}")
         report["sections"][name] = result
         jax.clear_caches()
         gc.collect()
@@ -315,21 +320,21 @@ def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS), log=print) -> dict:
     # Last, so that nothing measured is lost if these fail.
     target = report["gpu_target_config"]
     if "error" in target:
-        log("[target description, second way]")
-        retry = save_target_description(out_dir, log, runtime_target_description)
+        logger.info("[target description, second way]")
+        retry = save_target_description(out_dir, runtime_target_description)
         target = {**retry, "first_try_error": target["error"]} if "file" in retry else \
             {**target, "second_try_error": retry.get("error")}
         report["gpu_target_config"] = target
         write(out_dir, report)
     if "file" in target:
-        log("[target description read back]")
+        logger.info("[target description read back]")
         try:
             target["compile_check"] = compile_for_target((out_dir / TARGET_CONFIG_FILE).read_text(),
                                                          target["platform"])
-            log(f"  compiled for {target['compile_check']['device_kind']} from {TARGET_CONFIG_FILE}")
+            logger.info(f"  compiled for {target['compile_check']['device_kind']} from {TARGET_CONFIG_FILE}")
         except Exception as error:
             target["compile_check"] = {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"}
-            log(f"  failed: {target['compile_check']['error']}")
+            logger.info(f"  failed: {target['compile_check']['error']}")
         write(out_dir, report)
     return report
 

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -58,6 +59,8 @@ from recipes.experiments.sweep_tables import OPTIMIZER, in_grid, markdown
 REPO = Path(__file__).resolve().parents[2]
 SWEEP_DIR_NAME = REPO / "configs" / "sweeps"
 POINT_FILE = "point.json"
+
+logger = logging.getLogger(__name__)
 RESULT_COLUMNS = ("point", "final_val_loss", "best_val_loss", "initial_val_loss", "tokens", "steps",
                   "wall_time_s", "target_val_loss", "target_step", "target_tokens", "target_wall_time_s", "diverged",
                   "status", "in_grid")
@@ -138,13 +141,8 @@ def load_sweep_yaml(path: str | Path) -> dict:
     return data
 
 
-def _note(line: str) -> None:
-    print(line, file=sys.stderr)  # stdout may be --print-commands' commands
-
-
 def make_spec(*, config: str | None, grids: list[str], sets: list[str], out: str | None,
-              workers: int | None, sweep_file: str | None = None,
-              log: Callable[[str], None] = _note) -> SweepSpec:
+              workers: int | None, sweep_file: str | None = None) -> SweepSpec:
     """Command-line flags over an optional sweep file (flags win), every point checked by the
     config's own types (check_points). A key given twice in --grid is refused: its values are
     given once, as key=a,b,c."""
@@ -182,10 +180,10 @@ def make_spec(*, config: str | None, grids: list[str], sets: list[str], out: str
             _ = point_name({key: value})  # refuse values that cannot name a directory early
     # Absolute: the train.py children run in the repository, wherever the sweep was started.
     spec = SweepSpec(config=str(config), grid=grid, overrides=overrides, out=Path(out).absolute(), workers=workers)
-    return check_points(spec, log)
+    return check_points(spec)
 
 
-def check_points(spec: SweepSpec, log: Callable[[str], None] = _note) -> SweepSpec:
+def check_points(spec: SweepSpec) -> SweepSpec:
     """``spec`` with every point's config loaded as train.py will load it (no JAX work), so a
     value the config refuses stops the sweep before anything trains; values of a key that give
     the same settings as an earlier value of it, at every point (1e-3 and 0.001), are dropped."""
@@ -209,7 +207,7 @@ def check_points(spec: SweepSpec, log: Callable[[str], None] = _note) -> SweepSp
             if kept is None:
                 grid[key].append(value)
             else:
-                log(f"note: --grid {key}: {value} " + ("is given twice" if value == kept else f"is the same "
+                logger.info(f"note: --grid {key}: {value} " + ("is given twice" if value == kept else f"is the same "
                     f"setting as {kept}") + f"; trained once, as {point_name({key: kept})}")
     spec = dataclasses.replace(spec, grid=grid)
     names = [point_name(p) for p in spec.points()]
@@ -476,24 +474,29 @@ def subprocess_runner(python: str = sys.executable, stop: SweepStop | None = Non
 
 
 def _holder(run_dir: Path) -> str | None:
-    """Who is training in run_dir now ("pid N", from its RunDirLock), or None."""
-    if not (run_dir / ".lock").is_file():
+    """Who is training in run_dir now ("pid N", from its RunDirLock), or None. Probed silently: a lock
+    file left by a process that died is taken and released as RunDirLock would, without its note."""
+    import fcntl
+
+    path = RunDirLock(run_dir).path
+    if not path.is_file():
         return None
-    probe = RunDirLock(run_dir)
-    try:
-        probe.acquire(log=lambda *_: None)
-    except RuntimeError:
-        return _read_text(probe.path) or "another process"
-    probe.release()
-    return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        handle.truncate(0)  # as RunDirLock.release: a clean end leaves no holder named
+    return None  # closing released the lock
 
 
-def _wait_for_holder(run_dir: Path, stop, log: Callable[[str], None], poll_s: float = 1.0) -> None:
+def _wait_for_holder(run_dir: Path, stop, poll_s: float = 1.0) -> None:
     """A run directory still locked by a live trainer (the child of a sweep that was killed, or a
     train.py started by hand) is waited for, not failed: the point is resumed when it ends."""
     holder = _holder(run_dir)
     if holder:
-        log(f"wait   {run_dir.name}: {holder} is still training it; resuming the point when it ends")
+        logger.info(f"wait   {run_dir.name}: {holder} is still training it; resuming the point when it ends")
     while holder and not stop:
         time.sleep(poll_s)
         holder = _holder(run_dir)
@@ -504,22 +507,21 @@ def _done(run_dir: Path) -> str | None:
     return status if status in ("finished", "diverged", RECORDS_MISSING) else None
 
 
-def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Callable[[str], None] = print,
-              stop: SweepStop | None = None) -> dict:
+def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, stop: SweepStop | None = None) -> dict:
     run_dir = spec.out / point_name(point)
     if not stop:
-        _wait_for_holder(run_dir, stop, log)
+        _wait_for_holder(run_dir, stop)
     done = _done(run_dir)
     if done == RECORDS_MISSING:
-        log(f"skip   {run_dir.name} ({done}: its summary.json says finished but its metrics.jsonl holds no "
-            f"trained step; delete {run_dir} and rerun to train it again)")
+        logger.info(f"skip   {run_dir.name} ({done}: its summary.json says finished but its metrics.jsonl holds no "
+                    f"trained step; delete {run_dir} and rerun to train it again)")
     elif done:
-        log(f"skip   {run_dir.name} ({done})")
+        logger.info(f"skip   {run_dir.name} ({done})")
     if done or stop:  # stopped before this point began: it stays as it was
         return summarize(run_dir, point)
     record = _read_point(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log(f"{'resume' if record or (run_dir / 'checkpoints').is_dir() else 'start '} {run_dir.name}")
+    logger.info(f"{'resume' if record or (run_dir / 'checkpoints').is_dir() else 'start '} {run_dir.name}")
     start = time.perf_counter()
     code = runner(train_argv(spec, point), run_dir / "train.log")
     record = {"point": point, "status": _status_of(run_dir, code, stopped=bool(stop)), "exit_code": code,
@@ -527,7 +529,7 @@ def run_point(spec: SweepSpec, point: dict[str, str], runner: Runner, log: Calla
               "wall_time_s": record.get("wall_time_s", 0.0) + time.perf_counter() - start}
     _write_point(run_dir, record)
     row = summarize(run_dir, point)
-    log(f"{row['status']:<8} {run_dir.name} ({record['wall_time_s']:.0f} s)")
+    logger.info(f"{row['status']:<8} {run_dir.name} ({record['wall_time_s']:.0f} s)")
     return row
 
 
@@ -547,12 +549,12 @@ def _status_of(run_dir: Path, code: int, stopped: bool) -> str:
     return "failed"
 
 
-def lock_sweep_dir(out: Path, log: Callable[[str], None] = print) -> RunDirLock:
+def lock_sweep_dir(out: Path) -> RunDirLock:
     """One sweep at a time per sweep directory; a second is refused before it changes anything
     (the lock file of the holder is only opened, and reading it tells who holds it)."""
     lock = RunDirLock(out)
     try:
-        lock.acquire(log=log)
+        lock.acquire()
     except RuntimeError:
         raise SweepError(f"{out} is in use by {_read_text(lock.path) or 'another process'} (another sweep, or a "
                          "trainer): nothing was changed in it; "
@@ -564,13 +566,12 @@ def _read_text(path: Path) -> str:
     return path.read_text().strip() if path.is_file() else ""
 
 
-def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str], None] = print,
-              stop: SweepStop | None = None) -> list[dict]:
+def run_sweep(spec: SweepSpec, runner: Runner | None = None, stop: SweepStop | None = None) -> list[dict]:
     """Runs every point (skipping finished ones), then writes results.csv and results.json. A
     SIGTERM or SIGINT stops it (see SweepStop; ``stop`` tells the caller which came)."""
     stop = stop if stop is not None else SweepStop()
     runner = runner or subprocess_runner(stop=stop)
-    lock = lock_sweep_dir(spec.out, log)  # creates spec.out
+    lock = lock_sweep_dir(spec.out)  # creates spec.out
     try:
         saved = _read_json(spec.out / "sweep.json")
         if saved and (saved["config"], saved["set"]) != (spec.config, spec.overrides):
@@ -582,21 +583,21 @@ def run_sweep(spec: SweepSpec, runner: Runner | None = None, log: Callable[[str]
         write_json(spec.out / "sweep.json", {"config": spec.config, "grid": spec.grid, "set": spec.overrides,
                                              "earlier_grids": list(spec.earlier_grids)}, sort_keys=False)
         points = spec.points()
-        log(f"sweep of {len(points)} points into {spec.out} ({spec.workers} at a time)")
+        logger.info(f"sweep of {len(points)} points into {spec.out} ({spec.workers} at a time)")
         outside = spec.outside_points()
         if outside:
-            log(f"{len(outside)} earlier point(s) outside this grid keep their rows (in_grid False): "
-                + ", ".join(point_name(p) for p in outside))
+            logger.info(f"{len(outside)} earlier point(s) outside this grid keep their rows (in_grid False): "
+                        + ", ".join(point_name(p) for p in outside))
         with stop:
             try:
                 with ThreadPoolExecutor(max_workers=spec.workers) as pool:
-                    rows = list(pool.map(lambda p: run_point(spec, p, runner, log, stop), points))
+                    rows = list(pool.map(lambda p: run_point(spec, p, runner, stop), points))
                 rows += [summarize(spec.out / point_name(p), p, in_grid=False) for p in outside]
             except KeyboardInterrupt:  # a second Ctrl-C: the children were interrupted as well
                 rows = collect(spec)
         if stop:
-            log(f"{stop.signal_name} received: the running points were stopped with a checkpoint; "
-                "rerun the same command to resume them")
+            logger.info(f"{stop.signal_name} received: the running points were stopped with a checkpoint; "
+                        "rerun the same command to resume them")
         write_results(spec, rows)
     finally:
         lock.release()

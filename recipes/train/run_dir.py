@@ -40,10 +40,9 @@ class RunDirLock:
         self.setting = setting  # the setting that names the directory, for the refusal
         self._file = None
 
-    def acquire(self, log=None) -> None:
+    def acquire(self) -> None:
         """Takes the lock, or raises RuntimeError naming the live process that holds it. A lock
-        file left by a process that died is taken over with a note (to this module's logger;
-        ``log``, a callable, is deprecated: it receives the note instead)."""
+        file left by a process that died is taken over with a note (to this module's logger)."""
         import fcntl
         import os
 
@@ -60,8 +59,8 @@ class RunDirLock:
         handle.seek(0)
         left = handle.read().strip()
         if left and left != f"pid {os.getpid()}":
-            (log or logger.info)(f"note: {self.path} was left by {left}, which ended without releasing it; "
-                                 "taking it over")
+            logger.info(f"note: {self.path} was left by {left}, which ended without releasing it; "
+                        "taking it over")
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")

@@ -41,11 +41,9 @@ class TrainData:
     eval_batches: int
 
     @classmethod
-    def open(cls, config, program, log=None) -> TrainData:
-        """``log``, a callable, is deprecated: it receives the notes instead of this module's logger."""
+    def open(cls, config, program) -> TrainData:
         from data.loader import TokenLoader, data_directory
 
-        log = log or logger.info
         eval_batch = config.eval.batch_size or program.micro_batch
         mesh_lib.check_batch(eval_batch, eval_batch, program.mesh, what="eval.batch_size")
         loader = TokenLoader.open(data_directory(config.data.path), seq_len=config.seq_len,
@@ -54,10 +52,11 @@ class TrainData:
                                   val_global_batch=eval_batch, vocab_size=config.model.vocab_size)
         eval_batches = min(config.eval.batches, loader.num_val_batches)
         if eval_batches == 0:
-            log(f"note: the val split holds no full batch of {eval_batch} x {config.seq_len + 1} tokens, so this "
-                "run reports no validation loss; lower eval.batch_size or data.seq_len, or prepare more val data")
+            logger.info(f"note: the val split holds no full batch of {eval_batch} x {config.seq_len + 1} tokens, "
+                        "so this run reports no validation loss; lower eval.batch_size or data.seq_len, or prepare "
+                        "more val data")
         elif eval_batches < config.eval.batches:
-            log(f"note: the val split holds {eval_batches} batches of {eval_batch}; evaluating on those")
+            logger.info(f"note: the val split holds {eval_batches} batches of {eval_batch}; evaluating on those")
         return cls(loader, eval_batches)
 
 

@@ -40,7 +40,7 @@ def test_target_description_is_saved_first_and_named_in_the_report(tmp_path, mon
 
     platform, text = device_check.target_description()
     assert platform == "cpu" and text is None
-    skipped = device_check.run(tmp_path / "cpu", tiny=True, sections=(), log=lambda line: None)
+    skipped = device_check.run(tmp_path / "cpu", tiny=True, sections=())
     assert skipped["gpu_target_config"] == {"skipped": "cpu backend"}
     assert not (tmp_path / "cpu" / device_check.TARGET_CONFIG_FILE).exists()
 
@@ -52,12 +52,12 @@ def test_target_description_is_saved_first_and_named_in_the_report(tmp_path, mon
                         lambda text, platform: seen.setdefault("read_back", (text, platform)) and
                         {"devices": 1, "device_kind": "H200"})
 
-    def first_section(sizes, log):  # the file and the report naming it exist before any section runs
+    def first_section(sizes):  # the file and the report naming it exist before any section runs
         seen["at_first_section"] = json.loads((tmp_path / "gpu" / "device_check.json").read_text())
         return {}
 
     monkeypatch.setitem(device_check.SECTIONS, "first", first_section)
-    report = device_check.run(tmp_path / "gpu", tiny=True, sections=("first",), log=lambda line: None)
+    report = device_check.run(tmp_path / "gpu", tiny=True, sections=("first",))
     assert (tmp_path / "gpu" / "gpu_target_config.txtpb").read_text() == fake
     assert seen["read_back"] == (fake, "cuda")
     target = report["gpu_target_config"]
@@ -78,13 +78,13 @@ def test_target_description_has_a_second_way_after_the_sections(tmp_path, monkey
     monkeypatch.setattr(device_check, "target_description", missing)
     monkeypatch.setattr(device_check, "runtime_target_description", lambda: ("cuda", 'device_description_str: "X"\n'))
     monkeypatch.setattr(device_check, "compile_for_target", lambda text, platform: {"devices": 1, "device_kind": "X"})
-    report = device_check.run(tmp_path, tiny=True, sections=(), log=lambda line: None)
+    report = device_check.run(tmp_path, tiny=True, sections=())
     target = report["gpu_target_config"]
     assert target["file"] == "gpu_target_config.txtpb" and "error" not in target
     assert target["first_try_error"] == "AttributeError: Unknown attribute target_config"
     assert (tmp_path / "gpu_target_config.txtpb").read_text() == 'device_description_str: "X"\n'
 
     monkeypatch.setattr(device_check, "runtime_target_description", missing)
-    failed = device_check.run(tmp_path / "both", tiny=True, sections=(), log=lambda line: None)["gpu_target_config"]
+    failed = device_check.run(tmp_path / "both", tiny=True, sections=())["gpu_target_config"]
     assert failed["error"] == failed["second_try_error"] == "AttributeError: Unknown attribute target_config"
     assert "**GPU target description** failed" in (tmp_path / "both" / "device_check.md").read_text()

@@ -24,7 +24,7 @@ import train
 from recipes.experiments.sweeps import (SweepError, collect, commands, make_spec, parse_grid, point_name,
                                         wandb_sweep_yaml)
 from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors
-from tests.helpers import one_error_line, process_env, run_script
+from tests.helpers import logged_lines, one_error_line, process_env, run_script
 
 from scripts import plot_sweep, sweep
 
@@ -86,10 +86,10 @@ def test_bad_sweeps_are_refused(tmp_path, kwargs, message):
 
 
 def test_grid_values_are_deduplicated_by_the_configs_types(tmp_path):
-    notes = []
-    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1e-3,0.001,3e-3,3e-3",
-                                                            "optimizer.weight_decay=0,0.0"],
-                     sets=[], out=str(tmp_path), workers=None, log=notes.append)
+    with logged_lines() as notes:
+        spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1e-3,0.001,3e-3,3e-3",
+                                                                "optimizer.weight_decay=0,0.0"],
+                         sets=[], out=str(tmp_path), workers=None)
     assert spec.grid == {"optimizer.lr": ["1e-3", "3e-3"], "optimizer.weight_decay": ["0"]}
     assert len(commands(spec)) == 2
     assert notes == ["note: --grid optimizer.lr: 0.001 is the same setting as 1e-3; trained once, as lr=1e-3",
@@ -100,7 +100,7 @@ def test_grid_values_are_deduplicated_by_the_configs_types(tmp_path):
     # not in a 5000-step one.
     spec = make_spec(config="shakespeare_celo2.yaml", grids=["train.steps=100,5000",
                                                             "optimizer.schedule.warmup_steps=1000,2000"],
-                     sets=[], out=str(tmp_path), workers=None, log=notes.append)
+                     sets=[], out=str(tmp_path), workers=None)
     assert spec.grid["optimizer.schedule.warmup_steps"] == ["1000", "2000"]
 
 
