@@ -23,6 +23,7 @@ def test_reference_gpt_has_the_trainers_architecture_and_starts_near_uniform():
         2 * 2 * 16 + 16 * 48 + 48 + 16 * 16 + 16 + 16 * 64 + 64 + 64 * 16 + 16)
 
 
+@pytest.mark.slow
 def test_bench_anchor_reports_tokens_per_second_and_ratios(tmp_path):
     report = main(["--steps", "1", "--rounds", "1", "--layers", "1", "--heads", "2", "--d-model", "16",
                    "--context", "8", "--batch", "8", "--no-compile", "--json", str(tmp_path / "anchor.json")])

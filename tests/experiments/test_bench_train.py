@@ -1,7 +1,10 @@
 """scripts/bench_train.py reports tokens/s and the step-time breakdown."""
+import pytest
+
 from tests.helpers import TINY, script
 
 
+@pytest.mark.slow
 def test_bench_train_reports_breakdown(capsys):
     report = script("bench_train").main([*TINY, "--steps", "1", "--synthetic"])
     assert set(report["seconds"]) == {"data", "fwd_bwd", "optimizer", "step"}

@@ -1,9 +1,12 @@
 """scripts/device_check.py on small CPU shapes: every figure the accelerator run records is there."""
 import json
 
+import pytest
+
 from tests.helpers import script
 
 
+@pytest.mark.slow
 def test_device_check_names_every_figure(tmp_path, capsys):
     out = tmp_path / "check"
     report = script("device_check").main(["--tiny", "--out", str(out), "--compilation-cache", ""])

@@ -128,6 +128,7 @@ def in_process_runner(calls):
     return run
 
 
+@pytest.mark.slow
 def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path, capsys):
     out = tmp_path / "sweep"
     # The optimizer is fixed with --set, not gridded: the table still names it.

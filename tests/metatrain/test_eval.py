@@ -3,6 +3,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from recipes.optim.theta import normalized_momentum_theta
 from recipes.metatrain.config import FamilyConfig
@@ -12,6 +13,7 @@ from recipes.metatrain.tasks.lm import TinyLM
 from tests.helpers import logged_lines
 
 
+@pytest.mark.slow
 def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     settings = EvalSettings(steps=2, seeds=2, val_windows=8)
@@ -31,6 +33,7 @@ def test_evaluate_tabulates_best_lr_and_resumes_from_its_results_file(tmp_path):
     assert len(json.loads(results.read_text())) == 2
 
 
+@pytest.mark.slow
 def test_best_point_searches_the_side_multiplier_and_flags_grid_edges():
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     settings = EvalSettings(steps=4, seeds=1, val_windows=8)
@@ -66,6 +69,7 @@ def test_eval_script_default_task_on_a_prepared_corpus(tmp_path):
     assert "| celo2 (normalized_momentum) | 0.001 (0.001) | 1 (1) |" in run.stdout
 
 
+@pytest.mark.slow
 def test_screened_search_extends_an_edge_and_retrains_the_best_point_with_every_seed(tmp_path):
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     settings = EvalSettings(steps=3, seeds=2, val_windows=8)

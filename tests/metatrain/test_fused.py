@@ -42,6 +42,7 @@ def test_families_group_by_shape(tmp_path):
     assert [names for names, _ in trainer.fused([0, 1, 2])] == [[0, 1], [2]]
 
 
+@pytest.mark.slow
 def test_fused_truncation_equals_each_family_alone(tmp_path):
     one_layer = [{**family, "hidden": []} for family in FAMILIES[:2]]  # compiles fastest
     trainer = MetaTrainer(_config(tmp_path, one_layer))
@@ -69,6 +70,7 @@ def test_each_particle_draws_from_its_own_family_window(tmp_path):
     assert axes["x"] is None and axes["lo"] == 0
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_before_fusion_still_resumes(tmp_path):
     """tests/fixtures/metatrain_checkpoint_v1 was written by the per-family loop (two outer steps)."""
     out = tmp_path / "run"

@@ -62,6 +62,7 @@ def test_a_checkpoint_written_before_the_option_still_matches(trainer):
         ckpt._check_settings(saved, trainer.config, trainer.out_dir)
 
 
+@pytest.mark.slow
 def test_fused_lm_population_equals_each_family_alone(trainer):
     theta = resolve_theta("normalized_momentum")
     state = trainer.fresh_state(theta)
@@ -89,6 +90,7 @@ def _run(trainer, out_dir, steps):
     return trainer.retarget(out_dir=str(out_dir), outer_steps=steps).run()
 
 
+@pytest.mark.slow
 def test_resume_of_a_fused_lm_run_is_exact(trainer, tmp_path):
     uninterrupted = [np.asarray(x) for x in jax.tree.leaves(_run(trainer, tmp_path / "full", 3))]
     _run(trainer, tmp_path / "split", 1)

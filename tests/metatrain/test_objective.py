@@ -19,6 +19,7 @@ SETTINGS = {"pes": {"particles": 2, "truncation": 3, "min_length": 10, "max_leng
             "families": [{"kind": "image_mlp", "hidden": [8], "batch": 8}]}
 
 
+@pytest.mark.slow
 def test_final_unseen_loss_scores_the_final_parameters_on_batches_no_step_used():
     config = MetaTrainConfig.from_dict(SETTINGS)
     task = build_task(config.families[0])

@@ -35,6 +35,7 @@ def test_missing_snapshots_name_the_fix(tmp_path):
         snapshots(tmp_path)
 
 
+@pytest.mark.slow
 def test_ship_copies_the_best_scoring_snapshot(run_dir, tmp_path):
     task = TinyLM(FamilyConfig(kind="lm", n_layer=1, n_head=1, d_model=8, context_length=8, batch=4, vocab=64))
     paths = snapshots(run_dir)
@@ -63,6 +64,7 @@ def test_ship_refuses_when_every_snapshot_diverged(run_dir, tmp_path):
         ship(run_dir, "tiny", rows, snapshots(run_dir), "a test", weights_dir=tmp_path / "weights")
 
 
+@pytest.mark.slow
 def test_progress_scores_new_snapshots_only_and_draws_the_curve(run_dir, tmp_path):
     from recipes.metatrain.progress import plot, update_scores
 

@@ -211,6 +211,7 @@ def test_temporary_memory_is_at_most_16_bytes_per_parameter(random_theta, orthog
     assert per_parameter <= 16.0, per_parameter
 
 
+@pytest.mark.slow
 def test_sharded_parameters_give_the_same_updates_without_gathering_features(random_theta):
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     params = {

@@ -1,6 +1,7 @@
 """The one build path: what it resolves for the devices a program targets."""
 import jax
 import numpy as np
+import pytest
 
 from model import make_mesh
 from model.config import ModelConfig
@@ -18,6 +19,7 @@ def test_attention_is_chosen_for_the_target_platform_not_the_host():
     assert for_platform(pinned, "gpu") is pinned
 
 
+@pytest.mark.slow
 def test_the_compiled_program_trains_like_the_jitted_one():
     """compile() is what the compile check measures: it must be the step train.py runs."""
     config = config_lib.load_config("shakespeare_celo2", ["--model.size=tiny", "--model.vocab_size=512",

@@ -6,6 +6,7 @@ covers other CPUs' summation orders, not a change of arithmetic (those move the 
 """
 import jax
 import numpy as np
+import pytest
 
 from recipes.experiments.benchmarks import training_losses
 from recipes.train import config as config_lib
@@ -33,6 +34,7 @@ def test_the_first_step_of_a_tiny_model():
     np.testing.assert_allclose(losses(TINY, 2), TINY_LOSSES, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_the_first_steps_of_the_default_recipe():
     np.testing.assert_allclose(losses(DEFAULT_RECIPE, 4), DEFAULT_RECIPE_LOSSES, atol=TOLERANCE)
 

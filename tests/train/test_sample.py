@@ -15,6 +15,7 @@ def trained_run(tiny_run):
     return tiny_run
 
 
+@pytest.mark.slow
 def test_greedy_sample_matches_exported_hf_model(trained_run, tmp_path, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -47,6 +48,7 @@ def test_sampling_is_seeded_and_bad_input_refused(trained_run, capsys):
         sample.main(["--checkpoint", str(trained_run.parent / "missing")])
 
 
+@pytest.mark.slow
 def test_generation_past_the_context_equals_recomputing_every_window(trained_run):
     """The cache serves the tokens that fit; past the context each token comes from the last window."""
     import jax

@@ -6,11 +6,13 @@ on the loss over 4 steps (observed: about 3e-7).
 """
 import jax
 import numpy as np
+import pytest
 
 import train
 from tests.helpers import SHARDED_RTOL, TINY, train_losses
 
 
+@pytest.mark.slow
 def test_data_fsdp_sharding_matches_one_device(tmp_path):
     assert jax.device_count() == 8
     common = [*TINY, "--train.steps=4", "--data.global_batch=16", "--data.micro_batch=8", "--eval.at_start=false"]

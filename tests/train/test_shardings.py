@@ -81,6 +81,7 @@ def test_dry_run_bytes_per_device_shrink_with_the_mesh(recipe):
         assert bytes_per_device(prog.state_abstract["params"]) <= params_whole / 8 * 1.01
 
 
+@pytest.mark.slow
 def test_moments_keep_their_parameters_sharding_through_real_steps():
     prog = program("shakespeare_celo2", [*TINY, "--optimizer.name=celo2", "--optimizer.theta=celo2_lm"],
                    (1, 4, 2), shapes_only=False)
@@ -98,6 +99,7 @@ def test_moments_keep_their_parameters_sharding_through_real_steps():
     assert sum(not g.is_fully_replicated for g in got) > len(got) // 2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_replicated_optimizer_state_restores_onto_the_sharded_layout(tmp_path):
     """Checkpoints written when the optimizer state was replicated on every device still resume."""
     prog = program("shakespeare_celo2", [*TINY, "--optimizer.name=celo2", "--optimizer.theta=celo2_lm"],

@@ -41,6 +41,7 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path, monkeypatch):
     assert len(wandb_runs) == 1 and any(wandb_runs[0].rglob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """6 steps straight == resuming the same run from its step-3 checkpoint: bitwise, with
     Celo2 (the default recipe's optimizer and shipped theta) and gradient accumulation."""
@@ -63,6 +64,7 @@ def test_resume_is_exact(tmp_path):
     assert resumed_losses == straight_losses and len(resumed_losses) == 6  # steps 4-6 replayed exactly, once
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     from recipes.train import build
 
@@ -83,6 +85,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     assert summary["stopped_by"] == "nonfinite" and summary["trusted_step"] == 2 and not summary["finished"]
 
 
+@pytest.mark.slow
 def test_a_diverging_run_never_checkpoints_its_poisoned_state_and_resumes_from_a_trusted_one(tmp_path):
     """A huge lr: a finite loss spike poisons the parameters, NaNs follow; no checkpoint after the
     spike is written, so the good ones are never rotated out, and a saner rerun resumes from one."""
@@ -206,6 +209,7 @@ def test_bad_config_is_refused_before_training(tmp_path):
         run(tmp_path, "--mesh.devices=8", "--data.global_batch=12")
 
 
+@pytest.mark.slow
 def test_run_ends_with_a_readable_summary_and_a_sample(tmp_path, capsys):
     run(tmp_path, "--train.steps=3", "--sample.max_new_tokens=5", "--sample.prompt=**ROMEO**\n")
     out = capsys.readouterr().out
@@ -234,6 +238,7 @@ def test_without_config_the_default_recipe_trains(tmp_path):
         recipe_setting("shakespeare_celo2", "data", "seq_len")  # the report is the recipe's, not some default
 
 
+@pytest.mark.slow
 def test_replayed_steps_are_logged_once_and_a_finished_run_keeps_its_summary(tmp_path, capsys):
     import shutil
 
@@ -252,6 +257,7 @@ def test_replayed_steps_are_logged_once_and_a_finished_run_keeps_its_summary(tmp
     assert (run_dir / "summary.json").read_text() == before and again["val_loss"] is not None
 
 
+@pytest.mark.slow
 def test_an_update_that_blows_up_the_parameters_is_not_checkpointed(tmp_path, monkeypatch):
     """The loss of step s is measured before update s; a checkpoint of step s is judged by the
     updated parameters' own loss, so a finite blow-up in the very last update is caught too."""
@@ -264,6 +270,7 @@ def test_an_update_that_blows_up_the_parameters_is_not_checkpointed(tmp_path, mo
     assert final_params(tmp_path / "b")[0] == 4  # step 5's blown-up state was not saved
 
 
+@pytest.mark.slow
 def test_a_rerun_with_another_layout_is_refused_before_the_run_directory_changes(tmp_path, capsys):
     run(tmp_path, "--train.steps=2", name="r")
     run_dir = tmp_path / "r"
@@ -284,6 +291,7 @@ def _garble_metadata(step_dir: Path) -> None:
 
 
 # Truncated and deleted arrays are met by real processes in test_train_faults.py.
+@pytest.mark.slow
 def test_resume_falls_back_past_a_damaged_checkpoint_and_keeps_it_aside(tmp_path, capsys):
     args = ("--train.steps=4", "--train.checkpoint_every=2", "--train.keep_checkpoints=3")
     run(tmp_path, *args, "--train.stop_at_step=4", name="f")
@@ -329,6 +337,7 @@ def test_a_second_trainer_into_the_same_run_directory_is_refused(tmp_path):
     assert run(tmp_path, "--train.steps=3", name="l")["step"] == 3  # and its own lock was released too
 
 
+@pytest.mark.slow
 def test_steps_to_target_are_recorded_and_stop_the_run_when_asked(tmp_path):
     """The first evaluation at or below train.target_val_loss is recorded; stop_at_target ends there,
     and a rerun finds the target already reached."""
