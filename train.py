@@ -21,6 +21,7 @@ import jax
 
 from recipes import messages
 from recipes.train import config as config_lib
+from recipes.train import cluster
 from recipes.train import mesh as mesh_lib
 from recipes.train.build import build_program
 from recipes.train.cli import add_config_help
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     notes = []
     config = config_lib.load_config(args.config, overrides, notes)
-    mesh_lib.init_distributed(config.mesh)  # before anything asks JAX which process this is
+    cluster.start(config.mesh)  # before anything asks JAX which process this is
     messages.setup(process_index=jax.process_index())  # process 0 prints the messages
     for note in notes:
         logger.info(note)

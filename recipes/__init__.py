@@ -5,7 +5,6 @@
     config_parsing.py  YAML files with base:, --section.key=value overrides merged by OmegaConf into
                   the config classes (model.config_base: pydantic dataclasses whose refusals it words),
                   and the config keys listed for --help
-    files.py      atomic file writes, checkpoint-directory rotation, moving damaged ones aside (data.files)
     platforms.py  the CPU alone where no accelerator is present, so installed plugins stay quiet
     messages.py   the one handler of the project's logging: process 0 prints each message
                   (entry points call setup)

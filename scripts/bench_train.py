@@ -21,7 +21,7 @@ import jax
 
 from recipes.train.cli import add_config_help, run_main
 from recipes.train import config as config_lib
-from recipes.train import mesh as mesh_lib
+from recipes.train import cluster
 from recipes.experiments.benchmarks import TrainingSetup, time_training
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--synthetic", action="store_true", help="random tokens instead of the data")
     args, overrides = parser.parse_known_args(argv)
     config = config_lib.load_config(args.config, overrides)
-    mesh_lib.init_distributed(config.mesh)
+    cluster.start(config.mesh)
     report = {"config": args.config, **time_training(TrainingSetup(config, synthetic=args.synthetic), args.steps)}
     if jax.process_index() == 0:
         for part in ("data", "fwd_bwd", "optimizer", "step"):

@@ -25,7 +25,7 @@ from recipes import messages
 from recipes.train.cli import run_main
 from model import export_hf
 from recipes.errors import ConfigError
-from recipes.files import write_json
+from data.files import write_json
 from recipes.train.run_params import load_run_params
 
 MARKER = ".celo2_export.json"  # {"run_dir": the run's absolute path, "step": the step exported}

@@ -49,7 +49,7 @@ import yaml
 
 from recipes.config_parsing import resolve_path
 from recipes.errors import ConfigError
-from recipes.files import write_json
+from data.files import write_json
 from recipes.train.cli import EXIT_CODES, one_line
 from recipes.train.metrics import read_records
 from recipes.train.run_dir import RunDirLock

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from recipes.errors import ConfigError
-from recipes.files import move_aside, write_json
+from data.files import move_aside, write_json
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 from recipes.optim.theta import save_checkpoint
 from recipes.train.checkpoint import Checkpointer

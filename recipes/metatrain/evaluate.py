@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from recipes.errors import ConfigError
-from recipes.files import write_json
+from data.files import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks.lm import TinyLM, corpus
 from recipes.optim.config import OptimizerConfig

@@ -24,7 +24,7 @@ from recipes.train.metrics import MetricsLog
 from recipes.train.run_dir import locked
 from recipes.train.stop import StopRequest
 from recipes.errors import ConfigError
-from recipes.files import write_json
+from data.files import write_json
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups

@@ -16,7 +16,7 @@ import numpy as np
 
 from recipes.optim.theta import load_checkpoint, theta_from_source
 from recipes.errors import ConfigError
-from recipes.files import write_json
+from data.files import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.ship import snapshots
 from recipes.metatrain.tasks.lm import TinyLM

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
 from recipes.errors import ConfigError
-from recipes.files import atomic_path, write_json
+from data.files import atomic_path, write_json
 from recipes.metatrain.checkpoint import SNAPSHOT_NAME, SNAPSHOTS_DIR
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.tasks.lm import TinyLM

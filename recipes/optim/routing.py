@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from recipes.files import atomic_write
+from data.files import atomic_write
 from recipes.optim.config import RoutingConfig, RoutingRule
 
 _VALUE_ATTR = "value"  # nnx.Variable leaves flatten through their .value attribute

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from recipes.files import atomic_write
+from data.files import atomic_write
 
 HUB_PREFIX = "hf://"
 THETA_FILENAME = "theta.state"

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from recipes.files import move_aside
+from data.files import move_aside
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Devices: multi-host start-up, the (data, fsdp, tensor) mesh and global batches."""
+"""Devices: the two-level (data, fsdp, tensor) mesh and global batches (the multi-host start is recipes.train.cluster)."""
 from __future__ import annotations
 
 import jax
@@ -9,15 +9,6 @@ from model import make_mesh
 from model.sharding import logical_to_spec
 from recipes.train.config import MeshConfig
 from recipes.errors import ConfigError
-
-
-
-def init_distributed(config: MeshConfig) -> None:
-    """Starts the multi-host runtime when the config or the cluster asks for it (before any other
-    JAX call); see recipes.train.cluster."""
-    from recipes.train.cluster import start
-
-    start(config)
 
 
 def granules(devices) -> list[list]:

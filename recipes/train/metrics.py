@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
-from recipes.files import atomic_write
+from data.files import atomic_write
 
 # Dense bf16 peak FLOP/s per device, from the vendors' spec sheets (SXM parts for NVIDIA).
 PEAK_FLOPS = {

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from recipes.errors import ConfigError
-from recipes.files import atomic_write, write_json
+from data.files import atomic_write, write_json
 from recipes.optim.optimizers import build_optimizer
 from recipes.train import config as config_lib
 from recipes.train.metrics import json_safe
