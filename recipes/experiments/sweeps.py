@@ -473,33 +473,15 @@ def subprocess_runner(python: str = sys.executable, stop: SweepStop | None = Non
     return run
 
 
-def _holder(run_dir: Path) -> str | None:
-    """Who is training in run_dir now ("pid N", from its RunDirLock), or None. Probed silently: a lock
-    file left by a process that died is taken and released as RunDirLock would, without its note."""
-    import fcntl
-
-    path = RunDirLock(run_dir).path
-    if not path.is_file():
-        return None
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            return handle.read().strip() or "another process"
-        handle.truncate(0)  # as RunDirLock.release: a clean end leaves no holder named
-    return None  # closing released the lock
-
-
 def _wait_for_holder(run_dir: Path, stop, poll_s: float = 1.0) -> None:
     """A run directory still locked by a live trainer (the child of a sweep that was killed, or a
     train.py started by hand) is waited for, not failed: the point is resumed when it ends."""
-    holder = _holder(run_dir)
+    holder = RunDirLock(run_dir).holder()
     if holder:
         logger.info(f"wait   {run_dir.name}: {holder} is still training it; resuming the point when it ends")
     while holder and not stop:
         time.sleep(poll_s)
-        holder = _holder(run_dir)
+        holder = RunDirLock(run_dir).holder()
 
 
 def _done(run_dir: Path) -> str | None:

@@ -40,13 +40,10 @@ class RunDirLock:
         self.setting = setting  # the setting that names the directory, for the refusal
         self._file = None
 
-    def acquire(self) -> None:
-        """Takes the lock, or raises RuntimeError naming the live process that holds it. A lock
-        file left by a process that died is taken over with a note (to this module's logger)."""
+    def _open_locked(self):
+        """(the lock file, open and locked) or (None, the live holder: "pid N")."""
         import fcntl
-        import os
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -54,8 +51,30 @@ class RunDirLock:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
+            return None, holder
+        return handle, None
+
+    def holder(self) -> str | None:
+        """Who trains in the directory now ("pid N"), or None. Probed quietly: a lock file left by a
+        process that died is taken and released, leaving no holder named."""
+        if not self.path.is_file():
+            return None
+        handle, holder = self._open_locked()
+        if handle is not None:
+            handle.truncate(0)
+            handle.close()
+        return holder
+
+    def acquire(self) -> None:
+        """Takes the lock, or raises RuntimeError naming the live process that holds it. A lock
+        file left by a process that died is taken over with a note (to this module's logger)."""
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, holder = self._open_locked()
+        if handle is None:
             raise RuntimeError(f"{self.path.parent} is in use by {holder}: wait for it to finish or stop it, "
-                               f"or train into another {self.setting}") from None
+                               f"or train into another {self.setting}")
         handle.seek(0)
         left = handle.read().strip()
         if left and left != f"pid {os.getpid()}":
