@@ -11,9 +11,10 @@ keeps what it measured):
   numerics   the default recipe's first steps in fp32 on the accelerator against
              the same steps on the host CPU
 Before them, on a GPU, the GPU's target description (XLA's GpuTargetConfigProto, as
-text) is saved beside the report, so that programs can later be compiled for this GPU
-on a machine without one; after them, that file is read back into a compile-only
-topology and a small program compiled for it.
+text, which XLA's GPU compiler dumps beside a program it compiles) is saved beside the
+report, so that programs can later be compiled for this GPU on a machine without one;
+after them, that file is read back into a compile-only topology and a small program
+compiled for it.
 ``tiny`` runs the same code on small shapes (a CPU, a test).
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +48,7 @@ TOKENS_PER_STEP = 524_288  # GPT-2's 0.5M-token step, for Celo2's optimizer shar
 NUMERICS_TOLERANCE = 1e-3  # largest |loss difference| over the steps compared, fp32 with full-precision matmuls
 MEMORY_HEADROOM = 0.92  # a micro-batch fits when XLA's estimate is under this share of device memory
 TARGET_CONFIG_FILE = "gpu_target_config.txtpb"  # beside device_check.json, on a GPU
+GPU_COMPILER_DUMP = "gpu_target_config.pbtxt"  # how XLA's GPU compiler names the description it dumps
 
 logger = logging.getLogger(__name__)
 
@@ -222,37 +226,43 @@ def check_numerics(sizes: Sizes) -> dict:
             "tolerance": NUMERICS_TOLERANCE, "within_tolerance": worst <= NUMERICS_TOLERANCE}
 
 
-def target_description(devices=None) -> tuple[str, str | None]:
-    """The platform of ``devices`` (default: all) and, on a GPU, its target description: XLA's
-    GpuTargetConfigProto in text format, which the GPU runtime lists among its topology's attributes
-    as ``target_config``. None elsewhere (a CPU's or TPU's topology has no such attribute)."""
-    # Not public API (jax 0.10.2): jax.experimental.topologies hands out only a topology's devices,
-    # and neither jax.extend.backend's client nor a Device gives the topology itself.
-    from jax._src.lib import xla_client
+def target_description(device=None) -> tuple[str, str | None]:
+    """The platform of ``device`` (default: the first) and, on a GPU, its target description: XLA's
+    GpuTargetConfigProto in text format. XLA's GPU compiler writes the description it compiled for
+    into the dump directory of every module it dumps (``<module>.gpu_target_config.pbtxt``), so a tiny
+    program is compiled for the device with dumping on, into a temporary directory, and that file read.
+    None on other platforms: their compilers write no such file."""
+    import jax.numpy as jnp
 
-    devices = list(devices or jax.devices())
-    topology = xla_client.get_topology_for_devices(devices)
-    if devices[0].platform != "gpu":
-        return topology.platform, None
-    text = topology.target_config
-    return topology.platform, text.decode() if isinstance(text, bytes) else text
+    device = device or jax.devices()[0]
+    # A module name of its own: dump options are left out of the persistent compilation cache's key,
+    # and a program loaded from that cache is not compiled, so it would dump nothing.
+    name = f"gpu_target_probe_{uuid.uuid4().hex}"
+
+    def probe(x):
+        return x + 1
+
+    probe.__name__ = probe.__qualname__ = name
+    arg = jax.ShapeDtypeStruct((8,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+    with tempfile.TemporaryDirectory() as dump_dir:
+        # Only this module is dumped: any other compiled meanwhile stays out of the directory.
+        jax.jit(probe).lower(arg).compile(compiler_options={"xla_dump_to": dump_dir, "xla_dump_hlo_module_re": name})
+        written = sorted(Path(dump_dir).glob(f"*{name}*.{GPU_COMPILER_DUMP}"))
+        text = written[0].read_text() if written else None
+    if text is None:
+        if device.platform == "gpu":
+            raise RuntimeError(f"XLA's GPU compiler wrote no *.{GPU_COMPILER_DUMP} into its dump directory")
+        return device.platform, None
+    # jax calls CUDA and ROCm devices "gpu"; a compile-only topology is asked for by the proto's own name.
+    named = re.search(r'^platform_name:\s*"([^"]+)"', text, re.MULTILINE)
+    return (named.group(1).lower() if named else device.platform), text
 
 
-def runtime_target_description() -> tuple[str, str | None]:
-    """The same description by a second way: a one-GPU topology that the GPU runtime makes afresh
-    (given no target, it describes the GPU it finds), for when the attached devices' topology lacks it."""
-    from jax._src import xla_bridge
-
-    platform = jax.devices()[0].client.platform
-    text = xla_bridge.make_pjrt_topology(platform, "", topology="1x1x1").target_config
-    return platform, text.decode() if isinstance(text, bytes) else text
-
-
-def save_target_description(out_dir: Path, describe=None) -> dict:
+def save_target_description(out_dir: Path) -> dict:
     """Writes the GPU's target description to OUT/gpu_target_config.txtpb; what the report records of it."""
     began = time.perf_counter()
     try:
-        platform, text = (describe or target_description)()
+        platform, text = target_description()
     except Exception as error:  # recorded like a failed section; the sections still run
         logger.info(f"  failed: {type(error).__name__}: {error}")
         return {"error": f"{type(error).__name__}: {' '.join(str(error).split())[:500]}",
@@ -317,15 +327,8 @@ def run(out_dir: Path, tiny: bool, sections=tuple(SECTIONS)) -> dict:
         jax.clear_caches()
         gc.collect()
         write(out_dir, report)
-    # Last, so that nothing measured is lost if these fail.
+    # Last, so that nothing measured is lost if this fails.
     target = report["gpu_target_config"]
-    if "error" in target:
-        logger.info("[target description, second way]")
-        retry = save_target_description(out_dir, runtime_target_description)
-        target = {**retry, "first_try_error": target["error"]} if "file" in retry else \
-            {**target, "second_try_error": retry.get("error")}
-        report["gpu_target_config"] = target
-        write(out_dir, report)
     if "file" in target:
         logger.info("[target description read back]")
         try:

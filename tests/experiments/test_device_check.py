@@ -1,6 +1,11 @@
 """scripts/device_check.py on small CPU shapes: every figure the accelerator run records is there."""
 import json
+import os
+import tempfile
+import uuid
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from tests.helpers import script
@@ -37,12 +42,17 @@ def test_device_check_names_every_figure(tmp_path, capsys):
 
 
 def test_target_description_is_saved_first_and_named_in_the_report(tmp_path, monkeypatch):
-    """On a CPU the step is skipped (the CPU's topology is still read, so the API it relies on exists);
+    """On a CPU the step is skipped (a program is still compiled with dumping on, and its dump removed);
     with a GPU's description (faked here) the file is written and named before any section runs."""
     from recipes.experiments import device_check
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     platform, text = device_check.target_description()
     assert platform == "cpu" and text is None
+    assert not list(scratch.iterdir())
+    monkeypatch.undo()
     skipped = device_check.run(tmp_path / "cpu", tiny=True, sections=())
     assert skipped["gpu_target_config"] == {"skipped": "cpu backend"}
     assert not (tmp_path / "cpu" / device_check.TARGET_CONFIG_FILE).exists()
@@ -72,22 +82,59 @@ def test_target_description_is_saved_first_and_named_in_the_report(tmp_path, mon
     assert "saved as `gpu_target_config.txtpb`" in (tmp_path / "gpu" / "device_check.md").read_text()
 
 
-def test_target_description_has_a_second_way_after_the_sections(tmp_path, monkeypatch):
+def test_a_failed_target_description_is_recorded_and_not_read_back(tmp_path, monkeypatch):
     from recipes.experiments import device_check
 
-    def missing():
-        raise AttributeError("Unknown attribute target_config")
+    def fails():
+        raise RuntimeError("XLA's GPU compiler wrote no *.gpu_target_config.pbtxt into its dump directory")
 
-    monkeypatch.setattr(device_check, "target_description", missing)
-    monkeypatch.setattr(device_check, "runtime_target_description", lambda: ("cuda", 'device_description_str: "X"\n'))
-    monkeypatch.setattr(device_check, "compile_for_target", lambda text, platform: {"devices": 1, "device_kind": "X"})
+    monkeypatch.setattr(device_check, "target_description", fails)
+    monkeypatch.setattr(device_check, "compile_for_target", lambda text, platform: pytest.fail("read back"))
     report = device_check.run(tmp_path, tiny=True, sections=())
-    target = report["gpu_target_config"]
-    assert target["file"] == "gpu_target_config.txtpb" and "error" not in target
-    assert target["first_try_error"] == "AttributeError: Unknown attribute target_config"
-    assert (tmp_path / "gpu_target_config.txtpb").read_text() == 'device_description_str: "X"\n'
+    assert report["gpu_target_config"]["error"].startswith("RuntimeError: XLA's GPU compiler wrote no")
+    assert not (tmp_path / device_check.TARGET_CONFIG_FILE).exists()
+    assert "**GPU target description** failed" in (tmp_path / "device_check.md").read_text()
 
-    monkeypatch.setattr(device_check, "runtime_target_description", missing)
-    failed = device_check.run(tmp_path / "both", tiny=True, sections=())["gpu_target_config"]
-    assert failed["error"] == failed["second_try_error"] == "AttributeError: Unknown attribute target_config"
-    assert "**GPU target description** failed" in (tmp_path / "both" / "device_check.md").read_text()
+
+def _uniquely_named_program():
+    """A lowered program of a module name never compiled before: one loaded from the persistent
+    compilation cache (whose key leaves dump options out) is not compiled, so dumps nothing."""
+    name = f"dump_probe_{uuid.uuid4().hex}"
+
+    def probe(x):
+        return x * 2
+
+    probe.__name__ = probe.__qualname__ = name
+    return name, jax.jit(probe).lower(jnp.zeros(8))
+
+
+def test_per_compile_dump_options_reach_xla(tmp_path):
+    """What target_description relies on: a dump directory given to one compile through jax's public API,
+    and a module filter that keeps every other module out of it."""
+    name, program = _uniquely_named_program()
+    program.compile(compiler_options={"xla_dump_to": str(tmp_path / "all")})
+    assert any(name in f for f in os.listdir(tmp_path / "all"))
+    _, program = _uniquely_named_program()
+    program.compile(compiler_options={"xla_dump_to": str(tmp_path / "none"), "xla_dump_hlo_module_re": "no_such"})
+    assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
+
+
+def test_target_description_of_a_compile_only_gpu_is_the_one_it_was_built_from():
+    """XLA's GPU compiler dumps its target description with no GPU present, for a compile-only device
+    built from the shipped H100 description: the same description comes back, and compiles again."""
+    from jax.experimental import topologies
+
+    from recipes.experiments import device_check
+    from recipes.experiments.gpu_slices import cuda_missing, target_description
+
+    if missing := cuda_missing():
+        pytest.skip(missing)
+    shipped = target_description("h100")
+    try:
+        (device,) = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=shipped).devices
+    except (NotImplementedError, RuntimeError) as error:  # the CUDA plugin did not initialise here
+        pytest.skip(f"no compile-only CUDA topology: {error}")
+    platform, text = device_check.target_description(device)
+    assert platform == "cuda"
+    assert set(shipped.splitlines()) <= set(text.splitlines())  # the dump may add empty fields
+    assert device_check.compile_for_target(text, platform)["device_kind"] == device.device_kind
