@@ -1,14 +1,16 @@
 """Learning-rate x weight-decay (or any dotted-key) sweeps of train.py.
 
     python scripts/sweep.py --config shakespeare_celo2.yaml \
-        --grid optimizer.lr=1e-3,3e-3,1e-2 --grid optimizer.weight_decay=0,0.1 \
-        --grid optimizer.name=celo2,adamw,muon --set train.steps=500 --out runs/sweep [--workers 2]
+        --optimizer.lr=1e-3,3e-3,1e-2 --optimizer.weight_decay=0,0.1 \
+        --optimizer.name=celo2,adamw,muon --train.steps=500 --out runs/sweep [--workers 2]
     python scripts/sweep.py --sweep shakespeare_cpu.yaml          # a file in configs/sweeps/
 
-Each point is a normal run directory under --out. Every point's config is
-checked before any trains (a refused value is one error line, no point starts);
-values of a key that give the same settings (1e-3 and 0.001) train once, and a
-key given twice in --grid is refused (a later --set wins, as in train.py).
+Settings are train.py's overrides, --section.key=value or --section.key value: a value with a
+comma outside [], {} and quotes is a swept key and its values (--model.foo=[1,2] is one list
+value), any other is fixed. They replace a sweep file's entry for the same key. Each point is a
+normal run directory under --out. Every point's config is checked before any trains (a refused
+value is one error line, no point starts); values of a key that give the same settings (1e-3 and
+0.001) train once, and a key given twice is refused (give all its values in one).
 Rerunning skips finished points and resumes interrupted ones; a rerun with a
 changed grid keeps the rows of the earlier points outside it (in_grid False).
 One sweep at a time per --out: a second is refused. SIGTERM or Ctrl-C stops the
@@ -27,6 +29,7 @@ writes the results table.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -38,20 +41,67 @@ from recipes.experiments.sweeps import (RECORDS_MISSING, SweepError, SweepStop, 
                                         run_sweep, wandb_sweep_yaml, write_slurm_array)
 
 
+def split_values(text: str) -> list[str]:
+    """'1e-3, 3e-3' -> ['1e-3', '3e-3']; a comma inside [], {} or quotes does not split: '[1,2]' is one value."""
+    values, depth, quote = [""], 0, ""
+    for char in text:
+        if char == "," and not depth and not quote:
+            values.append("")
+            continue
+        values[-1] += char
+        if quote or char in "'\"":
+            quote = "" if char == quote else quote or char
+        else:
+            depth += (char in "[{") - (char in "]}")
+    return [value.strip() for value in values]
+
+
+def split_overrides(args: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """train.py's overrides (--section.key=value or --section.key value) as the swept keys, whose value
+    holds more than one item (``split_values``), and the fixed ones. A key given twice is refused:
+    train.py takes the later, but in a sweep the earlier may be meant as one of its values."""
+    swept, fixed, args = {}, {}, list(args)
+    while args:
+        arg = args.pop(0)
+        key, sep, text = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and key in ("grid", "set"):  # removed flags: name the override that replaces them
+            override = text if sep else args[0] if args and "=" in args[0] else "section.key=" + (
+                "v1,v2" if key == "grid" else "value")
+            raise SweepError(f"--{key} is gone: write --{override}")
+        if not (arg.startswith("--") and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key)):
+            raise SweepError(f"unexpected argument {arg!r}; overrides look like --section.key=value, a swept "
+                             "key's values separated by commas: --optimizer.lr=1e-3,3e-3")
+        if not (sep or args):
+            raise SweepError(f"override {arg} has no value; write {arg}=VALUE")
+        values = split_values(text if sep else args.pop(0))
+        if key in swept or key in fixed:
+            given = ",".join(swept.get(key) or [fixed[key]])
+            raise SweepError(f"--{key} is given twice ({given} and {','.join(values)}); give all its values in "
+                             f"one: --{key}={given},{','.join(values)}")
+        if len(values) == 1:
+            fixed[key] = values[0]
+        elif all(values):
+            swept[key] = values  # repeated values are trained once (see check_points)
+        else:
+            raise SweepError(f"--{key}={','.join(values)} has an empty value; separate a swept key's values "
+                             f"with commas: --{key}=a,b,c")
+    return swept, fixed
+
+
 def main(argv=None, runner=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="base recipe (a path or a name in configs/)")
-    parser.add_argument("--sweep", help="sweep file (a path or a name in configs/sweeps/); flags override it")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a swept key")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a fixed override")
+    parser.add_argument("--sweep", help="sweep file (a path or a name in configs/sweeps/); overrides replace "
+                        "its entries")
     parser.add_argument("--out", help="sweep directory")
     parser.add_argument("--workers", type=int, help="points trained at once (default 1)")
     parser.add_argument("--print-commands", action="store_true", help="print train.py commands and exit")
     parser.add_argument("--wandb-sweep", type=Path, metavar="FILE", help="write a W&B sweep YAML and exit")
     parser.add_argument("--slurm-array", type=Path, metavar="FILE", help="write a Slurm job-array script and exit")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: train.py's --section.key=value overrides
+    swept, fixed = split_overrides(overrides)
     messages.setup("stderr")  # the notes of checking the points: stdout may carry --print-commands' commands
-    spec = make_spec(config=args.config, grids=args.grid, sets=args.set, out=args.out,
+    spec = make_spec(config=args.config, swept=swept, fixed=fixed, out=args.out,
                      workers=args.workers, sweep_file=args.sweep)
     if args.print_commands or args.wandb_sweep or args.slurm_array:
         if args.slurm_array:

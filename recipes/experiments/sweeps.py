@@ -109,24 +109,6 @@ def _text(value) -> str:
     return str(value)
 
 
-def parse_assignment(text: str, what: str) -> tuple[str, str]:
-    """'section.key=value' -> (key, value), refusing anything else."""
-    key, sep, value = text.partition("=")
-    key = key.strip().removeprefix("--")
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key):
-        raise SweepError(f"{what} {text!r} should look like section.key=value (for example optimizer.lr=3e-3)")
-    return key, value.strip()
-
-
-def parse_grid(text: str) -> tuple[str, list[str]]:
-    """'optimizer.lr=1e-3,3e-3' -> ('optimizer.lr', ['1e-3', '3e-3'])."""
-    key, values = parse_assignment(text, "--grid")
-    items = [v.strip() for v in values.split(",")]
-    if not all(items):
-        raise SweepError(f"--grid {text!r} has an empty value; separate values with commas: {key}=a,b,c")
-    return key, items  # repeated values are trained once (see check_points)
-
-
 def load_sweep_yaml(path: str | Path) -> dict:
     """A sweep file: a path, or a bare name in configs/sweeps/."""
     path = Path(path)
@@ -141,36 +123,27 @@ def load_sweep_yaml(path: str | Path) -> dict:
     return data
 
 
-def make_spec(*, config: str | None, grids: list[str], sets: list[str], out: str | None,
+def make_spec(*, config: str | None, swept: dict[str, list[str]], fixed: dict[str, str], out: str | None,
               workers: int | None, sweep_file: str | None = None) -> SweepSpec:
-    """Command-line flags over an optional sweep file (flags win), every point checked by the
-    config's own types (check_points). A key given twice in --grid is refused: its values are
-    given once, as key=a,b,c."""
+    """Swept keys (their values) and fixed settings over an optional sweep file, replacing its entry
+    for the same key, swept or fixed; every point checked by the config's own types (check_points)."""
     base = load_sweep_yaml(sweep_file) if sweep_file else {}
-    grid = {k: [_text(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in (base.get("grid") or {}).items()}
-    given: dict[str, list[str]] = {}
-    for text in grids:
-        key, values = parse_grid(text)
-        if key in given:
-            raise SweepError(f"--grid {key} is given twice ({','.join(given[key])} and {','.join(values)}); "
-                             f"give all its values in one: --grid {key}={','.join(given[key] + values)}")
-        given[key] = grid[key] = values
-    overrides = {k: _text(v) for k, v in (base.get("set") or {}).items()}
-    for text in sets:  # a later --set wins, as a later override does in train.py
-        key, value = parse_assignment(text, "--set")
-        overrides[key] = value
+    grid = {k: [_text(v) for v in (vs if isinstance(vs, list) else [vs])]
+            for k, vs in (base.get("grid") or {}).items() if k not in fixed} | swept
+    fixed = {k: _text(v) for k, v in (base.get("set") or {}).items() if k not in swept} | fixed
     config = config or base.get("config")
     out = out or base.get("out")
     if not config:
         raise SweepError("no base recipe: pass --config NAME.yaml or put `config:` in the sweep file")
     if not grid:
-        raise SweepError("empty grid: pass at least one --grid section.key=v1,v2")
+        raise SweepError("empty grid: sweep at least one key, its values separated by commas: "
+                         "--optimizer.lr=1e-3,3e-3")
     if not out:
         raise SweepError("no sweep directory: pass --out DIR or put `out:` in the sweep file")
-    clash = sorted(set(grid) & set(overrides))
+    clash = sorted(set(grid) & set(fixed))
     if clash:
-        raise SweepError(f"{clash} are both swept (--grid) and fixed (--set); keep one")
-    if "train.out_dir" in grid or "train.out_dir" in overrides:
+        raise SweepError(f"{clash} are both swept (grid:) and fixed (set:) in {sweep_file}; keep one")
+    if "train.out_dir" in grid or "train.out_dir" in fixed:
         raise SweepError("train.out_dir is set by the sweep (one run directory per point under --out)")
     workers = int(workers if workers is not None else base.get("workers", 1))
     if workers < 1:
@@ -179,7 +152,7 @@ def make_spec(*, config: str | None, grids: list[str], sets: list[str], out: str
         for value in values:
             _ = point_name({key: value})  # refuse values that cannot name a directory early
     # Absolute: the train.py children run in the repository, wherever the sweep was started.
-    spec = SweepSpec(config=str(config), grid=grid, overrides=overrides, out=Path(out).absolute(), workers=workers)
+    spec = SweepSpec(config=str(config), grid=grid, overrides=fixed, out=Path(out).absolute(), workers=workers)
     return check_points(spec)
 
 
@@ -196,7 +169,7 @@ def check_points(spec: SweepSpec) -> SweepSpec:
             config = load_config(spec.config, _overrides(spec, point), [])
         except ConfigError as error:
             given = ",".join(f"{k}={v}" for k, v in point.items())
-            raise SweepError(f"point {given}: {one_line(error)}; fix the value in --grid or --set "
+            raise SweepError(f"point {given}: {one_line(error)}; fix the value "
                              "(no point was started)") from None
         settings[tuple(point.values())] = to_dict(config)
     grid = {}
@@ -207,7 +180,7 @@ def check_points(spec: SweepSpec) -> SweepSpec:
             if kept is None:
                 grid[key].append(value)
             else:
-                logger.info(f"note: --grid {key}: {value} " + ("is given twice" if value == kept else f"is the same "
+                logger.info(f"note: --{key}: {value} " + ("is given twice" if value == kept else f"is the same "
                     f"setting as {kept}") + f"; trained once, as {point_name({key: kept})}")
     spec = dataclasses.replace(spec, grid=grid)
     names = [point_name(p) for p in spec.points()]
@@ -558,8 +531,8 @@ def run_sweep(spec: SweepSpec, runner: Runner | None = None, stop: SweepStop | N
         saved = _read_json(spec.out / "sweep.json")
         if saved and (saved["config"], saved["set"]) != (spec.config, spec.overrides):
             raise SweepError(
-                f"{spec.out} holds a sweep of {saved['config']} with --set {saved['set']}; this one is "
-                f"{spec.config} with --set {spec.overrides}. Finished points would be reused with the wrong "
+                f"{spec.out} holds a sweep of {saved['config']} fixing {saved['set']}; this one is "
+                f"{spec.config} fixing {spec.overrides}. Finished points would be reused with the wrong "
                 "settings: choose another --out (the grid itself may change between runs)")
         spec = dataclasses.replace(spec, earlier_grids=tuple(_earlier_grids(saved, spec.grid)))
         write_json(spec.out / "sweep.json", {"config": spec.config, "grid": spec.grid, "set": spec.overrides,

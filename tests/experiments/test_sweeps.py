@@ -1,7 +1,7 @@
-"""Sweeps: grid expansion and parsing, every point checked by the config's types before any
-trains, duplicate values trained once, commands for schedulers, a Slurm job array whose tasks
-(run by bash) train a tiny sweep that the sweep then only collects, the Slurm launch script, a
-real tiny sweep that skips, resumes, records a diverged point, and writes its table and plots;
+"""Sweeps: train.py's overrides as swept and fixed keys, grid expansion, every point checked by
+the config's types before any trains, duplicate values trained once, commands for schedulers, a
+Slurm job array whose tasks (run by bash) train a tiny sweep that the sweep then only collects, the
+Slurm launch script, a real tiny sweep that skips, resumes, records a diverged point, and writes its table and plots;
 tables built from each point's own records (unfinished points show no loss, a changed grid keeps
 the earlier points' rows); real sweep processes: a refused value is one error line, a second sweep
 into a busy --out is refused, a SIGTERM stops the child with a checkpoint, a SIGKILLed sweep
@@ -10,6 +10,7 @@ leaves no child training, and reruns resume and finish every point."""
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,7 @@ import pytest
 import yaml
 
 import train
-from recipes.experiments.sweeps import (SweepError, collect, commands, make_spec, parse_grid, point_name,
-                                        wandb_sweep_yaml)
+from recipes.experiments.sweeps import SweepError, collect, commands, make_spec, point_name, wandb_sweep_yaml
 from recipes.train.cli import EXIT_CODES, one_line, ordinary_errors
 from tests.helpers import logged_lines, one_error_line, process_env, run_script
 
@@ -30,15 +30,40 @@ from scripts import plot_sweep, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = ["model.size=tiny", "data.seq_len=32", "data.global_batch=16", "optimizer.schedule.warmup_steps=1",
-        "eval.batches=2", "eval.every=2", "train.steps=4", "train.checkpoint_every=2",
-        "logging.progress=false", "mesh.devices=1"]
+TINY = ["--model.size=tiny", "--data.seq_len=32", "--data.global_batch=16", "--optimizer.schedule.warmup_steps=1",
+        "--eval.batches=2", "--eval.every=2", "--train.steps=4", "--train.checkpoint_every=2",
+        "--logging.progress=false", "--mesh.devices=1"]
 
 
-def test_grid_parsing_and_expansion(tmp_path):
-    assert parse_grid("optimizer.lr=1e-3, 3e-3") == ("optimizer.lr", ["1e-3", "3e-3"])
-    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1e-3,3e-3", "optimizer.name=celo2,adamw,muon"],
-                     sets=["train.steps=500"], out=str(tmp_path), workers=None)
+def cli_spec(overrides: list[str], **kwargs):
+    """The spec scripts/sweep.py makes of these overrides (and its other flags as ``kwargs``)."""
+    swept, fixed = sweep.split_overrides(overrides)
+    return make_spec(**{"config": "shakespeare_celo2.yaml", "workers": None, "swept": swept, "fixed": fixed} | kwargs)
+
+
+def grid_file(tmp_path: Path, grid: dict) -> str:
+    """A sweep file holding only ``grid``: a key swept over one value is written there (an override
+    with one value is a fixed setting)."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"grid": grid}))
+    return str(path)
+
+
+def test_overrides_split_into_swept_and_fixed_keys():
+    rules = "[{group: adamw, pattern: bias}, {group: main, min_rank: 2}]"
+    assert sweep.split_overrides(["--optimizer.lr=1e-3, 3e-3", "--train.steps", "500", "--model.foo=[1,2]",
+                                  "--optimizer.routing.rules", rules, "--data.path='a,b'", "--data.name="]) == (
+        {"optimizer.lr": ["1e-3", "3e-3"]},
+        {"train.steps": "500", "model.foo": "[1,2]", "optimizer.routing.rules": rules, "data.path": "'a,b'",
+         "data.name": ""})
+    # Lists are swept as whole values; a comma inside quotes splits nothing.
+    assert sweep.split_overrides(["--model.foo", "[1,2],[3]", "--data.path", '"a,b",c']) == (
+        {"model.foo": ["[1,2]", "[3]"], "data.path": ['"a,b"', "c"]}, {})
+
+
+def test_grid_expansion(tmp_path):
+    spec = cli_spec(["--optimizer.lr=1e-3,3e-3", "--optimizer.name", "celo2,adamw,muon", "--train.steps=500"],
+                    out=str(tmp_path))
     points = spec.points()
     assert len(points) == 6 and points[0] == {"optimizer.lr": "1e-3", "optimizer.name": "celo2"}
     assert len({point_name(p) for p in points}) == 6
@@ -56,60 +81,96 @@ def test_sweep_file_with_flag_overrides(tmp_path):
     path.write_text(yaml.safe_dump({"config": "base.yaml", "grid": {"optimizer.lr": [0.001, 0.01]},
                                     "set": {"train.steps": 10}, "out": str(tmp_path / "o"), "workers": 2}))
     path.write_text(path.read_text().replace("base.yaml", "shakespeare_celo2.yaml"))
-    spec = make_spec(config=None, grids=["optimizer.weight_decay=0,0.1"], sets=["train.steps=20"], out=None,
-                     workers=None, sweep_file=str(path))
+    spec = cli_spec(["--optimizer.weight_decay=0,0.1", "--train.steps=20"], config=None, out=None,
+                    sweep_file=str(path))
     assert spec.grid == {"optimizer.lr": ["0.001", "0.01"], "optimizer.weight_decay": ["0", "0.1"]}
     assert spec.overrides == {"train.steps": "20"} and spec.workers == 2
+    # An override replaces the file's entry for its key, swept or fixed.
+    spec = cli_spec(["--optimizer.lr=3e-3", "--train.steps=5,10"], config=None, out=None, sweep_file=str(path))
+    assert spec.grid == {"train.steps": ["5", "10"]} and spec.overrides == {"optimizer.lr": "3e-3"}
+    path.write_text(yaml.safe_dump({"config": "shakespeare_celo2.yaml", "grid": {"optimizer.lr": [1, 2]},
+                                    "set": {"optimizer.lr": 3}, "out": str(tmp_path / "o")}))
+    with pytest.raises(SweepError, match=r"\['optimizer.lr'\] are both swept \(grid:\) and fixed \(set:\)"):
+        cli_spec([], config=None, out=None, sweep_file=str(path))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(grids=["lr=1"]), "section.key=value"),
-    (dict(grids=["optimizer.lr=1,,2"]), "empty value"),
-    (dict(grids=["optimizer.lr=1e-3", "optimizer.lr=3e-3"]),
-     r"--grid optimizer.lr is given twice \(1e-3 and 3e-3\); give all its values in one: "
-     r"--grid optimizer.lr=1e-3,3e-3"),
-    (dict(grids=[]), "empty grid"),
-    (dict(grids=["optimizer.lr=1"], sets=["optimizer.lr=2"]), "both swept"),
-    (dict(grids=["train.out_dir=a,b"]), "set by the sweep"),
-    (dict(grids=["optimizer.lr=1"], workers=0), "--workers"),
+@pytest.mark.parametrize("overrides, kwargs, message", [
+    (["--lr=1,2"], {}, r"^unexpected argument '--lr=1,2'; overrides look like --section.key=value"),
+    (["optimizer.lr=1,2"], {}, "unexpected argument 'optimizer.lr=1,2'"),
+    (["--optimizer.lr=1,2", "--train.steps"], {}, "^override --train.steps has no value; write --train.steps=VALUE$"),
+    (["--optimizer.lr=1,,2"], {}, "empty value"),
+    (["--optimizer.lr=1e-3,"], {}, "^--optimizer.lr=1e-3, has an empty value; separate a swept key's values with "
+                                   "commas: --optimizer.lr=a,b,c$"),
+    (["--optimizer.lr=1e-3", "--optimizer.lr=3e-3"], {},
+     r"^--optimizer.lr is given twice \(1e-3 and 3e-3\); give all its values in one: --optimizer.lr=1e-3,3e-3$"),
+    # A later fixed value of a swept key is a key given twice, not a value that wins.
+    (["--optimizer.lr=1e-3,3e-3", "--train.steps=5", "--optimizer.lr", "1e-2"], {},
+     r"^--optimizer.lr is given twice \(1e-3,3e-3 and 1e-2\); give all its values in one: "
+     r"--optimizer.lr=1e-3,3e-3,1e-2$"),
+    # The flags that came before train.py's form: one line naming the override that replaces them.
+    (["--grid", "optimizer.lr=1e-3,3e-3"], {}, "^--grid is gone: write --optimizer.lr=1e-3,3e-3$"),
+    (["--optimizer.lr=1,2", "--set=train.steps=500"], {}, "^--set is gone: write --train.steps=500$"),
+    ([], {}, "empty grid"),
+    (["--train.steps=500"], {}, "^empty grid: sweep at least one key"),  # one value is a fixed setting
+    (["--train.out_dir=a,b"], {}, "set by the sweep"),
+    (["--optimizer.lr=1,2", "--train.out_dir=a"], {}, "set by the sweep"),
+    (["--optimizer.lr=1,2"], dict(workers=0), "--workers"),
     # Values the config's own types refuse, found before any point trains.
-    (dict(grids=["optimizer.lr=1e-3,abc"]), "point optimizer.lr=abc: config key 'optimizer.lr' expects float"),
-    (dict(grids=["optimizer.lr=[]"]), "point optimizer.lr=\\[\\]: config key 'optimizer.lr' expects float, got list"),
-    (dict(grids=["optimizer.lr=1"], sets=["train.steps=0"]), "point optimizer.lr=1: .*train.steps"),
-    (dict(grids=["data.path=a b,a_b"]), "share the run directory path=a_b"),
+    (["--optimizer.lr=1e-3,abc"], {}, "point optimizer.lr=abc: config key 'optimizer.lr' expects float"),
+    (["--optimizer.lr=[],1"], {}, "point optimizer.lr=\\[\\]: config key 'optimizer.lr' expects float, got list"),
+    # A bracketed list is one value, not split at its commas.
+    (["--optimizer.lr=1e-3,3e-3", "--optimizer.weight_decay=[0,0.1]"], {},
+     "point optimizer.lr=1e-3: config key 'optimizer.weight_decay' expects float, got list"),
+    (["--optimizer.lr=1,2", "--train.steps=0"], {}, "point optimizer.lr=1: .*train.steps"),
+    (["--data.path=a b,a_b"], {}, "share the run directory path=a_b"),
 ])
-def test_bad_sweeps_are_refused(tmp_path, kwargs, message):
-    args = dict(config="shakespeare_celo2.yaml", grids=[], sets=[], out=str(tmp_path / "sweep"), workers=None) | kwargs
+def test_bad_sweeps_are_refused(tmp_path, overrides, kwargs, message):
     with pytest.raises(SweepError, match=message):
-        make_spec(**args)
+        cli_spec(overrides, out=str(tmp_path / "sweep"), **kwargs)
     assert not (tmp_path / "sweep").exists()
 
 
 def test_grid_values_are_deduplicated_by_the_configs_types(tmp_path):
     with logged_lines() as notes:
-        spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1e-3,0.001,3e-3,3e-3",
-                                                                "optimizer.weight_decay=0,0.0"],
-                         sets=[], out=str(tmp_path), workers=None)
+        spec = cli_spec(["--optimizer.lr=1e-3,0.001,3e-3,3e-3", "--optimizer.weight_decay=0,0.0"],
+                        out=str(tmp_path))
     assert spec.grid == {"optimizer.lr": ["1e-3", "3e-3"], "optimizer.weight_decay": ["0"]}
     assert len(commands(spec)) == 2
-    assert notes == ["note: --grid optimizer.lr: 0.001 is the same setting as 1e-3; trained once, as lr=1e-3",
-                     "note: --grid optimizer.lr: 3e-3 is given twice; trained once, as lr=3e-3",
-                     "note: --grid optimizer.weight_decay: 0.0 is the same setting as 0; trained once, as "
+    assert notes == ["note: --optimizer.lr: 0.001 is the same setting as 1e-3; trained once, as lr=1e-3",
+                     "note: --optimizer.lr: 3e-3 is given twice; trained once, as lr=3e-3",
+                     "note: --optimizer.weight_decay: 0.0 is the same setting as 0; trained once, as "
                      "weight_decay=0"]
     # Values equal only at some points are kept: both warmups are cut to 10 steps in a 100-step run,
     # not in a 5000-step one.
-    spec = make_spec(config="shakespeare_celo2.yaml", grids=["train.steps=100,5000",
-                                                            "optimizer.schedule.warmup_steps=1000,2000"],
-                     sets=[], out=str(tmp_path), workers=None)
+    spec = cli_spec(["--train.steps=100,5000", "--optimizer.schedule.warmup_steps=1000,2000"], out=str(tmp_path))
     assert spec.grid["optimizer.schedule.warmup_steps"] == ["1000", "2000"]
 
 
 def test_a_refused_grid_value_is_one_error_line_and_nothing_trains(tmp_path):
     out = tmp_path / "sweep"
-    result = run_script("sweep", "--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=abc",
+    result = run_script("sweep", "--config", "shakespeare_celo2.yaml", "--optimizer.lr=1e-3,abc",
                         "--out", str(out), tmp_path=tmp_path)
     assert result.returncode == 1
     assert "config key 'optimizer.lr' expects float, got str 'abc'" in one_error_line(result)
+    assert not out.exists()
+    result = run_script("sweep", "--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=1e-3,3e-3",
+                        "--out", str(out), tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert one_error_line(result) == "error: --grid is gone: write --optimizer.lr=1e-3,3e-3"
+    assert not out.exists()
+
+
+def test_print_commands_takes_both_override_forms_among_the_sweeps_flags(tmp_path, capsys):
+    """--key=value and --key value, before and after the sweep's own flags; a bracketed list with
+    commas is one fixed value, which train.py gets as given."""
+    out = tmp_path / "sweep"
+    rules = "[{group: adamw, pattern: bias}, {group: main, min_rank: 2}]"
+    assert sweep.main(["--optimizer.lr", "1e-3,3e-3", "--config", "shakespeare_celo2.yaml", "--train.steps", "500",
+                       "--out", str(out), f"--optimizer.routing.rules={rules}", "--print-commands"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        shlex.join(["python", "train.py", "--config", "shakespeare_celo2.yaml", "--train.steps=500",
+                    f"--optimizer.routing.rules={rules}", f"--optimizer.lr={lr}", f"--train.out_dir={out}/lr={lr}"])
+        for lr in ("1e-3", "3e-3")]
     assert not out.exists()
 
 
@@ -131,12 +192,12 @@ def in_process_runner(calls):
 @pytest.mark.slow
 def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path, capsys):
     out = tmp_path / "sweep"
-    # The optimizer is fixed with --set, not gridded: the table still names it.
-    sets = [*TINY, "optimizer.name=adamw", "train.target_val_loss=20"]  # above a fresh model's loss: step 0
-    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3,1e3",
-            "--grid", "optimizer.weight_decay=0.1", "--out", str(out), *[f"--set={s}" for s in sets]]
-    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=3e-3,1e3", "optimizer.weight_decay=0.1"],
-                     sets=sets, out=str(out), workers=None)
+    # The optimizer is fixed, not gridded: the table still names it.
+    fixed = [*TINY, "--optimizer.name=adamw", "--train.target_val_loss=20"]  # above a fresh model's loss: step 0
+    grid = grid_file(tmp_path, {"optimizer.weight_decay": ["0.1"]})  # swept over one value: the heatmap's axis
+    args = ["--config", "shakespeare_celo2.yaml", "--sweep", grid, "--optimizer.lr=3e-3,1e3", "--out", str(out),
+            *fixed]
+    spec = cli_spec(["--optimizer.lr=3e-3,1e3", *fixed], out=str(out), sweep_file=grid)
     good, bad = [out / point_name(p) for p in spec.points()]
 
     # An interrupted point: its run stopped at step 2 with a checkpoint, before the sweep ran.
@@ -173,7 +234,7 @@ def test_tiny_sweep_skips_resumes_and_records_divergence(tmp_path, capsys):
 
     # The same directory with other fixed settings is refused rather than mixed.
     with pytest.raises(SweepError, match="choose another --out"):
-        sweep.main([*args, "--set=train.seed=1"], runner=in_process_runner(calls))
+        sweep.main([*args, "--train.seed=1"], runner=in_process_runner(calls))
     assert calls == []
 
     (out / "loss_vs_lr.png").unlink()
@@ -195,8 +256,7 @@ def _resumed(run_dir: Path) -> bool:
 def test_the_table_takes_finished_from_the_points_own_summary(tmp_path, tiny_run):
     """point.json is the sweep's note of how its last child ended; a run's summary.json says
     whether it finished, and wins (a stale "failed" never hides a finished point)."""
-    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=1,2,3,4"], sets=[], out=str(tmp_path),
-                     workers=None)
+    spec = cli_spec(["--optimizer.lr=1,2,3,4"], out=str(tmp_path))
     cases = [({"status": "failed"}, {"finished": True}, "finished"),
              ({}, {"finished": False, "stopped_by": "nonfinite"}, "diverged"),
              ({}, {"finished": False, "stopped_by": "SIGTERM"}, "interrupted"),
@@ -230,7 +290,7 @@ def test_a_point_without_a_trained_step_is_never_finished(tmp_path, tiny_run, ca
     shutil.copy(tiny_run / "summary.json", lost)
     (lost / "point.json").write_text(json.dumps({"status": "finished", "exit_code": 0, "runs": 1}))
     calls = []
-    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=1e-3,2e-3", "--out", str(out)]
+    args = ["--config", "shakespeare_celo2.yaml", "--optimizer.lr=1e-3,2e-3", "--out", str(out)]
     assert sweep.main(args, runner=in_process_runner(calls)) == 1
     assert calls == []
     printed = capsys.readouterr().out
@@ -274,7 +334,8 @@ def test_a_rerun_with_a_changed_grid_keeps_the_earlier_points(tmp_path, tiny_run
     earlier = {"optimizer.lr": ["1e-3", "2e-3", "3e-3"]}  # lr=3e-3 never started: no directory, no row
     (out / "sweep.json").write_text(json.dumps({"config": "shakespeare_celo2.yaml", "set": {}, "grid": earlier}))
     calls = []
-    assert sweep.main(["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=1e-3", "--out", str(out)],
+    grid = grid_file(tmp_path, {"optimizer.lr": ["1e-3"]})
+    assert sweep.main(["--config", "shakespeare_celo2.yaml", "--sweep", grid, "--out", str(out)],
                       runner=in_process_runner(calls)) == 0
     assert calls == []
     assert capsys.readouterr().out.splitlines()[-1] == (
@@ -298,8 +359,8 @@ def test_a_points_outcome_comes_from_its_exit_code_not_its_log(tmp_path):
     run_dir = out / "lr=3e-3"
     run_dir.mkdir(parents=True)
     (run_dir / "train.log").write_text("step 3: non-finite loss nan or gradient norm nan; skipped (1 in a row)\n")
-    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3", "--out", str(out),
-            f"--set=data.path={tmp_path / 'no_data'}"]
+    args = ["--config", "shakespeare_celo2.yaml", "--sweep", grid_file(tmp_path, {"optimizer.lr": ["3e-3"]}),
+            "--out", str(out), f"--data.path={tmp_path / 'no_data'}"]
     calls = []
     assert sweep.main(args, runner=in_process_runner(calls)) == 1
     assert [(r["status"], r["diverged"]) for r in results(out)] == [("failed", "False")]
@@ -308,13 +369,19 @@ def test_a_points_outcome_comes_from_its_exit_code_not_its_log(tmp_path):
 
 
 # A real sweep of one point, long enough to be caught training (a metrics row per step).
-LIVE = [*TINY, "optimizer.name=adamw", "train.steps=20", "train.checkpoint_every=10", "eval.every=20",
-        "eval.at_start=false", "logging.every=1", "sample.max_new_tokens=0"]
+def replaced(overrides: list[str], *others: str) -> list[str]:
+    """``overrides`` with ``others`` in place of those of the same keys (a sweep refuses a key given twice)."""
+    keys = {other.partition("=")[0] for other in others}
+    return [*(o for o in overrides if o.partition("=")[0] not in keys), *others]
+
+
+LIVE = replaced(TINY, "--optimizer.name=adamw", "--train.steps=20", "--train.checkpoint_every=10", "--eval.every=20",
+                "--eval.at_start=false", "--logging.every=1", "--sample.max_new_tokens=0")
 
 
 def sweep_command(out: Path) -> list[str]:
-    return [sys.executable, "scripts/sweep.py", "--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3",
-            "--out", str(out), *[f"--set={s}" for s in LIVE]]
+    return [sys.executable, "scripts/sweep.py", "--config", "shakespeare_celo2.yaml", "--sweep",
+            grid_file(out.parent, {"optimizer.lr": ["3e-3"]}), "--out", str(out), *LIVE]
 
 
 def sweep_env(tmp_path: Path) -> dict:
@@ -454,14 +521,12 @@ def test_a_slurm_job_array_trains_each_point_and_the_sweep_then_only_collects(tm
     as Slurm starts it (bash with SLURM_ARRAY_TASK_ID); the same sweep command then trains nothing
     and writes the table."""
     out, array = tmp_path / "sweep", tmp_path / "sweep.sbatch"
-    sets = [*TINY, "optimizer.name=adamw", "sample.max_new_tokens=0"]
-    args = ["--config", "shakespeare_celo2.yaml", "--grid", "optimizer.lr=3e-3,1e-2", "--out", str(out),
-            *[f"--set={s}" for s in sets]]
+    fixed = [*TINY, "--optimizer.name=adamw", "--sample.max_new_tokens=0"]
+    args = ["--config", "shakespeare_celo2.yaml", "--optimizer.lr=3e-3,1e-2", "--out", str(out), *fixed]
     assert sweep.main([*args, "--slurm-array", str(array)]) == 0
     text = array.read_text()
     assert "#SBATCH --array=0-1" in text and f"#SBATCH --output={out}/slurm-%A_%a.out" in text and out.is_dir()
-    spec = make_spec(config="shakespeare_celo2.yaml", grids=["optimizer.lr=3e-3,1e-2"], sets=sets, out=str(out),
-                     workers=None)
+    spec = cli_spec(["--optimizer.lr=3e-3,1e-2", *fixed], out=str(out))
     for index, line in enumerate(commands(spec)):  # the commands --print-commands prints
         assert f'  {index}) exec "$PYTHON" {line.removeprefix("python ")} ;;' in text
 
