@@ -1,7 +1,6 @@
-"""Model hyperparameters: a frozen, validated config plus the named sizes."""
+"""Model hyperparameters: a frozen, validated config and the named sizes."""
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import typing
 from typing import Annotated, Literal
@@ -39,38 +38,26 @@ def _remat_from_bool(value):
 
 @config_class("ModelConfig.", extra_keys={"size": f"a named size, one of {list(SIZES)}; the other keys override it"})
 class ModelConfig:
-    """GPT-2 style decoder. Parameters are always float32; `compute_dtype` sets matmul precision.
-
-    From a mapping, ``size`` picks a preset from SIZES and the other keys override it.
-    """
+    """GPT-2 style decoder; parameters are float32. From a mapping, ``size`` picks a preset from SIZES."""
 
     n_layer: PositiveInt = Field(2, description="transformer blocks")
     n_head: PositiveInt = Field(4, description="attention heads per block")
     d_model: PositiveInt = Field(64, description="width of the residual stream")
     context_length: PositiveInt = Field(64, description="the most positions the model reads")
     vocab_size: PositiveInt = Field(50257, description="token ids the model embeds and predicts")
-    pad_vocab_multiple: PositiveInt = Field(64, description="embedding rows are padded up to a multiple of this "
-                                            "(64 keeps matmuls tile-aligned)")
+    pad_vocab_multiple: PositiveInt = Field(64, description="embedding rows are padded to a multiple of this")
     bias: Flag = Field(True, description="biases in the linear layers and LayerNorms")
     compute_dtype: ComputeDtype = Field("float32", description="matmul precision")
     remat: Annotated[Literal["none", "dots", "full"], BeforeValidator(_remat_from_bool)] = Field(
-        "none", description="what the backward pass keeps of each layer's forward: everything (none: no "
-        "recomputation), the outputs of its weight matmuls (dots: the elementwise work is recomputed), or only the "
-        "residual stream between layers (full)")
-    residual_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="the residual stream between sublayers; bfloat16 halves the activation bytes kept "
-        "for the backward pass, and sums of sublayer outputs then round to 8 bits of mantissa")
-    unroll_layers: Flag = Field(False, description="forward and training pass: trace each layer on its own instead of "
-                                "one lax.scan over the stacked layers (decoding still scans); no per-layer activation "
-                                "stacks (a 4-layer CPU step 7% faster), but compile time grows with depth")
+        "none", description="what the backward pass keeps of a layer: all of it, its matmuls' outputs, or its input")
+    residual_dtype: Literal["float32", "bfloat16"] = Field("float32", description="the residual stream's dtype "
+                                                          "(bfloat16 halves the activations kept)")
+    unroll_layers: Flag = Field(False, description="trace each layer on its own, not one scan (compiles longer)")
     layer_norm_eps: PositiveFloat = Field(1e-5, description="LayerNorm's epsilon")
     init_std: PositiveFloat = Field(0.02, description="standard deviation of the initial weights")
-    attention_impl: AttentionImpl = Field("auto", description='"auto": cuDNN fused '
-                                'attention on GPU with bf16 compute, XLA otherwise; set "xla" where cuDNN\'s kernel '
-                                'is unavailable or rejects the shapes')
-    loss_chunk_tokens: PositiveInt = Field(8192, description="positions per device whose float32 logits the "
-                                           "training loss holds at once (the output layer runs in chunks of whole "
-                                           "sequence slices): chunk bytes are this x padded vocab x 4")
+    attention_impl: AttentionImpl = Field("auto", description="auto: cuDNN's fused kernel on GPU in bfloat16, else XLA")
+    loss_chunk_tokens: PositiveInt = Field(8192, description="positions per device whose float32 logits the loss "
+                                           "holds at once")
 
     @model_validator(mode="before")
     @classmethod
@@ -96,13 +83,7 @@ class ModelConfig:
     @classmethod
     def named(cls, size: str, **overrides) -> ModelConfig:
         """A named size (see SIZES) with any field overridden, e.g. named('tiny', bias=False)."""
-        if size not in SIZES:
-            raise ValueError(f"unknown model size {size!r}; known sizes: {sorted(SIZES)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known: {sorted(fields)}")
-        return cls(**{**SIZES[size], **overrides})
+        return cls(**cls._preset({"size": size, **overrides}))
 
     @property
     def padded_vocab_size(self) -> int:

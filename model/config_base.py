@@ -1,7 +1,5 @@
-"""What every config class (model, optimizer, trainer, meta-training) is built on: frozen pydantic
-dataclasses whose fields carry types, bounds, choices and a one-line description, and the one wording
-of pydantic's refusals users see. ConfigError lives here, in the lowest layer that has settings.
-"""
+"""What every config class is built on: frozen pydantic dataclasses whose fields carry types, bounds,
+choices and a one-line description, and the one wording of pydantic's refusals users see."""
 from __future__ import annotations
 
 import contextlib
@@ -43,16 +41,15 @@ Float = Annotated[float, AllowInfNan(False), BeforeValidator(_not_bool)]  # also
 
 @dataclasses.dataclass(frozen=True)
 class Must:
-    """Field metadata for refusals: what a value must be, where type and bounds say it less well; a hint after it."""
-
+    """Field metadata: what a value must be, where type and bounds say it less well; a hint after a refusal."""
     text: str | None = None
     hint: str | None = None
 
 
 def config_class(key_prefix: str = "", extra_keys: Mapping[str, str] | None = None):
-    """Makes a class a frozen pydantic dataclass that refuses unknown keys, raises ConfigError and gains
-    ``from_dict`` (``load``) and ``to_dict``. ``key_prefix`` names its keys when it is built on its own
-    ("optimizer." -> optimizer.lr); ``extra_keys`` (name: description) are keys its validators take."""
+    """A frozen pydantic dataclass that refuses unknown keys, raises ConfigError, and has ``from_dict`` and
+    ``to_dict``. ``key_prefix`` names its keys when built on its own ("optimizer." -> optimizer.lr);
+    ``extra_keys`` (name: description) are keys its validators take."""
     def make(cls):
         cls = pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
         validate = cls.__init__
@@ -73,10 +70,10 @@ def config_class(key_prefix: str = "", extra_keys: Mapping[str, str] | None = No
 _adapter = functools.cache(TypeAdapter)
 
 
-def load(cls, values: Mapping[str, Any], context: dict | None = None):
-    """``cls`` built from a nested mapping (parsed YAML plus overrides); ``context`` reaches its validators."""
+def load(cls, values: Mapping[str, Any]):
+    """``cls`` built from a nested mapping (parsed YAML plus overrides)."""
     try:
-        return _adapter(cls).validate_python(values, context=context)
+        return _adapter(cls).validate_python(values)
     except ValidationError as error:
         raise config_error(error, cls, from_keys=True) from None
 

@@ -1,10 +1,9 @@
 """How a model is trained, in subpackages along the data flow; each imports only those above it.
 
-    errors.py     ConfigError (model.config_base's), raised by every layer for a setting that
-                  cannot be used, and check_number for values that are not config keys
     config_parsing.py  YAML files with base:, --section.key=value overrides merged by OmegaConf into
-                  the config classes (model.config_base: pydantic dataclasses whose refusals it words),
-                  and the config keys listed for --help
+                  the config classes (model.config_base: pydantic dataclasses whose refusals it words;
+                  its ConfigError is what every layer raises for a setting that cannot be used)
+    recipe_yaml.py  YAML as recipes and overrides are read: strict and bounded
     platforms.py  the CPU alone where no accelerator is present, so installed plugins stay quiet
     messages.py   the one handler of the project's logging: process 0 prints each message
                   (entry points call setup)

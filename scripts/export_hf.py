@@ -24,7 +24,7 @@ from pathlib import Path
 from recipes import messages
 from recipes.train.cli import run_main
 from model import export_hf
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import write_json
 from recipes.train.run_params import load_run_params
 

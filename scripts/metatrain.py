@@ -16,7 +16,7 @@ from pathlib import Path
 from recipes import messages
 from recipes.train.cli import add_config_help, run_main
 from data.cache import jax_cache_dir
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.loop import MetaTrainer
 from recipes.metatrain.xla_flags import allow_slow_collectives

@@ -15,12 +15,13 @@ older one is taken. The model is read with the settings its checkpoint was train
 from __future__ import annotations
 
 import argparse
+import math
 
 from recipes import messages
 from recipes.train.cli import run_main
 from data.tokenizer import gpt2_encoding
 from model.sampling import MAX_NEW_TOKENS, generate
-from recipes.errors import ConfigError, check_number
+from model.config_base import ConfigError, bounds_text
 from recipes.train.run_params import load_run_params
 
 
@@ -54,6 +55,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_number("--temperature", args.temperature, low=0, hint="0 is greedy decoding")
     if args.top_k is not None:
         check_number("--top-k", args.top_k, integer=True, low=1, hint="leave it out to sample from every token")
+
+
+def check_number(flag: str, value, *, integer: bool = False, low=None, high=None, hint: str = "") -> None:
+    """Refuses ``value`` unless it is a finite number (an int if ``integer``) in [low, high]."""
+    fits = isinstance(value, int if integer else (int, float)) and math.isfinite(value)
+    if not (fits and (low is None or value >= low) and (high is None or value <= high)):
+        raise ConfigError(f"{flag} must be {'an int' if integer else 'a number'}{bounds_text(low, high)}, "
+                          f"got {value!r}; {hint}")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from typing import Callable
 import yaml
 
 from recipes.config_parsing import resolve_path
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import write_json
 from recipes.train.cli import EXIT_CODES, one_line
 from recipes.train.metrics import read_records

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import move_aside, write_json
 from recipes.metatrain.config import FamilyConfig, MetaTrainConfig
 from recipes.optim.theta import save_checkpoint

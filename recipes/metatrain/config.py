@@ -1,10 +1,5 @@
-"""Meta-training settings: YAML -> frozen, validated config classes.
-
-A config file has the sections ``metatrain`` (outer loop), ``pes`` (the estimator), ``inner`` (how
-every task trains its parameters) and ``families`` (the task families, one PES population each).
-``lm_sampler`` optionally adds language-model families of random width/depth/context, drawn once
-from its seed so a resumed run sees the same families.
-"""
+"""Meta-training settings: ``metatrain`` (the outer loop), ``pes`` (the estimator), ``inner`` (how each task
+trains), ``families`` (one PES population each) and ``lm_sampler`` (language-model families drawn from a seed)."""
 from __future__ import annotations
 
 import random
@@ -36,19 +31,15 @@ class OuterConfig:
     outer_b1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay on theta")
     outer_b2: Float = Field(0.999, ge=0, lt=1, description="Adam's second-moment decay on theta")
     outer_weight_decay: Float = Field(0.0, ge=0, description="decoupled weight decay on theta")
-    outer_grad_clip: Float | None = Field(None, gt=0, description="clips the global norm of the PES gradient "
-                                          "estimate; null leaves it alone")
+    outer_grad_clip: Float | None = Field(None, gt=0, description="the PES gradient's largest norm; null: no clip")
     checkpoint_every_s: Float = Field(300.0, ge=0, description="seconds between full-state saves (and one at the end)")
-    snapshot_every: Int = Field(1000, ge=0, description="outer steps between official-format theta snapshots "
-                                "kept under thetas/; 0: none")
+    snapshot_every: Int = Field(1000, ge=0, description="outer steps between theta snapshots in thetas/; 0: none")
     log_every: Positive = Field(1, description="outer steps between metrics records")
-    profile_every: Int = Field(0, ge=0, description="outer steps between measurements of the learned rule's share "
-                               "of the time; 0: once at the start")
+    profile_every: Int = Field(0, ge=0, description="outer steps between timings of the learned rule; 0: at start")
     profile: Bool = Field(True, description="measure that share at all (false: never)")
     wandb: Literal["disabled", "online", "offline"] = Field("disabled", description="Weights & Biases logging")
     wandb_project: str = Field("celo2-metatrain", description="the W&B project")
-    families_per_step: Positive | None = Field(None, description="families evaluated per outer step, picked at "
-                                               "random without replacement; null: all")
+    families_per_step: Positive | None = Field(None, description="families drawn for each outer step; null: all")
 
 
 @config_class("pes.")
@@ -58,11 +49,9 @@ class PESConfig:
     truncation: Positive = Field(50, description="inner steps per truncation (one outer step)")
     min_length: Positive = Field(100, description="inner-problem lengths are log-uniform in [min_length, max_length]")
     max_length: Positive = Field(2000, description="the longest inner problem")
-    loss_cap: Float = Field(1.5, gt=0, description="normalized per-step losses (loss / the task's initial loss) are "
-                            "clipped here; NaN maps to it")
-    objective: Literal[PES_OBJECTIVES] = Field("mean_train_loss", description="the meta-loss of a truncation: the "
-                                               "steps' training losses (as published), or the final parameters' "
-                                               "loss on batches no step trained on (rewards generalizing)")
+    loss_cap: Float = Field(1.5, gt=0, description="the cap of losses over the task's initial loss (NaN too)")
+    objective: Literal[PES_OBJECTIVES] = Field("mean_train_loss", description="a truncation's meta-loss: its steps' "
+                                               "losses (published), or the end's on unseen batches")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -83,8 +72,7 @@ class InnerConfig:
     b2: Float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
     weight_decay: Float = Field(0.0, ge=0, description="decoupled weight decay")
     orthogonalize: Bool = Field(True, description="hidden matrices train with celo2 (true) or celo2_base (false)")
-    scale_min: Float = Field(1e-3, gt=0, description="each task is reparameterized by a global scale, log-uniform "
-                             "in [scale_min, scale_max]")
+    scale_min: Float = Field(1e-3, gt=0, description="each task's parameter scale is log-uniform in [min, max]")
     scale_max: Float = Field(1e3, gt=0, description="the largest such scale")
 
     @model_validator(mode="after")
@@ -108,15 +96,13 @@ class FamilyConfig:
     batch: Positive = Field(64, description="examples per inner step")
     weight: Float = Field(1.0, gt=0, description="this family's share of the averaged gradient")
     hidden: tuple[Positive, ...] = Field((64, 32), description="image_mlp: the hidden layers' widths")
-    dataset: Literal[IMAGE_DATASETS] = Field("digits", description="image_mlp: the images "
-                                             "(recipes/metatrain/image_datasets.py)")
+    dataset: Literal[IMAGE_DATASETS] = Field("digits", description="image_mlp: the images")
     n_layer: Positive = Field(1, description="lm: transformer blocks")
     n_head: Positive = Field(2, description="lm: attention heads")
     d_model: Positive = Field(32, description="lm: width")
     context_length: Positive = Field(32, description="lm: sequence length")
-    vocab: Int = Field(512, ge=2, description="lm: the corpus is re-tokenized to its vocab-1 commonest tokens plus "
-                       '"other"')
-    corpus: str = Field("", description='lm: a shard directory written by data.prepare; "" is the bundled Shakespeare')
+    vocab: Int = Field(512, ge=2, description='lm: the corpus\'s vocab-1 commonest tokens and "other"')
+    corpus: str = Field("", description='lm: a shard directory from data.prepare; "": the bundled Shakespeare')
     name: str = Field(default_factory=_family_name, description="default: named after its kind and shape")
 
     @model_validator(mode="after")
@@ -128,9 +114,7 @@ class FamilyConfig:
 
 @config_class("lm_sampler.")
 class LMSamplerConfig:
-    """Adds ``count`` lm families with layers/width/context drawn from the choices, or, when
-    ``shapes`` lists [n_layer, d_model, context_length] triples, taken from them in turn: families
-    of one shape then share a fusion key and train as one population (see ``fused``)."""
+    """Adds ``count`` lm families of shapes drawn from the choices, or taken in turn from ``shapes``."""
 
     count: Int = Field(0, ge=0, description="lm families added")
     seed: Int = Field(0, description="the draws' seed")
@@ -140,33 +124,24 @@ class LMSamplerConfig:
     n_head: Int = Field(2, description="attention heads of every drawn family")
     batch: Int = Field(8, description="examples per inner step of every drawn family")
     vocab: Int = Field(512, description="the vocabulary of every drawn family")
-    shapes: tuple[Shape, ...] = Field((), description="[n_layer, d_model, context_length] triples taken in turn "
-                                      "instead of random draws")
-
-    def _drawn_shapes(self) -> list[tuple[int, ...]]:
-        if self.shapes:  # in turn, so each shape gets count / len(shapes) families
-            return [self.shapes[i % len(self.shapes)] for i in range(self.count)]
-        rng = random.Random(self.seed)
-        out: list[tuple[int, ...]] = []
-        for _ in range(self.count):
-            for _attempt in range(100):  # prefer shapes not drawn yet while there are any
-                shape = (rng.choice(self.n_layer), rng.choice(self.d_model), rng.choice(self.context_length))
-                if shape not in out:
-                    break
-            out.append(shape)
-        return out
+    shapes: tuple[Shape, ...] = Field((), description="[n_layer, d_model, context_length] triples taken in turn")
 
     def families(self) -> list[FamilyConfig]:
-        out, seen = [], set()
-        for shape in self._drawn_shapes():
-            name = f"lm_l{shape[0]}_d{shape[1]}_c{shape[2]}"
-            suffix = 1
-            while name in seen:  # the same shape drawn twice: a second, independent population
-                suffix += 1
-                name = f"lm_l{shape[0]}_d{shape[1]}_c{shape[2]}_{suffix}"
-            seen.add(name)
-            out.append(FamilyConfig(kind="lm", name=name, n_layer=shape[0], d_model=shape[1], context_length=shape[2],
-                                    n_head=self.n_head, batch=self.batch, vocab=self.vocab))
+        """A shape drawn again is a second, independent population (name suffix _2, _3, ...)."""
+        rng, shapes = random.Random(self.seed), []
+        for i in range(self.count):
+            for _attempt in range(100):  # prefer shapes not drawn yet while there are any
+                shape = self.shapes[i % len(self.shapes)] if self.shapes else (
+                    rng.choice(self.n_layer), rng.choice(self.d_model), rng.choice(self.context_length))
+                if self.shapes or shape not in shapes:
+                    break
+            shapes.append(shape)
+        out = []
+        for i, (n_layer, d_model, context) in enumerate(shapes):
+            copy = shapes[:i].count(shapes[i])  # earlier draws of this shape
+            name = f"lm_l{n_layer}_d{d_model}_c{context}" + (f"_{copy + 1}" if copy else "")
+            out.append(FamilyConfig(kind="lm", name=name, n_layer=n_layer, d_model=d_model, context_length=context, n_head=self.n_head,
+                                    batch=self.batch, vocab=self.vocab))
         return out
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import write_json
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.tasks.lm import TinyLM, corpus

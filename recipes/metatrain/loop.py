@@ -23,7 +23,7 @@ from recipes.train.loop import Hooks, Loop
 from recipes.train.metrics import MetricsLog
 from recipes.train.run_dir import locked
 from recipes.train.stop import StopRequest
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import write_json
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import MetaTrainConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from recipes.optim.theta import load_checkpoint, theta_from_source
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import write_json
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate
 from recipes.metatrain.ship import snapshots

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from recipes.optim.theta import WEIGHTS_DIR, load_checkpoint
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import atomic_path, write_json
 from recipes.metatrain.checkpoint import SNAPSHOT_NAME, SNAPSHOTS_DIR
 from recipes.metatrain.evaluate import Candidate, EvalSettings, evaluate

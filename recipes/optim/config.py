@@ -1,15 +1,11 @@
-"""Typed optimizer configuration: frozen config classes validated on construction.
-
-Recipes select an optimizer by name and override fields from the command line, e.g.
-``--optimizer.name=muon --optimizer.lr=3e-3``; every refusal names the field, the bad value and a fix.
-Defaults marked "to be swept" are nanoGPT-style starting points, not the Celo2 authors' settings.
-"""
+"""The optimizer's settings, e.g. ``--optimizer.name=muon --optimizer.lr=3e-3``. Defaults marked "to be
+swept" are nanoGPT-style starting points, not the Celo2 authors' settings."""
 from __future__ import annotations
 
 import re
 from typing import Annotated, Callable, Literal
 
-from pydantic import AliasChoices, Field, ValidationInfo, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from model.config_base import Bool, ConfigError, Float, Int, Must, config_class
 from recipes.optim.theta import THETA_NAMES
@@ -25,10 +21,6 @@ DEFAULT_STACKED_PATTERN = r"^blocks(/|$)"
 
 ThetaSource = Annotated[str, Field(min_length=1), Must(f"a path, hf://OWNER/REPO or one of {list(THETA_NAMES)}")]
 
-# Validation context key: true while loading a run's config, whose warmup is fitted to the run
-# afterwards (recipes.train.config.fit_warmup) rather than refused here.
-FIT_WARMUP = "fit_warmup"
-
 
 def _check_regex(owner: str, field: str, pattern) -> None:
     try:
@@ -39,13 +31,10 @@ def _check_regex(owner: str, field: str, pattern) -> None:
 
 @config_class("schedule.")
 class ScheduleConfig:
-    """Learning-rate shape over training; the peak comes from OptimizerConfig. Every kind starts with
-    ``warmup_steps`` of linear warmup from 0 to the peak (step 0 has LR 0; the optimizer's statistics
-    still take that gradient in)."""
+    """Learning-rate shape over training (the peak is OptimizerConfig's), after a linear warmup from 0."""
 
-    kind: Literal[SCHEDULE_KINDS] = Field("cosine", description="cosine or linear decay to the floor at "
-                                          "total_steps, constant (the peak to the end), or wsd: warmup-stable-"
-                                          "decay, the peak until the last decay_fraction, then decay_shape down")
+    kind: Literal[SCHEDULE_KINDS] = Field("cosine", description="decay to the floor at total_steps; wsd: the peak, "
+                                          "then decay_shape over the last decay_fraction")
     warmup_steps: Int = Field(0, ge=0, description="steps of linear warmup from 0 to the peak")
     total_steps: Int | None = Field(None, gt=0, description="the length the schedule spans; null: the run's steps")
     min_lr_ratio: Annotated[Float, Must(hint="the floor as a fraction of the peak")] = Field(
@@ -54,9 +43,9 @@ class ScheduleConfig:
     decay_shape: Literal[WSD_DECAY_SHAPES] = Field("linear", description="wsd: the decay's shape")
 
     @model_validator(mode="after")
-    def _fits_its_length(self, info: ValidationInfo):
-        if self.total_steps is not None and not (info.context or {}).get(FIT_WARMUP):
-            self.check_steps(self.total_steps)
+    def _fits_its_length(self):
+        if self.total_steps is not None:
+            self.fitting_warmup(self.total_steps)
         return self
 
     def decay_steps(self, total_steps: int) -> int:
@@ -64,43 +53,33 @@ class ScheduleConfig:
         return max(1, round(self.decay_fraction * total_steps))
 
     def fitting_warmup(self, total_steps: int, notes: list[str] | None = None) -> int:
-        """The warmup for a run of ``total_steps``: warmup_steps if it (and a WSD decay) fits. If not,
-        with a ``notes`` list, a tenth of the run (``--train.steps=10`` on a recipe with 20 needs no
-        second override) and a note saying so; without one, a ConfigError."""
+        """warmup_steps if it (and a WSD decay) fits in ``total_steps``. If not: given ``notes``, a tenth of
+        the run and a note (so --train.steps=10 needs no second override); else a ConfigError."""
         decay = self.decay_steps(total_steps) if self.kind == "wsd" else 0
         if self.warmup_steps + decay <= total_steps:
             return self.warmup_steps
-        if notes is not None:
-            fitted = max(min(total_steps // 10, total_steps - decay), 0)
-            notes.append(f"note: optimizer.schedule.warmup_steps={self.warmup_steps} does not fit in "
-                         f"{total_steps} steps; using {fitted} (a tenth of the run)")
-            return fitted
-        if self.warmup_steps > total_steps:
-            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} exceeds total_steps={total_steps}: "
-                              "shorten the warmup or train longer")
-        raise ConfigError(f"schedule: warmup ({self.warmup_steps}) plus WSD decay ({decay} = decay_fraction "
-                          f"{self.decay_fraction} of {total_steps}) exceeds total_steps={total_steps}; "
-                          "lower warmup_steps or decay_fraction")
-
-    def check_steps(self, total_steps: int) -> None:
-        """Refuses a warmup (and WSD decay) that does not fit in ``total_steps``."""
-        self.fitting_warmup(total_steps)
+        if notes is None:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} exceeds total_steps={total_steps}: shorten "
+                              "the warmup or train longer" if not decay else f"schedule: warmup ({self.warmup_steps}) "
+                              f"plus WSD decay ({decay}) exceeds total_steps={total_steps}; lower warmup_steps or "
+                              "decay_fraction")
+        fitted = max(min(total_steps // 10, total_steps - decay), 0)
+        notes.append(f"note: optimizer.schedule.warmup_steps={self.warmup_steps} does not fit in {total_steps} "
+                     f"steps; using {fitted} (a tenth of the run)")
+        return fitted
 
 
 @config_class("routing rule ")
 class RoutingRule:
-    """Sends the parameters it matches to a group; the partition label a group gets (celo2, muon,
-    adamw, ...) is the branch, named by recipes.optim.optimizers.branch_of. A parameter matches when
-    every given condition holds; a rule with no condition matches everything."""
+    """Sends the parameters that meet all its conditions to a group (none: every parameter)."""
 
-    # Settings saved before "group" was named "branch" (run directories' config.yaml) still load.
+    # Run directories saved before "group" was named "branch" still load.
     group: Literal[ROUTING_GROUPS] = Field(validation_alias=AliasChoices("group", "branch"), description=(
-        "main (the named optimizer's matrix rule, celo2 or muon) or adamw"))
+        "main (the named optimizer's matrix rule) or adamw"))
     pattern: str | None = Field(None, description='a regex found (re.search) in the parameter\'s "/"-joined path')
     min_rank: Int | None = Field(None, ge=0, description="the least logical rank (leading layer axis excluded)")
     max_rank: Int | None = Field(None, ge=0, description="the greatest logical rank")
-    predicate: Callable[[str, tuple], bool] | None = Field(None, description="predicate(path, shape) is true "
-                                                           "(set from Python only)")
+    predicate: Callable[[str, tuple], bool] | None = Field(None, description="predicate(path, shape) (from Python)")
 
     @model_validator(mode="after")
     def _can_match(self):
@@ -110,24 +89,13 @@ class RoutingRule:
             raise ConfigError(f"routing rule min_rank={self.min_rank} > max_rank={self.max_rank}: it can match nothing")
         return self
 
-    def describe(self) -> str:
-        parts = [f"pattern={self.pattern!r}"] if self.pattern is not None else []
-        if self.min_rank is not None:
-            parts.append(f"rank>={self.min_rank}")
-        if self.max_rank is not None:
-            parts.append(f"rank<={self.max_rank}")
-        if self.predicate is not None:
-            parts.append(f"predicate={getattr(self.predicate, '__name__', 'fn')}")
-        return f"{' '.join(parts) or 'all'} -> {self.group}"
-
 
 @config_class("routing.")
 class RoutingConfig:
     """Which parameters the matrix rule gets and which go to AdamW."""
 
-    rules: tuple[RoutingRule, ...] = Field((), description="tried in order, the first match wins; parameters no "
-                                           "rule matches go to AdamW if an embedding or of rank <= adamw_max_rank, "
-                                           'else to the "main" group')
+    rules: tuple[RoutingRule, ...] = Field((), description="the first that matches wins; else embeddings and "
+                                           "rank <= adamw_max_rank go to adamw, the rest to main")
     embedding_pattern: str = Field(DEFAULT_EMBEDDING_PATTERN, description="paths of embeddings")
     stacked_pattern: str = Field(DEFAULT_STACKED_PATTERN, description="paths of parameters with leading layer axes")
     stacked_axes: Int = Field(1, ge=0, description="leading layer axes of those, not part of their rank")
@@ -147,35 +115,28 @@ class MuonConfig:
     beta: Float = Field(0.95, ge=0, lt=1, description="momentum")
     ns_steps: Int = Field(5, ge=1, description="Newton-Schulz iterations")
     nesterov: Bool = Field(True, description="Nesterov momentum")
-    consistent_rms: Float | None = Field(None, gt=0, description="null: Muon's width scaling sqrt(max(1, fan_out/"
-                                         "fan_in)); c scales the orthogonalized step to RMS about c, like AdamW's "
-                                         "(0.2 is Moonlight's choice)")
+    consistent_rms: Float | None = Field(None, gt=0, description="steps of RMS about this (Moonlight: 0.2); null: "
+                                         "Muon's sqrt(max(1, fan_out/fan_in))")
 
 
 @config_class("optimizer.")
 class OptimizerConfig:
-    """The optimizer harness, selected by ``name``. Weight decay is decoupled (update -lr * (step +
-    weight_decay * p)) and applied in every branch; both branches' LRs follow the schedule's shape.
-    ``from_dict`` builds one from nested dicts (parsed YAML), refusing unknown keys; ``to_dict`` gives them back."""
+    """The optimizer harness, selected by ``name``. Weight decay is decoupled (-lr * (step + weight_decay * p))
+    in every branch; both branches' LRs follow the schedule's shape."""
 
-    name: Literal[OPTIMIZER_NAMES] = Field("celo2", description="the matrix rule, or adamw/celo2_base for every "
-                                           "parameter")
-    lr: Float = Field(1e-3, ge=0, description="peak LR of the main branch (celo2's or muon's hidden matrices); "
-                      "for adamw and celo2_base, of every parameter. To be swept (no value is taken from the paper)")
+    name: Literal[OPTIMIZER_NAMES] = Field("celo2", description="the matrix rule; adamw, celo2_base: every parameter")
+    lr: Float = Field(1e-3, ge=0, description="peak LR of the main branch (of every parameter for adamw, celo2_base)")
     weight_decay: Float = Field(0.1, ge=0, description="decoupled weight decay (nanoGPT's value; to be swept)")
-    adamw_lr_mult: Float = Field(1.0, ge=0, description="the AdamW side branch's LR relative to lr: a neutral "
-                                 "start, not the paper's value: sweep it (Celo2 steps have RMS 1, AdamW's are smaller)")
+    adamw_lr_mult: Float = Field(1.0, ge=0, description="the AdamW side branch's LR relative to lr (to be swept)")
     adamw_lr: Float | None = Field(None, ge=0, description="the AdamW side branch's peak LR; null: adamw_lr_mult * lr")
     b1: Float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
     b2: Float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
     eps: Float = Field(1e-8, gt=0, description="Adam's epsilon")
-    theta: ThetaSource = Field("hf://amoudgl/celo2", description="Celo2's learned weights: a theta.state, a directory "
-                                "holding one, hf://OWNER/REPO or a shipped name")
+    theta: ThetaSource = Field("hf://amoudgl/celo2", description="Celo2's learned weights")
     theta_seed: Int = Field(0, description='the seed of theta="random"')
     grad_clip_norm: Annotated[Float | None, Must(hint="null is no clipping")] = Field(
         None, gt=0, description="the largest global gradient norm; null is no clipping")
-    decay_rank1: Bool = Field(True, description="false exempts logical rank <= 1 parameters (biases, LayerNorm) "
-                              "from weight decay, the nanoGPT convention")
+    decay_rank1: Bool = Field(True, description="false: biases and LayerNorms get no weight decay (nanoGPT's way)")
     schedule: ScheduleConfig = ScheduleConfig()
     routing: RoutingConfig = RoutingConfig()
     muon: MuonConfig = MuonConfig()
@@ -184,14 +145,10 @@ class OptimizerConfig:
     @classmethod
     def _removed_keys(cls, values):
         # Gradient accumulation is data.micro_batch's alone; run configs saved before still load.
-        if not isinstance(values, dict) or "grad_accum_steps" not in values:
-            return values
-        if values["grad_accum_steps"] != 1:
-            raise ConfigError(
-                f"optimizer.grad_accum_steps={values['grad_accum_steps']!r} is no longer read: accumulate inside "
-                "one step instead, with data.global_batch the sequences of one update and data.micro_batch the "
-                "sequences of one forward/backward pass")
-        return {k: v for k, v in values.items() if k != "grad_accum_steps"}
+        if isinstance(values, dict) and values.get("grad_accum_steps", 1) != 1:
+            raise ConfigError(f"optimizer.grad_accum_steps={values['grad_accum_steps']!r} is no longer read: "
+                              "accumulate inside one step instead, with data.global_batch and data.micro_batch")
+        return {k: v for k, v in values.items() if k != "grad_accum_steps"} if isinstance(values, dict) else values
 
     @property
     def side_lr(self) -> float:

@@ -93,13 +93,22 @@ def rule_matches(rule: RoutingRule, path: str, shape: tuple[int, ...], rank: int
     return rule.predicate is None or bool(rule.predicate(path, shape))
 
 
+def describe(rule: RoutingRule) -> str:
+    """'pattern='qkv' rank>=2 -> main'."""
+    parts = [f"pattern={rule.pattern!r}"] if rule.pattern is not None else []
+    parts += [f"rank>={rule.min_rank}"] if rule.min_rank is not None else []
+    parts += [f"rank<={rule.max_rank}"] if rule.max_rank is not None else []
+    parts += [f"predicate={getattr(rule.predicate, '__name__', 'fn')}"] if rule.predicate is not None else []
+    return f"{' '.join(parts) or 'all'} -> {rule.group}"
+
+
 def route(path: str, shape: tuple[int, ...], routing: RoutingConfig) -> Route:
     """First matching rule, else the default: embeddings and rank <= adamw_max_rank -> adamw."""
     n_stacked = stacked_axes(path, shape, routing)
     rank = len(shape) - n_stacked
     for i, rule in enumerate(routing.rules):
         if rule_matches(rule, path, shape, rank):
-            return Route(path, shape, n_stacked, rank, rule.group, f"rules[{i}]: {rule.describe()}")
+            return Route(path, shape, n_stacked, rank, rule.group, f"rules[{i}]: {describe(rule)}")
     if is_embedding(path, routing):
         return Route(path, shape, n_stacked, rank, "adamw", "default: embedding")
     if rank <= routing.adamw_max_rank:
@@ -121,7 +130,7 @@ def route_tree(tree, routing: RoutingConfig) -> list[Route]:
         if not any(rule_matches(rule, r.path, r.shape, r.logical_rank) for r in routes):
             some = ", ".join(f"{r.path} {r.shape}" for r in routes[:6])
             raise ValueError(
-                f"routing.rules[{i}] ({rule.describe()}) matches no parameter; fix its pattern or rank "
+                f"routing.rules[{i}] ({describe(rule)}) matches no parameter; fix its pattern or rank "
                 f"bounds, or remove it. Parameters include: {some}"
             )
     return routes

@@ -25,7 +25,7 @@ def resolve_total_steps(config: ScheduleConfig, total_steps: int | None = None) 
         )
     if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
         raise ValueError(f"total_steps must be a positive int, got {total!r}")
-    config.check_steps(total)
+    config.fitting_warmup(total)  # refuses a warmup (and WSD decay) longer than the run
     return total
 
 

@@ -7,8 +7,12 @@ fix, so one line suffices; CELO2_DEBUG=1 shows the traceback as well. Entry poin
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import textwrap
+import typing
 from typing import Callable
 
 EXIT_CODES = {"finished": 0, "error": 1, "nonfinite": 3}  # stopped by a signal: 128 + its number
@@ -19,8 +23,6 @@ def add_config_help(parser: argparse.ArgumentParser, config_class: Callable[[], 
     the config its overrides set; the class is imported only when help is asked for."""
     class Help(argparse.Action):
         def __call__(self, parser, *_):
-            from recipes.config_parsing import keys_help
-
             parser.epilog = keys_help(config_class())
             parser.print_help()
             parser.exit()
@@ -33,7 +35,7 @@ def ordinary_errors() -> tuple[type[BaseException], ...]:
     from data.shards import ShardError
     from data.tokenizer import TokenizerUnavailableError
     from recipes.optim.theta import ThetaFormatError
-    from recipes.errors import ConfigError
+    from model.config_base import ConfigError
     from recipes.train.checkpoint import CheckpointWriteError
 
     # OSError last: a full disk, a file-size limit or permissions anywhere else get one line too.
@@ -100,3 +102,28 @@ def exit_after_training(main: Callable) -> None:
     # A finished run exits 0 even when a signal came during its last step (else reruns never end).
     if result.get("stopped_by") and not result.get("finished"):
         sys.exit(128 + int(getattr(signal, result["stopped_by"], signal.SIGTERM)))
+
+
+def keys_help(cls, prefix: str = "") -> str:
+    """Every key of config class ``cls``, one a line: key=default, what it allows, its description."""
+    from model.config_base import allowed, to_dict  # pydantic: loaded only when help is asked for
+
+    lines = [] if prefix else ["config keys, set as --KEY=VALUE (a recipe's values replace these defaults):"]
+    lines += [_row(prefix + name, text) for name, text in getattr(cls, "EXTRA_KEYS", {}).items()]
+    for name, field in cls.__pydantic_fields__.items():
+        key, args = prefix + name, typing.get_args(field.annotation)
+        if dataclasses.is_dataclass(field.annotation):
+            lines.append(keys_help(field.annotation, f"{key}."))
+            continue
+        default = "  (required)" if field.is_required() else "" if field.default_factory else \
+            "=" + json.dumps(to_dict(field.default))  # as it would be typed after --KEY=
+        lines.append(_row(key + default, "; ".join(filter(None, [allowed(field.annotation, field),
+                                                                 field.description]))))
+        if args and dataclasses.is_dataclass(args[0]):  # a list of config classes: their keys
+            lines.append(keys_help(args[0], f"{key}[]."))
+    return "\n".join(lines)
+
+
+def _row(left: str, text: str, width: int = 40) -> str:
+    head = f"  {left}".ljust(width) if len(left) + 3 <= width else f"  {left}\n" + " " * width
+    return head + ("\n" + " " * width).join(textwrap.wrap(text, 120 - width))

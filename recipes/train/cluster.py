@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 
 
 def _several(variable: str) -> bool:

@@ -1,11 +1,5 @@
-"""One typed run config: YAML file + command-line overrides -> frozen config classes.
-
-    config = load_config("shakespeare_celo2.yaml", ["--optimizer.lr=3e-3", "--train.steps=100"])
-
-Sections: model (a named size plus ModelConfig overrides), data, optimizer
-(recipes.optim.config.OptimizerConfig), train, mesh, eval, logging, sample. Reading recipes (``base:``,
-anchors, overrides) is recipes.config_parsing's; checking keys is the config classes' own.
-"""
+"""A run's settings: ``load_config("shakespeare_celo2.yaml", ["--train.steps=100"])``. Sections: model,
+data, optimizer, train, mesh, eval, logging, sample; reading recipes is recipes.config_parsing's."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,26 +7,24 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, model_validator
 
 from model.config import ModelConfig
 from model.config_base import Bool, ConfigError, Float, Int, Must, config_class, to_dict
 from model.sampling import MAX_NEW_TOKENS
 from recipes.config_parsing import load_file
-from recipes.errors import check_number
-from recipes.optim.config import FIT_WARMUP, OptimizerConfig
+from recipes.optim.config import OptimizerConfig
 
 WANDB_MODES = ("disabled", "offline", "online")
 
 
 @config_class("data.")
 class DataConfig:
-    path: str = Field("shakespeare", description='"shakespeare" (the bundled corpus, prepared on first use) or a '
-                      "directory of shards")
+    path: str = Field("shakespeare", description="a directory of shards, or shakespeare: the bundled corpus")
     seq_len: Int | None = Field(None, ge=1, description="tokens per training sequence; null: model.context_length")
     global_batch: Int = Field(32, ge=1, description="sequences per optimizer step, summed over all processes")
-    micro_batch: Int | None = Field(None, ge=1, description="sequences per forward/backward pass (global); "
-                                    "global_batch / micro_batch passes are accumulated in one step. null: none")
+    micro_batch: Int | None = Field(None, ge=1, description="sequences per forward/backward pass (global), "
+                                    "accumulated in one step; null: global_batch")
     seed: Int | None = Field(None, description="order of the training windows; null: train.seed")
     prefetch: Int = Field(2, ge=1, description="batches read ahead")
 
@@ -53,19 +45,15 @@ class TrainConfig:
     steps: Int = Field(1000, ge=1, description="optimizer steps of the run (and of its schedule)")
     seed: Int = Field(0, description="parameter init (and data order unless data.seed is set)")
     out_dir: str = Field("runs/default", description="the run directory; an existing one is resumed")
-    stop_at_step: Int | None = Field(None, description="stop early at this step with a checkpoint (the schedule "
-                                     "still spans steps), e.g. to split a run across jobs; null: run to steps")
+    stop_at_step: Int | None = Field(None, description="stop here with a checkpoint (the schedule still spans "
+                                     "steps); null: run to steps")
     checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
     keep_checkpoints: Int = Field(3, ge=1, description="checkpoints kept")
-    max_nonfinite_steps: Int = Field(5, ge=1, description="stop after this many consecutive non-finite steps "
-                                     "(each is skipped)")
+    max_nonfinite_steps: Int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     spike_factor: Annotated[Float | None, Must(hint="null turns the spike guard off")] = Field(
-        10.0, gt=1, description="a loss over this many times the median of the last 50 is a spike; a checkpoint is "
-        "written only when every step since the last was finite and spike-free, so the checkpoints always hold a "
-        "state the run trusts; null turns the spike guard off")
-    target_val_loss: Float | None = Field(None, gt=0, description="the first evaluation at or below this validation "
-                                          "loss records its step, tokens and training wall time (metrics.jsonl, "
-                                          "summary.json); null: no target")
+        10.0, gt=1, description="a loss this many times the last 50's median is a spike (no checkpoint after one)")
+    target_val_loss: Float | None = Field(None, gt=0, description="record the step, tokens and time at which the "
+                                          "validation loss first gets this low")
     stop_at_target: Bool = Field(False, description="end the run (with a checkpoint) once the target is reached")
 
     @model_validator(mode="after")
@@ -79,39 +67,33 @@ class TrainConfig:
 
 @config_class("mesh.")
 class MeshConfig:
-    """Device mesh axes (-1 takes the remaining devices) and multi-host setup. data, fsdp and tensor
-    split the devices of one host (one slice on TPU pods with several), over its fast links; dcn_data
-    and dcn_fsdp split the hosts or slices, over the data-centre network. The mesh's data axis is
-    dcn_data x data, its fsdp axis dcn_fsdp x fsdp."""
+    """Device mesh axes (-1: the remaining devices) and multi-host start. data, fsdp and tensor split a
+    host's (a TPU slice's) devices; dcn_data and dcn_fsdp split the hosts or slices. The mesh's data axis
+    is dcn_data x data, its fsdp axis dcn_fsdp x fsdp."""
 
     data: Int = Field(1, description="data-parallel ways inside a host")
     fsdp: Int = Field(-1, description="FSDP ways inside a host")
     tensor: Int = Field(1, description="tensor-parallel ways inside a host")
-    dcn_data: Int = Field(-1, description="data-parallel ways across hosts or slices (so FSDP's per-micro-batch "
-                          "gathers stay on the fast links); one process, one slice: 1")
-    dcn_fsdp: Int = Field(1, description="FSDP ways across hosts or slices; one process, one slice: 1")
+    dcn_data: Int = Field(-1, description="data-parallel ways across hosts or slices")
+    dcn_fsdp: Int = Field(1, description="FSDP ways across hosts or slices")
     devices: Annotated[Int | None, Must(hint="null uses all devices")] = Field(
         None, ge=1, description="the first N devices only; null uses all devices")
-    gather_weights: Literal["micro_batch", "step"] = Field(
-        "micro_batch", description="when FSDP gathers the weights (in the compute dtype): for every micro-batch, or "
-        "once a step before the micro-batches (a whole compute-dtype copy of the model on every device; the "
-        "gradients are still reduce-scattered per micro-batch)")
-    distributed: Literal["auto", True, False] = Field("auto", description="multi-host start: auto when a cluster "
-                                                      "launched this process (Slurm, Open MPI, TPU pods, Kubernetes "
-                                                      "indexed jobs), true always, false never")
+    gather_weights: Literal["micro_batch", "step"] = Field("micro_batch", description="when FSDP gathers the "
+                                                           "weights; step: once, a whole copy on every device")
+    distributed: Literal["auto", True, False] = Field("auto", description="multi-host start; auto: when a cluster "
+                                                      "(Slurm, MPI, TPU pod, Kubernetes) launched this process")
     coordinator_address: str | None = Field(None, description="null: found by JAX on those clusters")
     num_processes: Int | None = Field(None, ge=1, description="null: found by JAX")
     process_id: Int | None = Field(None, ge=0, description="null: found by JAX")
-    connect_timeout_s: Annotated[Int, Must(hint="how long to wait for the coordinator and the other processes")] = \
-        Field(60, ge=1, description="how long to wait for the coordinator and the other processes")
+    connect_timeout_s: Int = Field(60, ge=1, description="seconds to wait for the coordinator and the other processes")
 
     @model_validator(mode="after")
     def _axes(self):
         for group in (("data", "fsdp", "tensor"), ("dcn_data", "dcn_fsdp")):
             axes = {name: getattr(self, name) for name in group}
             for name, value in axes.items():
-                if value != -1:
-                    check_number(f"mesh.{name}", value, integer=True, low=1, hint="or -1 for the remaining devices")
+                if value < 1 and value != -1:
+                    raise ConfigError(f"mesh.{name} must be an int >= 1, got {value}; or -1 for the remaining devices")
             if list(axes.values()).count(-1) > 1:
                 raise ConfigError(f"at most one of {', '.join('mesh.' + n for n in group)} may be -1")
         return self
@@ -137,7 +119,7 @@ class LoggingConfig:
 
 @config_class("sample.")
 class SampleConfig:
-    """Text generated from the final model, printed after the run's summary (0 tokens: none)."""
+    """Text generated from the final model, printed after the run's summary."""
 
     prompt: str = Field("\n", min_length=1, description="the text the sample continues")
     max_new_tokens: Int = Field(0, ge=0, le=MAX_NEW_TOKENS, description="tokens generated; 0: no sample")
@@ -172,15 +154,10 @@ class Config:
         return self.optimizer.schedule.total_steps or self.train.steps
 
     @model_validator(mode="after")
-    def _fits(self, info: ValidationInfo):
+    def _fits(self):
         if self.seq_len > self.model.context_length:
             raise ConfigError(f"data.seq_len={self.seq_len} exceeds model.context_length={self.model.context_length}; "
                               "lower data.seq_len or raise the context length")
-        if not (info.context or {}).get(FIT_WARMUP):
-            try:
-                self.optimizer.schedule.check_steps(self.total_steps)
-            except ConfigError as error:
-                raise ConfigError(f"optimizer.{error}") from None
         return self
 
 
@@ -200,9 +177,5 @@ def fit_warmup(config: Config, notes: list[str]) -> Config:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
                 notes: list[str] | None = None) -> Config:
-    """The typed Config from a YAML file (or defaults when None) and command-line overrides.
-
-    A warmup that does not fit in the run is cut to a tenth of it, with a note appended to ``notes``.
-    """
-    config = load_file(Config, path, overrides or [], context={FIT_WARMUP: True})
-    return fit_warmup(config, notes if notes is not None else [])
+    """The Config from a YAML file (None: the defaults) and overrides, its warmup fitted (fit_warmup)."""
+    return fit_warmup(load_file(Config, path, overrides or []), notes if notes is not None else [])

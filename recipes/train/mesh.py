@@ -8,7 +8,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from model import make_mesh
 from model.sharding import logical_to_spec
 from recipes.train.config import MeshConfig
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 
 
 def granules(devices) -> list[list]:

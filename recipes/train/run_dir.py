@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from data.files import atomic_write, write_json
 from recipes.optim.optimizers import build_optimizer
 from recipes.train import config as config_lib

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import jax
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from recipes.train.checkpoint import Checkpointer
 from recipes.train.cli import one_line
 

@@ -41,7 +41,7 @@ def test_lm_sampler_is_deterministic():
 
 
 def test_family_names_are_derived_and_help_lists_the_keys():
-    from recipes.config_parsing import keys_help
+    from recipes.train.cli import keys_help
     from recipes.metatrain.config import FamilyConfig
 
     assert FamilyConfig(kind="lm", n_layer=2, d_model=48, context_length=16).name == "lm_l2_d48_c16"

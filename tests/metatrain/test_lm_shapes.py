@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from recipes.metatrain import checkpoint as ckpt
 from recipes.metatrain.config import LMSamplerConfig, MetaTrainConfig
 from recipes.metatrain.fused import FusedFamilies, fusable_groups

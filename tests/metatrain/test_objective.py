@@ -45,7 +45,7 @@ def test_final_unseen_loss_scores_the_final_parameters_on_batches_no_step_used()
 
 
 def test_an_unknown_objective_is_one_clear_error():
-    from recipes.errors import ConfigError
+    from model.config_base import ConfigError
 
     with pytest.raises(ConfigError, match="pes.objective"):
         MetaTrainConfig.from_dict({**SETTINGS, "pes": {**SETTINGS["pes"], "objective": "final_loss"}})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recipes.optim.theta import init_theta, load_checkpoint, normalized_momentum_theta, save_checkpoint
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from recipes.metatrain.config import FamilyConfig
 from recipes.metatrain.evaluate import EvalSettings
 from recipes.metatrain.ship import score_snapshots, ship, snapshots

@@ -3,9 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from recipes.train.config import Config, load_config, to_dict, to_yaml
-from recipes.config_parsing import CONFIG_DIR, keys_help, parse_overrides
+from recipes.config_parsing import CONFIG_DIR, parse_overrides
+from recipes.optim.schedules import make_schedule
+from recipes.train.cli import keys_help
 from tests.helpers import recipe_setting
 
 RECIPES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
@@ -60,8 +62,10 @@ def test_bad_values_are_refused():
         load_config(None, ["steps=3"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_recipe.yaml")
+    # Built without load_config, a warmup longer than the run is refused when its schedule is built.
+    config = Config.from_dict({"train": {"steps": 5}, "optimizer": {"schedule": {"warmup_steps": 20}}})
     with pytest.raises(ConfigError, match="warmup_steps=20 exceeds total_steps=5"):
-        Config.from_dict({"train": {"steps": 5}, "optimizer": {"schedule": {"warmup_steps": 20}}})
+        make_schedule(config.optimizer.schedule, 1.0, total_steps=config.total_steps)
 
 
 def test_a_warmup_longer_than_a_short_run_is_cut_with_a_note():

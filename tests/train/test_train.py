@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import train
-from recipes.errors import ConfigError
+from model.config_base import ConfigError
 from tests.helpers import TINY, final_params, recipe_setting, records, run_at_once
 
 
