@@ -82,8 +82,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
             raise KeyError(f"no sharding rule for logical axis {name!r}")
         rule = LOGICAL_RULES[name]
         axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
-        if mesh is not None:
-            axes = tuple(a for a in axes if a in mesh.shape)
+        if mesh is not None:  # axes under shard_map's manual control are already split off
+            axes = tuple(a for a in axes if a in mesh.shape and a not in manual_axes(mesh))
             if shape is not None:
                 # Keep the longest prefix of mesh axes whose product divides the dim.
                 while axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
@@ -126,6 +126,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if manual_or_no_mesh():
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, jax.sharding.get_abstract_mesh()))
+
+
+def manual_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> set[str]:
+    """The mesh axes a shard_map being traced has made manual."""
+    return {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Manual}
 
 
 def manual_or_no_mesh() -> bool:

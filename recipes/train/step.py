@@ -20,6 +20,12 @@ def compute_weights(params, dtype, shardings):
     return jax.tree.map(cast, params, shardings)
 
 
+def _data_ways() -> int:
+    """The size of the 'data' axis of the mesh the step is traced under (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+
+
 def gathered(shardings):
     """The shardings with the FSDP axis dropped: the weights whole on every FSDP shard."""
     def keep(axes):
@@ -33,9 +39,10 @@ def accumulated_grads(loss_fn, micro_batches: int, *, compute_dtype=None, param_
                       gather_once: bool = False):
     """fn(params, tokens_GxLp1) -> (mean loss, mean gradients) over micro_batches micro-batches.
 
-    Micro-batch a holds rows a, a + A, a + 2A, ... so each stays spread over every batch
-    shard; their gradients are summed in a lax.scan, so only one micro-batch's activations
-    are alive at a time. With ``compute_dtype`` and ``param_shardings`` the weight matrices are
+    Micro-batch a holds rows a, a + A, a + 2A, ... (of each data shard's rows, on a mesh with a
+    'data' axis) so each stays spread over every batch shard; their gradients are summed in a
+    lax.scan, so only one micro-batch's activations are alive at a time, and averaged over the data
+    shards once, after the scan. With ``compute_dtype`` and ``param_shardings`` the weight matrices are
     cast before use (compute_weights); ``gather_once`` gathers that copy once, before the
     micro-batches, and reduce-scatters each micro-batch's gradients back to the parameters' layout.
     """
@@ -58,6 +65,17 @@ def accumulated_grads(loss_fn, micro_batches: int, *, compute_dtype=None, param_
             weights = jax.tree.map(jax.lax.with_sharding_constraint, weights, gathered(param_shardings))
         if micro_batches == 1:
             return micro_grads(params, weights, tokens_GxLp1)
+        if _data_ways() > 1:
+            # Each data shard sums its own rows' gradients over the micro-batches, and the shards'
+            # means are averaged once a step: not an all-reduce over 'data' per micro-batch.
+            def shard_mean(params, weights, tokens_GxLp1):
+                return jax.lax.pmean(scanned(params, weights, tokens_GxLp1), "data")
+            return jax.shard_map(shard_mean, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec("data")),
+                                 out_specs=PartitionSpec(), axis_names={"data"},
+                                 check_vma=False)(params, weights, tokens_GxLp1)
+        return scanned(params, weights, tokens_GxLp1)
+
+    def scanned(params, weights, tokens_GxLp1):
         rows, width = tokens_GxLp1.shape
         tokens_AxMxLp1 = tokens_GxLp1.reshape(rows // micro_batches, micro_batches, width).swapaxes(0, 1)
 

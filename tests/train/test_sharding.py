@@ -47,3 +47,25 @@ def test_batch_placement_follows_the_models_batch_rule(monkeypatch):
     monkeypatch.setitem(model_sharding.LOGICAL_RULES, "batch", "data")
     assert mesh_lib.batch_sharding(mesh).spec == PartitionSpec("data", None)
     assert mesh_lib.batch_shards(mesh) == 2
+
+
+def test_gradients_cross_the_data_axis_once_a_step_however_many_micro_batches():
+    """With data parallelism over slow links (mesh.dcn_data), the gradients must cross them once a step:
+    each data shard accumulates its own micro-batches and the shards are averaged after."""
+    from recipes.experiments.hlo_collectives import collectives
+    from recipes.train.build import build_program
+    from recipes.train.config import load_config
+
+    def bytes_across_data(micro_batch: int) -> int:
+        config = load_config(None, ["--model.size=tiny", "--model.vocab_size=256", "--data.global_batch=32",
+                                    f"--data.micro_batch={micro_batch}", "--mesh.data=2", "--mesh.fsdp=4",
+                                    "--optimizer.name=adamw"])
+        program = build_program(config, devices=jax.devices()[:8])
+        # The two data shards as two hosts (the mesh is data-major: positions 0-3 are data shard 0), so
+        # a collective between them is one the slow links would carry.
+        granule_of = [position // 4 for position in range(8)]
+        return collectives(program.compile().as_text(), granule_of)["level_totals"]["dcn"]
+
+    once = bytes_across_data(32)
+    assert once > 0
+    assert bytes_across_data(8) <= 1.1 * once  # 4 micro-batches: reduced per micro-batch this was 4x
