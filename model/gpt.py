@@ -6,6 +6,7 @@ otherwise; matmuls run in the config's compute dtype; parameters are float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -15,7 +16,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.layers import Dense, LayerNorm, param
 from model.loss import PAD_LOGIT, fused_next_token_loss, split_inputs_targets
-from model.sharding import constrain
+from model.sharding import constrain, logical_to_spec, manual_axes, manual_or_no_mesh
 
 _ACT_BxLxD = ("batch", "seq", "act_embed")
 # What a rematerialized layer keeps for its backward pass (model.remat): "dots" keeps the outputs
@@ -52,6 +53,19 @@ def attend(q_BxTxHxK, k_BxCxHxK, v_BxCxHxK, visible_TxC):
     return jnp.swapaxes(out_BxHxTxK, 1, 2)
 
 
+def fused_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, impl: str):
+    """Causal jax.nn.dot_product_attention. Inside a shard_map that leaves some mesh axes automatic (the
+    train step's per-data-shard accumulation) it runs per shard of the others: the cuDNN kernel's own
+    partitioning cannot place itself on such a mesh. Rows and heads are independent, so it is exact."""
+    attention = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl)
+    mesh = jax.sharding.get_abstract_mesh()
+    if manual_or_no_mesh() or not manual_axes(mesh):
+        return attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+    spec = logical_to_spec(_ACT_BxLxHxK, q_BxLxHxK.shape, mesh)
+    return jax.shard_map(attention, in_specs=(spec,) * 3, out_specs=spec,
+                         axis_names=set(mesh.axis_names) - manual_axes(mesh))(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, stack=(), stack_axes=()):
         self.config = config
@@ -77,8 +91,7 @@ class Attention(nnx.Module):
             causal_LxL = jnp.tril(jnp.ones((L, L), bool))
             out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal_LxL)
         else:
-            out_BxLxHxK = jax.nn.dot_product_attention(
-                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=impl)
+            out_BxLxHxK = fused_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, impl)
         out_BxLxHxK = constrain(out_BxLxHxK, _ACT_BxLxHxK)
         return self.proj(out_BxLxHxK.reshape(B, L, D))
 

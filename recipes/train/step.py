@@ -7,6 +7,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import constrain
+from model.sharding import logical_to_spec
 from recipes.optim.diagnostics import optimizer_diagnostics
 
 
@@ -20,10 +21,13 @@ def compute_weights(params, dtype, shardings):
     return jax.tree.map(cast, params, shardings)
 
 
-def _data_ways() -> int:
-    """The size of the 'data' axis of the mesh the step is traced under (1 without one)."""
+def _data_shards() -> int:
+    """How many ways the 'data' axis of the mesh the step is traced under (jax.set_mesh) splits the
+    batch: 1 without such a mesh, or where the batch's sharding rule leaves 'data' out."""
     mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+    batch_axes = None if mesh.empty else logical_to_spec(("batch",), mesh=mesh)[0]
+    split_by_data = batch_axes == "data" or isinstance(batch_axes, tuple) and "data" in batch_axes
+    return dict(mesh.shape)["data"] if split_by_data else 1
 
 
 def gathered(shardings):
@@ -39,8 +43,8 @@ def accumulated_grads(loss_fn, micro_batches: int, *, compute_dtype=None, param_
                       gather_once: bool = False):
     """fn(params, tokens_GxLp1) -> (mean loss, mean gradients) over micro_batches micro-batches.
 
-    Micro-batch a holds rows a, a + A, a + 2A, ... (of each data shard's rows, on a mesh with a
-    'data' axis) so each stays spread over every batch shard; their gradients are summed in a
+    Micro-batch a holds rows a, a + A, a + 2A, ... (of each data shard's rows, where the mesh's
+    'data' axis splits the batch) so each stays spread over every batch shard; their gradients are summed in a
     lax.scan, so only one micro-batch's activations are alive at a time, and averaged over the data
     shards once, after the scan. With ``compute_dtype`` and ``param_shardings`` the weight matrices are
     cast before use (compute_weights); ``gather_once`` gathers that copy once, before the
@@ -65,11 +69,13 @@ def accumulated_grads(loss_fn, micro_batches: int, *, compute_dtype=None, param_
             weights = jax.tree.map(jax.lax.with_sharding_constraint, weights, gathered(param_shardings))
         if micro_batches == 1:
             return micro_grads(params, weights, tokens_GxLp1)
-        if _data_ways() > 1:
+        if _data_shards() > 1:
             # Each data shard sums its own rows' gradients over the micro-batches, and the shards'
             # means are averaged once a step: not an all-reduce over 'data' per micro-batch.
             def shard_mean(params, weights, tokens_GxLp1):
                 return jax.lax.pmean(scanned(params, weights, tokens_GxLp1), "data")
+            # check_vma=False: the scan's zero carry is the same on every data shard and the gradients
+            # added to it differ, which the per-axis type check would refuse.
             return jax.shard_map(shard_mean, in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec("data")),
                                  out_specs=PartitionSpec(), axis_names={"data"},
                                  check_vma=False)(params, weights, tokens_GxLp1)

@@ -69,3 +69,23 @@ def test_gradients_cross_the_data_axis_once_a_step_however_many_micro_batches():
     once = bytes_across_data(32)
     assert once > 0
     assert bytes_across_data(8) <= 1.1 * once  # 4 micro-batches: reduced per micro-batch this was 4x
+
+
+def test_cudnn_attention_compiles_inside_the_per_data_shard_accumulation():
+    """On GPUs with data parallelism and micro-batches (several nodes by default), cuDNN's fused attention
+    runs inside the train step's shard_map over 'data': compiled here for a node of 8 H100s."""
+    from recipes.experiments.gpu_slices import cuda_missing, gpu_devices, parse_gpu
+    from recipes.train.build import build_program
+    from recipes.train.config import load_config
+
+    if missing := cuda_missing():
+        pytest.skip(missing)
+    try:
+        devices = gpu_devices(parse_gpu("h100-8"))
+    except (NotImplementedError, RuntimeError) as error:  # the CUDA plugin did not initialise here
+        pytest.skip(f"no compile-only CUDA topology: {error}")
+    config = load_config(None, ["--model.size=tiny", "--model.compute_dtype=bfloat16", "--data.global_batch=16",
+                                "--data.micro_batch=8", "--mesh.data=2", "--mesh.fsdp=4", "--model.n_layer=1",
+                                "--optimizer.name=adamw"])  # Celo2's update would take minutes to compile for a GPU
+    program = build_program(config, devices=devices, shapes_only=True, diagnostics=False)
+    assert "__cudnn$fmha" in program.compile().as_text()
