@@ -12,9 +12,10 @@ from model.config_base import ConfigError
 MAX_EXPANDED_VALUES = 100_000  # a recipe is a few hundred values; more, once aliases expand, is an alias bomb
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """Safe YAML in which a key given twice is an error, 1e-3 is a float (YAML 1.1 wants 1.0e-3), dates stay
-    text and only true/false are booleans (YAML 1.1 reads on/off/yes/no so: --logging.wandb=on would be True)."""
+class _OverrideLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Safe YAML in which a key given twice is an error, dates stay text and only true/false are booleans
+    (YAML 1.1 reads on/off/yes/no so: --logging.wandb=on would be True). 1e5 stays text, so a text key
+    may take it; a number key reads it from the text."""
 
     def flatten_mapping(self, node):
         seen = set()
@@ -26,13 +27,17 @@ class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
         super().flatten_mapping(node)
 
 
-_Loader.yaml_implicit_resolvers = {
+class _RecipeLoader(_OverrideLoader):
+    """Recipes also read 1e-3 as a float (YAML 1.1 wants 1.0e-3)."""
+
+
+_OverrideLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:timestamp",
                                                                        "tag:yaml.org,2002:bool")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+_OverrideLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 
@@ -55,7 +60,7 @@ def _expanded_size(node, path: Path, sizes: dict, open_nodes: set) -> int:
 def load_yaml(path: Path):
     """The YAML of ``path`` as Python values; alias expansion is bounded before anything is built."""
     try:
-        loader = _Loader(path.read_text(encoding="utf-8"))
+        loader = _RecipeLoader(path.read_text(encoding="utf-8"))
         try:
             node = loader.get_single_node()
             if node is None:
@@ -79,6 +84,6 @@ def load_yaml(path: Path):
 def yaml_value(text: str):
     """A YAML scalar (1e-3, true, null, [1, 2]); text YAML cannot read (**ROMEO**) stays a string."""
     try:
-        return yaml.load(text, _Loader) if text.strip() else text
+        return yaml.load(text, _OverrideLoader) if text.strip() else text
     except yaml.YAMLError:
         return text

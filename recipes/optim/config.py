@@ -42,27 +42,24 @@ class ScheduleConfig:
     decay_fraction: Float = Field(0.2, gt=0, le=1, description="wsd: the share of total_steps spent decaying")
     decay_shape: Literal[WSD_DECAY_SHAPES] = Field("linear", description="wsd: the decay's shape")
 
-    @model_validator(mode="after")
-    def _fits_its_length(self):
-        if self.total_steps is not None:
-            self.fitting_warmup(self.total_steps)
-        return self
-
     def decay_steps(self, total_steps: int) -> int:
         """Length of the WSD decay phase."""
         return max(1, round(self.decay_fraction * total_steps))
 
     def fitting_warmup(self, total_steps: int, notes: list[str] | None = None) -> int:
-        """warmup_steps if it (and a WSD decay) fits in ``total_steps``. If not: given ``notes``, a tenth of
-        the run and a note (so --train.steps=10 needs no second override); else a ConfigError."""
+        """warmup_steps if it (and a WSD decay) fits in ``total_steps``. If not: given ``notes`` (a run's config
+        being loaded), a tenth of the run and a note, so --train.steps=10 needs no second override; else (a
+        schedule being built) a ConfigError."""
         decay = self.decay_steps(total_steps) if self.kind == "wsd" else 0
         if self.warmup_steps + decay <= total_steps:
             return self.warmup_steps
-        if notes is None:
+        if notes is None and self.warmup_steps > total_steps:
             raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} exceeds total_steps={total_steps}: shorten "
-                              "the warmup or train longer" if not decay else f"schedule: warmup ({self.warmup_steps}) "
-                              f"plus WSD decay ({decay}) exceeds total_steps={total_steps}; lower warmup_steps or "
-                              "decay_fraction")
+                              "the warmup or train longer")
+        if notes is None:
+            raise ConfigError(f"schedule: warmup ({self.warmup_steps}) plus WSD decay ({decay} = decay_fraction "
+                              f"{self.decay_fraction} of {total_steps}) exceeds total_steps={total_steps}; lower "
+                              "warmup_steps or decay_fraction")
         fitted = max(min(total_steps // 10, total_steps - decay), 0)
         notes.append(f"note: optimizer.schedule.warmup_steps={self.warmup_steps} does not fit in {total_steps} "
                      f"steps; using {fitted} (a tenth of the run)")

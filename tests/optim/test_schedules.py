@@ -74,8 +74,6 @@ def test_branch_schedules_share_the_shape_with_their_own_peaks():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(kind="step"), "schedule.kind must be one of"),
-    (dict(warmup_steps=20, total_steps=10), "warmup_steps=20 exceeds total_steps=10"),
-    (dict(kind="wsd", warmup_steps=9, total_steps=10, decay_fraction=0.2), "plus WSD decay"),
     (dict(warmup_steps=-1), "warmup_steps must be an int >= 0"),
     (dict(min_lr_ratio=1.5), "schedule.min_lr_ratio must be a number in [0, 1], got 1.5; the floor as a fraction of the peak"),
     (dict(decay_fraction=0.0), "schedule.decay_fraction must be a number in (0, 1], got 0.0"),
@@ -92,5 +90,9 @@ def test_missing_or_short_run_length_is_refused():
         make_schedule(ScheduleConfig(kind="cosine", warmup_steps=5), 1.0)
     with pytest.raises(ValueError, match="warmup_steps=5 exceeds total_steps=3"):
         make_schedule(ScheduleConfig(kind="cosine", warmup_steps=5), 1.0, total_steps=3)
+    with pytest.raises(ValueError, match="warmup_steps=20 exceeds total_steps=10"):
+        make_schedule(ScheduleConfig(warmup_steps=20, total_steps=10), 1.0)
+    with pytest.raises(ValueError, match=re.escape("plus WSD decay (2 = decay_fraction 0.2 of 10)")):
+        make_schedule(ScheduleConfig(kind="wsd", warmup_steps=9, total_steps=10, decay_fraction=0.2), 1.0)
     with pytest.raises(ValueError, match="peak learning rate must be a number >= 0"):
         make_schedule(ScheduleConfig(kind="constant"), -1.0)

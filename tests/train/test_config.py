@@ -73,6 +73,10 @@ def test_a_warmup_longer_than_a_short_run_is_cut_with_a_note():
     config = load_config("shakespeare_celo2.yaml", ["--train.steps=5"], notes)
     assert config.optimizer.schedule.warmup_steps == 0 and config.train.steps == 5
     assert notes == ["note: optimizer.schedule.warmup_steps=30 does not fit in 5 steps; using 0 (a tenth of the run)"]
+    notes.clear()  # a schedule's own total_steps is fitted the same way
+    config = load_config(None, ["--optimizer.schedule.total_steps=10", "--optimizer.schedule.warmup_steps=20"], notes)
+    assert config.optimizer.schedule.warmup_steps == 1
+    assert notes == ["note: optimizer.schedule.warmup_steps=20 does not fit in 10 steps; using 1 (a tenth of the run)"]
     notes.clear()
     config = load_config(None, ["--train.steps=50", "--optimizer.schedule.kind=wsd",
                                 "--optimizer.schedule.warmup_steps=45"], notes)
@@ -101,6 +105,9 @@ def test_resolved_yaml_round_trips(tmp_path: Path):
 def test_parse_overrides_values():
     assert parse_overrides(["--a.b=1", "--a.c=x", "--d.e=null", "--d.f=true"]) == {
         "a": {"b": 1, "c": "x"}, "d": {"e": None, "f": True}}
+    # 1e5 stays text on the command line: a text key takes it as typed, a number key reads it.
+    config = load_config(None, ["--sample.prompt=1e5", "--optimizer.lr=1e-3"])
+    assert (config.sample.prompt, config.optimizer.lr) == ("1e5", 1e-3)
 
 
 def flat_keys(values: dict, prefix: str = "") -> list[str]:
