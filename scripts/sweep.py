@@ -6,7 +6,7 @@
     python scripts/sweep.py --sweep shakespeare_cpu.yaml          # a file in configs/sweeps/
 
 Settings are train.py's overrides, --section.key=value or --section.key value: a value with a
-comma outside [], {} and quotes is a swept key and its values (--model.foo=[1,2] is one list
+comma outside [], {} and quotes is a swept key and its values (--optimizer.routing.rules=[...] is one list
 value), any other is fixed. They replace a sweep file's entry for the same key. Each point is a
 normal run directory under --out. Every point's config is checked before any trains (a refused
 value is one error line, no point starts); values of a key that give the same settings (1e-3 and
@@ -48,11 +48,14 @@ def split_values(text: str) -> list[str]:
         if char == "," and not depth and not quote:
             values.append("")
             continue
+        starts_item = not values[-1].strip()
         values[-1] += char
-        if quote or char in "'\"":
-            quote = "" if char == quote else quote or char
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"" and starts_item:  # as in YAML, a quote opens a string only at its start: it's stays
+            quote = char
         else:
-            depth += (char in "[{") - (char in "]}")
+            depth = max(0, depth + (char in "[{") - (char in "]}"))
     return [value.strip() for value in values]
 
 

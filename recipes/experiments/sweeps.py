@@ -180,7 +180,7 @@ def check_points(spec: SweepSpec) -> SweepSpec:
             if kept is None:
                 grid[key].append(value)
             else:
-                logger.info(f"note: --{key}: {value} " + ("is given twice" if value == kept else f"is the same "
+                logger.info(f"note: {key}: {value} " + ("is given twice" if value == kept else f"is the same "
                     f"setting as {kept}") + f"; trained once, as {point_name({key: kept})}")
     spec = dataclasses.replace(spec, grid=grid)
     names = [point_name(p) for p in spec.points()]
@@ -538,7 +538,8 @@ def run_sweep(spec: SweepSpec, runner: Runner | None = None, stop: SweepStop | N
         write_json(spec.out / "sweep.json", {"config": spec.config, "grid": spec.grid, "set": spec.overrides,
                                              "earlier_grids": list(spec.earlier_grids)}, sort_keys=False)
         points = spec.points()
-        logger.info(f"sweep of {len(points)} points into {spec.out} ({spec.workers} at a time)")
+        axes = " x ".join(f"{key} ({len(values)})" for key, values in spec.grid.items())
+        logger.info(f"sweep of {len(points)} points, {axes}, into {spec.out} ({spec.workers} at a time)")
         outside = spec.outside_points()
         if outside:
             logger.info(f"{len(outside)} earlier point(s) outside this grid keep their rows (in_grid False): "

@@ -49,7 +49,8 @@ class PESConfig:
     truncation: Positive = Field(50, description="inner steps per truncation (one outer step)")
     min_length: Positive = Field(100, description="inner-problem lengths are log-uniform in [min_length, max_length]")
     max_length: Positive = Field(2000, description="the longest inner problem")
-    loss_cap: Float = Field(1.5, gt=0, description="the cap of losses over the task's initial loss (NaN too)")
+    loss_cap: Float = Field(1.5, gt=0, description="each step's loss over the task's initial loss is capped "
+                            "here (NaN too)")
     objective: Literal[PES_OBJECTIVES] = Field("mean_train_loss", description="a truncation's meta-loss: its steps' "
                                                "losses (published), or the end's on unseen batches")
 
@@ -130,18 +131,20 @@ class LMSamplerConfig:
         """A shape drawn again is a second, independent population (name suffix _2, _3, ...)."""
         rng, shapes = random.Random(self.seed), []
         for i in range(self.count):
+            if self.shapes:  # in turn, so each gets count / len(shapes) families
+                shapes.append(self.shapes[i % len(self.shapes)])
+                continue
             for _attempt in range(100):  # prefer shapes not drawn yet while there are any
-                shape = self.shapes[i % len(self.shapes)] if self.shapes else (
-                    rng.choice(self.n_layer), rng.choice(self.d_model), rng.choice(self.context_length))
-                if self.shapes or shape not in shapes:
+                shape = (rng.choice(self.n_layer), rng.choice(self.d_model), rng.choice(self.context_length))
+                if shape not in shapes:
                     break
             shapes.append(shape)
         out = []
         for i, (n_layer, d_model, context) in enumerate(shapes):
             copy = shapes[:i].count(shapes[i])  # earlier draws of this shape
             name = f"lm_l{n_layer}_d{d_model}_c{context}" + (f"_{copy + 1}" if copy else "")
-            out.append(FamilyConfig(kind="lm", name=name, n_layer=n_layer, d_model=d_model, context_length=context, n_head=self.n_head,
-                                    batch=self.batch, vocab=self.vocab))
+            out.append(FamilyConfig(kind="lm", name=name, n_layer=n_layer, d_model=d_model, context_length=context,
+                                    n_head=self.n_head, batch=self.batch, vocab=self.vocab))
         return out
 
 

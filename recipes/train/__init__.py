@@ -22,7 +22,8 @@
     metrics.py         metrics.jsonl (rows set aside, never deleted), W&B, the progress bar, MFU
     dry_run.py         sizes, tokens and bytes per device of a config, computed from shapes
     report.py          the closing lines a finished run prints, and its sample
-    cli.py             how entry points end: a result, or one `error:` line and an exit code
+    cli.py             how entry points end: a result, or one `error:` line and an exit code;
+                       --help's list of config keys
 
 Imports the optimizer library (recipes.optim); never imported by it.
 """

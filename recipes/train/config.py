@@ -51,7 +51,8 @@ class TrainConfig:
     keep_checkpoints: Int = Field(3, ge=1, description="checkpoints kept")
     max_nonfinite_steps: Int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
     spike_factor: Annotated[Float | None, Must(hint="null turns the spike guard off")] = Field(
-        10.0, gt=1, description="a loss this many times the last 50's median is a spike (no checkpoint after one)")
+        10.0, gt=1, description="a loss this many times the last 50's median is a spike (no checkpoint until "
+        "a clean stretch)")
     target_val_loss: Float | None = Field(None, gt=0, description="record the step, tokens and time at which the "
                                           "validation loss first gets this low")
     stop_at_target: Bool = Field(False, description="end the run (with a checkpoint) once the target is reached")

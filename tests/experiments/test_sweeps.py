@@ -59,6 +59,9 @@ def test_overrides_split_into_swept_and_fixed_keys():
     # Lists are swept as whole values; a comma inside quotes splits nothing.
     assert sweep.split_overrides(["--model.foo", "[1,2],[3]", "--data.path", '"a,b",c']) == (
         {"model.foo": ["[1,2]", "[3]"], "data.path": ['"a,b"', "c"]}, {})
+    # As in YAML, a quote opens a string only at a value's start; a stray bracket does not stop splitting.
+    assert sweep.split_values("it's,that's") == ["it's", "that's"]
+    assert sweep.split_values("a],b,[c") == ["a]", "b", "[c"]
 
 
 def test_grid_expansion(tmp_path):
@@ -136,9 +139,9 @@ def test_grid_values_are_deduplicated_by_the_configs_types(tmp_path):
                         out=str(tmp_path))
     assert spec.grid == {"optimizer.lr": ["1e-3", "3e-3"], "optimizer.weight_decay": ["0"]}
     assert len(commands(spec)) == 2
-    assert notes == ["note: --optimizer.lr: 0.001 is the same setting as 1e-3; trained once, as lr=1e-3",
-                     "note: --optimizer.lr: 3e-3 is given twice; trained once, as lr=3e-3",
-                     "note: --optimizer.weight_decay: 0.0 is the same setting as 0; trained once, as "
+    assert notes == ["note: optimizer.lr: 0.001 is the same setting as 1e-3; trained once, as lr=1e-3",
+                     "note: optimizer.lr: 3e-3 is given twice; trained once, as lr=3e-3",
+                     "note: optimizer.weight_decay: 0.0 is the same setting as 0; trained once, as "
                      "weight_decay=0"]
     # Values equal only at some points are kept: both warmups are cut to 10 steps in a 100-step run,
     # not in a 5000-step one.
