@@ -17,35 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from data import shakespeare
-from data.prepare_corpus import DEFAULT_SHARD_SIZE, DEFAULT_VAL_FRACTION, default_workers, prepare_files, prepare_hf
+from data.prepare_corpus import DEFAULT_SHARD_SIZE, default_workers, prepare_files, prepare_hf
+from data.presets import DEFAULT_VAL_FRACTION, PRESETS, Preset
 from data.sources import DatasetUnavailableError
 from data.tokenizer import TokenizerUnavailableError
-
-
-@dataclass(frozen=True)
-class Preset:
-    dataset: str | None  # None: the bundled corpus
-    name: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    val_fraction: float = DEFAULT_VAL_FRACTION
-    about: str = ""
-
-
-PRESETS: dict[str, Preset] = {
-    "fineweb-edu": Preset(
-        "HuggingFaceFW/fineweb-edu", "sample-10BT", about="FineWeb-Edu, 10B-token sample (~100 shards)"
-    ),
-    "fineweb": Preset("HuggingFaceFW/fineweb", "sample-10BT", about="FineWeb, 10B-token sample (~100 shards)"),
-    "openwebtext": Preset(
-        "Skylion007/openwebtext", None, val_fraction=0.0005, about="OpenWebText, ~9B tokens, nanoGPT's val fraction"
-    ),
-    "shakespeare": Preset(None, about="Shakespeare's 38 plays, bundled with the project (no download)"),
-}
 
 
 def _positive_int(text: str) -> int:

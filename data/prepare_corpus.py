@@ -26,11 +26,11 @@ from tqdm import tqdm
 from data import shards
 from data.encode import SPLITS, Encoder, chunk_documents
 from data.files import write_json
+from data.presets import DEFAULT_VAL_FRACTION
 from data.sources import FILE_BUILDERS, assign_splits, file_documents, hf_documents
 from data.tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_encoding
 
 DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard (200 MB), as in modded-nanogpt's FineWeb shards
-DEFAULT_VAL_FRACTION = 0.01
 SNIFF_BYTES = 8192  # how much of each input file is checked for being what its name says, up front
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # sources.COMPRESSION_SUFFIXES
 

@@ -17,6 +17,8 @@ from types import TracebackType
 
 import numpy as np
 
+from data.presets import PRESETS
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -141,8 +143,6 @@ def shard_pattern(split: str) -> re.Pattern[str]:
 
 def _prepare_command(directory: Path) -> str:
     """The command that prepares ``directory``: its preset when the folder is named after one."""
-    from data.prepare import PRESETS  # data.prepare imports this module
-
     preset = directory.name if directory.name in PRESETS else "shakespeare"
     return f"python -m data.prepare --preset {preset} --out {directory}"
 
