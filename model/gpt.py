@@ -16,7 +16,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.layers import Dense, LayerNorm, param
 from model.loss import PAD_LOGIT, fused_next_token_loss, split_inputs_targets
-from model.sharding import constrain, logical_to_spec, manual_axes, manual_or_no_mesh
+from model.sharding import constrain, free_axes, logical_to_spec, manual_or_no_mesh
 
 _ACT_BxLxD = ("batch", "seq", "act_embed")
 # What a rematerialized layer keeps for its backward pass (model.remat): "dots" keeps the outputs
@@ -59,11 +59,11 @@ def fused_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, impl: str):
     partitioning cannot place itself on such a mesh. Rows and heads are independent, so it is exact."""
     attention = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl)
     mesh = jax.sharding.get_abstract_mesh()
-    if manual_or_no_mesh() or not manual_axes(mesh):
+    if manual_or_no_mesh() or not mesh.manual_axes:
         return attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
     spec = logical_to_spec(_ACT_BxLxHxK, q_BxLxHxK.shape, mesh)
     return jax.shard_map(attention, in_specs=(spec,) * 3, out_specs=spec,
-                         axis_names=set(mesh.axis_names) - manual_axes(mesh))(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+                         axis_names=free_axes(mesh))(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
 
 
 class Attention(nnx.Module):

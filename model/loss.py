@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from model.sharding import logical_to_spec, manual_axes, manual_or_no_mesh
+from model.sharding import free_axes, logical_to_spec, manual_or_no_mesh, spec_axes
 
 # Given to padded vocabulary ids: finite (unlike -inf) so p * log(p) and temperature scaling
 # stay free of NaN; exp() of it is exactly 0, so padded ids never win and get no gradient.
@@ -87,16 +87,12 @@ def _sharded_sweep(h_BxLxD, w_VxD, targets_BxL, vocab_size, chunk_tokens, *, wit
     mesh = jax.sharding.get_abstract_mesh()
     batch_spec = logical_to_spec(("batch", None), targets_BxL.shape, mesh)
     vocab_spec = logical_to_spec(("vocab", None), w_VxD.shape, mesh)
-    batch_axes, vocab_axes = (_axes(spec[0]) for spec in (batch_spec, vocab_spec))
+    batch_axes, vocab_axes = (spec_axes(spec[0]) for spec in (batch_spec, vocab_spec))
     h_spec, w_spec = P(batch_spec[0], None, None), P(vocab_spec[0], None)
     body = functools.partial(sweep, batch_axes=batch_axes, vocab_axes=vocab_axes)
     out_specs = (P(), (h_spec, w_spec) if with_grads else None)
     return jax.shard_map(body, in_specs=(h_spec, w_spec, P(batch_spec[0], None)), out_specs=out_specs,
-                         axis_names=set(mesh.axis_names) - manual_axes(mesh))(h_BxLxD, w_VxD, targets_BxL)
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+                         axis_names=free_axes(mesh))(h_BxLxD, w_VxD, targets_BxL)
 
 
 def _sweep(h_BxLxD, w_VxD, targets_BxL, *, vocab_size, chunk_tokens, positions, with_grads, batch_axes,

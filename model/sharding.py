@@ -74,6 +74,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
     if shape is not None and len(shape) != len(logical_axes):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
     spec, used = [], set()
+    manual = set() if mesh is None else set(mesh.manual_axes)
     for i, name in enumerate(logical_axes):
         if name is None:
             spec.append(None)
@@ -83,7 +84,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
         rule = LOGICAL_RULES[name]
         axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
         if mesh is not None:  # axes under shard_map's manual control are already split off
-            axes = tuple(a for a in axes if a in mesh.shape and a not in manual_axes(mesh))
+            axes = tuple(a for a in axes if a in mesh.shape and a not in manual)
             if shape is not None:
                 # Keep the longest prefix of mesh axes whose product divides the dim.
                 while axes and shape[i] % int(np.prod([mesh.shape[a] for a in axes])):
@@ -128,13 +129,18 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, jax.sharding.get_abstract_mesh()))
 
 
-def manual_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> set[str]:
-    """The mesh axes a shard_map being traced has made manual."""
-    return {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Manual}
+def free_axes(mesh: Mesh | jax.sharding.AbstractMesh) -> set[str]:
+    """The mesh axes no shard_map being traced has made manual: those a nested shard_map may take."""
+    return set(mesh.axis_names) - set(mesh.manual_axes)
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis or a tuple of axes) as a tuple of axes."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def manual_or_no_mesh() -> bool:
     """True when tracing with no mesh set, or inside shard_map where every axis is Manual: each
     shard is then already placed, and code runs on it as on one device."""
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+    return mesh.empty or mesh.are_all_axes_manual

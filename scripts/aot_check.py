@@ -78,11 +78,12 @@ def main(argv=None) -> int:
 
     quiet_tpu_environment()  # before JAX starts
     from recipes.experiments import aot_check
+    from recipes.experiments.gpu_slices import parse_topology
     from recipes.train import config as config_lib
     from recipes.train.cli import one_line, ordinary_errors
 
     try:
-        slice_ = aot_check.parse_topology(args.topology, args.slices)
+        slice_ = parse_topology(args.topology, args.slices)
         missing = aot_check.compiler_missing(slice_)
         if missing:
             raise RuntimeError(missing)

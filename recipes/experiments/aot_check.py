@@ -26,33 +26,17 @@ import optax
 
 from model import make_mesh
 from recipes.experiments.benchmarks import compiled_memory
-from recipes.experiments.gpu_slices import cuda_missing, gpu_devices, is_gpu, known_gpus, parse_gpu
+from recipes.experiments.gpu_slices import cuda_missing, gpu_devices, is_gpu
 from recipes.experiments.hlo_collectives import LEVELS, collectives, custom_calls, partitions
 from recipes.experiments.hlo_roofline import project
-from recipes.experiments.tpu_slices import (DCN_ASSUMED, GIB, Slice, known_slices, parse_slice, runtime_missing,
+from recipes.experiments.tpu_slices import (DCN_ASSUMED, GIB, Slice, runtime_missing,
                                             slice_devices)
 from recipes.train.build import TrainProgram, build_program
 from recipes.train.config import Config
-from recipes.train.mesh import describe_levels, granules, mesh_levels
+from recipes.train.mesh import describe_levels, granules, mesh_levels, nontrivial_axes
 from recipes.train.metrics import flops_per_token
 
 logger = logging.getLogger(__name__)
-
-
-def parse_topology(name: str, slices: int = 1) -> Slice:
-    """A TPU slice (v5e-8, v5p-32), ``slices`` of them, or a GPU node (h100-1, h200-8); ValueError
-    listing both otherwise."""
-    if slices < 1:
-        raise ValueError(f"--slices {slices}: name 1 or more slices")
-    if slices > 1 and is_gpu(name):
-        raise ValueError(f"--slices {slices} is for TPU slices; {name} is one GPU node")
-    try:
-        return parse_gpu(name) if is_gpu(name) else dataclasses.replace(parse_slice(name), slices=slices)
-    except ValueError as error:
-        if is_gpu(name) or name.strip().lower().partition("-")[0] in ("v4", "v5e", "v5p", "v6e"):
-            raise
-        raise ValueError(f"unknown topology {name!r}: name a TPU slice as Cloud TPU does (e.g. "
-                         f"{', '.join(known_slices()[:3])}, ...) or a GPU node ({', '.join(known_gpus())})") from error
 
 
 def compiler_missing(slice_: Slice) -> str | None:
@@ -226,11 +210,6 @@ def _gib(value) -> str:
     return f"{value / GIB:.2f} GiB" if value >= GIB / 10 else f"{value / 2**20:.1f} MiB"
 
 
-def _axes(sizes: dict) -> str:
-    kept = {k: v for k, v in sizes.items() if v > 1} or {"data": 1}
-    return "{" + ", ".join(f"{k}: {v}" for k, v in kept.items()) + "}"
-
-
 def markdown(recipe: str, report: dict) -> str:
     b, s = report["bytes_per_device"], report["step"]
     slices = report.get("slices", 1)
@@ -238,7 +217,7 @@ def markdown(recipe: str, report: dict) -> str:
     mesh = report["mesh"]
     if report.get("mesh_levels"):
         levels = report["mesh_levels"]
-        mesh = f"{mesh} (across slices {_axes(levels['across'])} x inside each {_axes(levels['inside'])})"
+        mesh = f"{mesh} (across slices {nontrivial_axes(levels['across'])} x inside each {nontrivial_axes(levels['inside'])})"
     lines = [f"# {recipe} on {label}", "",
              f"{'Fits' if report['fits'] else 'Does not fit'}: peak {_gib(b['peak'])} of {_gib(report['hbm_bytes_per_device'])} "
              f"per device ({report['peak_share_of_hbm']:.0%}); {report['devices']} x {report['device_kind']}, "

@@ -6,11 +6,12 @@ extra); one node of 1 or 8 GPUs, NVLink between them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from importlib import resources
 from pathlib import Path
 
-from recipes.experiments.tpu_slices import GB, Chip, Slice
+from recipes.experiments.tpu_slices import GB, Chip, Slice, known_slices, parse_slice
 
 # Dense bf16 peaks and HBM figures from NVIDIA's datasheets (H100 SXM5, H200 SXM); memory as CUDA
 # reports it (the target descriptions' device_memory_size).
@@ -61,3 +62,19 @@ def gpu_devices(slice_: Slice):
 
     return topologies.get_topology_desc(platform="cuda", topology=slice_.grid,
                                         target_config=target_description(slice_.chip.kind)).devices
+
+
+def parse_topology(name: str, slices: int = 1) -> Slice:
+    """A TPU slice (v5e-8, v5p-32), ``slices`` of them, or a GPU node (h100-1, h200-8); ValueError
+    listing both otherwise."""
+    if slices < 1:
+        raise ValueError(f"--slices {slices}: name 1 or more slices")
+    if slices > 1 and is_gpu(name):
+        raise ValueError(f"--slices {slices} is for TPU slices; {name} is one GPU node")
+    try:
+        return parse_gpu(name) if is_gpu(name) else dataclasses.replace(parse_slice(name), slices=slices)
+    except ValueError as error:
+        if is_gpu(name) or name.strip().lower().partition("-")[0] in ("v4", "v5e", "v5p", "v6e"):
+            raise
+        raise ValueError(f"unknown topology {name!r}: name a TPU slice as Cloud TPU does (e.g. "
+                         f"{', '.join(known_slices()[:3])}, ...) or a GPU node ({', '.join(known_gpus())})") from error

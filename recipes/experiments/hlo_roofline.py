@@ -333,15 +333,14 @@ def main(argv=None) -> int:
     """python -m recipes.experiments.hlo_roofline --hlo FILE --topology h200-1: a saved program's projection."""
     import argparse
 
-    from recipes.experiments.gpu_slices import is_gpu, parse_gpu
-    from recipes.experiments.tpu_slices import parse_slice
+    from recipes.experiments.gpu_slices import parse_topology
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--hlo", required=True, help="an optimized HLO module as text (compiled.as_text())")
     parser.add_argument("--topology", required=True, help="whose chip figures to use: v5e-8, h200-1, ...")
     parser.add_argument("--tokens", type=int, help="tokens per step, for tokens/s")
     args = parser.parse_args(argv)
-    chip = (parse_gpu(args.topology) if is_gpu(args.topology) else parse_slice(args.topology)).chip
+    chip = parse_topology(args.topology).chip
     with open(args.hlo) as file:
         report = project(file.read(), peak_flops=chip.peak_bf16_flops, memory_bytes_per_s=chip.hbm_bytes_per_s,
                          link_bytes_per_s=chip.link_bytes_per_s or None,

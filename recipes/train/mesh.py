@@ -6,7 +6,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 
 from model import make_mesh
-from model.sharding import logical_to_spec
+from model.sharding import logical_to_spec, spec_axes
 from recipes.train.config import MeshConfig
 from model.config_base import ConfigError
 
@@ -80,9 +80,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def batch_shards(mesh: Mesh) -> int:
     """How many ways the batch dimension is split: the product of the mesh axes its rule uses."""
-    rows = batch_sharding(mesh).spec[0]
-    axes = () if rows is None else (rows,) if isinstance(rows, str) else rows
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    return int(np.prod([mesh.shape[a] for a in spec_axes(batch_sharding(mesh).spec[0])]))
 
 
 def check_batch(global_batch: int, micro_batch: int, mesh: Mesh, what: str = "data.micro_batch") -> None:
@@ -114,10 +112,11 @@ def describe_levels(mesh: Mesh, config: MeshConfig) -> str:
         return str(describe(mesh))
     outer, inner = mesh_levels(config, devices)
     unit = "slices" if _by_slice(devices) else "hosts"
-    return (f"{describe(mesh)} = across {len(granules(devices))} {unit} {_nontrivial(outer)} x inside each "
-            f"{_nontrivial(inner)}")
+    return (f"{describe(mesh)} = across {len(granules(devices))} {unit} {nontrivial_axes(outer)} x inside each "
+            f"{nontrivial_axes(inner)}")
 
 
-def _nontrivial(sizes: dict) -> str:
+def nontrivial_axes(sizes: dict) -> str:
+    """'{data: 2}': the axes of ``sizes`` over 1 (data alone when none is)."""
     kept = {k: v for k, v in sizes.items() if v > 1} or {"data": 1}
     return "{" + ", ".join(f"{k}: {v}" for k, v in kept.items()) + "}"

@@ -7,7 +7,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import constrain
-from model.sharding import logical_to_spec
+from model.sharding import logical_to_spec, spec_axes
 from recipes.optim.diagnostics import optimizer_diagnostics
 
 
@@ -25,15 +25,15 @@ def _data_shards() -> int:
     """How many ways the 'data' axis of the mesh the step is traced under (jax.set_mesh) splits the
     batch: 1 without such a mesh, or where the batch's sharding rule leaves 'data' out."""
     mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = None if mesh.empty else logical_to_spec(("batch",), mesh=mesh)[0]
-    split_by_data = batch_axes == "data" or isinstance(batch_axes, tuple) and "data" in batch_axes
-    return dict(mesh.shape)["data"] if split_by_data else 1
+    if mesh.empty or "data" not in spec_axes(logical_to_spec(("batch",), mesh=mesh)[0]):
+        return 1
+    return mesh.shape["data"]
 
 
 def gathered(shardings):
     """The shardings with the FSDP axis dropped: the weights whole on every FSDP shard."""
     def keep(axes):
-        kept = () if axes is None else tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a != "fsdp")
+        kept = tuple(a for a in spec_axes(axes) if a != "fsdp")
         return None if not kept else kept[0] if len(kept) == 1 else kept
 
     return jax.tree.map(lambda sh: NamedSharding(sh.mesh, PartitionSpec(*map(keep, sh.spec))), shardings)

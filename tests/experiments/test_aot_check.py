@@ -9,7 +9,7 @@ import pytest
 
 from recipes.experiments.hlo_collectives import collectives, level, replica_groups
 from recipes.experiments.hlo_roofline import project
-from recipes.experiments.aot_check import parse_topology
+from recipes.experiments.gpu_slices import parse_topology
 from recipes.experiments.tpu_slices import parse_slice
 
 ROOT = Path(__file__).resolve().parents[2]
