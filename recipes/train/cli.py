@@ -70,6 +70,12 @@ def run_main(main: Callable, argv=None, extra: tuple[type[BaseException], ...] =
     return result if isinstance(result, int) else EXIT_CODES["finished"]
 
 
+_STOPPED_AT_ONCE = {
+    "before": "before training began: stopped, nothing was trained; rerun to start or resume",
+    "during": "again: interrupted at once, without a new checkpoint; rerun to resume from the last one",
+    "after": "after training: its checkpoint and summary.json were written before it came"}
+
+
 def exit_after_training(main: Callable) -> None:
     """Runs a trainer's main() and exits as a scheduler expects: 0 when finished; 128 + the signal's
     number when a signal stopped it after saving (so it is rerun); 3 after too many non-finite
@@ -85,9 +91,7 @@ def exit_after_training(main: Callable) -> None:
     try:
         result = main()
     except StopNow as stop:
-        print(f"{stop.signal_name} received " + ("after training: its checkpoint and summary.json were written "
-              "before it came" if stop.after_training else "before training began: stopped, nothing was trained; "
-              "rerun to start or resume"), file=sys.stderr, flush=True)
+        print(f"{stop.signal_name} received " + _STOPPED_AT_ONCE[stop.phase], file=sys.stderr, flush=True)
         os._exit(128 + stop.signal_number)  # orbax's threads may hold the interpreter; nothing is left to write
     except (*ordinary_errors(), NonFiniteError) as error:
         if os.environ.get("CELO2_DEBUG"):

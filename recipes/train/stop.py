@@ -17,13 +17,14 @@ logger = logging.getLogger(__name__)
 
 
 class StopNow(BaseException):
-    """A SIGTERM or SIGINT that came while no training loop could take it: before the loop began or
-    after it ended. A BaseException, as KeyboardInterrupt is, so no library's `except Exception`
+    """A signal that stops the process at once: a SIGTERM or SIGINT before a training loop began or
+    after it ended, or a second Ctrl-C during one. ``phase`` says which ("before", "during",
+    "after"). A BaseException, as KeyboardInterrupt is, so no library's `except Exception`
     swallows it; the locks and files it unwinds through are released on the way out."""
 
-    def __init__(self, signum: int, after_training: bool):
+    def __init__(self, signum: int, phase: str):
         self.signal_name, self.signal_number = signal.Signals(signum).name, int(signum)
-        self.after_training = after_training
+        self.phase = phase
         super().__init__(self.signal_name)
 
 
@@ -31,7 +32,7 @@ def stop_at_once_on_signals() -> None:
     """From a trainer's first line: a signal raises StopNow wherever the process is, until a loop's
     StopRequest takes over (it turns signals into a checkpoint and a clean exit), and again after."""
     def stop_now(signum, frame):
-        raise StopNow(signum, after_training=StopRequest.took_over)
+        raise StopNow(signum, phase=StopRequest.phase)
 
     if threading.current_thread() is threading.main_thread():
         for sig in StopRequest.SIGNALS:
@@ -43,12 +44,14 @@ class StopRequest:
     (every step), it stops the loop once every process agrees (agreed), asking the others every
     ``check_every`` steps.
 
-    A second signal of the same kind falls through to the previous handler (e.g. a second
-    Ctrl-C interrupts at once).
+    A second Ctrl-C falls through to the previous handler: a person asking to stop now. A repeated
+    SIGTERM changes nothing: one stop can bring several (a scheduler signalling every process of a
+    job; Linux's parent-death signal, sent once per thread a dying parent had), and none may cost
+    the checkpoint the first one asked for.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    took_over = False  # set once a loop has taken the signals: what came after stopped a trained run
+    phase = "before"  # "during" once a loop has taken the signals, "after" once it gave them back
 
     def __init__(self, check_every: int = 1):
         self.signal_name: str | None = None
@@ -92,14 +95,14 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.signal_name is not None:
             previous = self._previous.get(signum)
-            if callable(previous):
+            if signum == signal.SIGINT and callable(previous):
                 previous(signum, frame)
             return
         self.signal_name = signal.Signals(signum).name
         self.signal_number = int(signum)
 
     def __enter__(self) -> StopRequest:
-        StopRequest.took_over = True
+        StopRequest.phase = "during"
         if threading.current_thread() is threading.main_thread():  # handlers only install there
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -107,5 +110,9 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            # Stopping for a signal, the process only writes out and exits now: a repeated SIGTERM
+            # must not turn that exit into a death by signal.
+            stopping = self.signal_name is not None and sig == signal.SIGTERM
+            signal.signal(sig, signal.SIG_IGN if stopping else previous)
         self._previous.clear()
+        StopRequest.phase = "after"

@@ -60,3 +60,34 @@ def test_the_clock_leaves_out_compiling_and_paused_time(monkeypatch):
     assert clock.lap() == 30 + 3  # throughput's window: since the clock began, pauses left out
     now[0] += 4
     assert clock.lap() == 4
+
+
+def test_a_repeated_sigterm_counts_once_and_a_second_ctrl_c_stops_at_once():
+    """Real signals to this process: the first asks for a stop; more SIGTERMs change nothing, during
+    the loop or after it stopped for one (the exit must not become a death by signal); a second
+    Ctrl-C raises StopNow, saying it came during training."""
+    import os
+    import signal
+
+    import pytest
+
+    from recipes.train.stop import StopNow, StopRequest, stop_at_once_on_signals
+    saved = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    try:
+        stop_at_once_on_signals()
+        with StopRequest() as request:
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert request.signal_name == "SIGTERM"
+            with pytest.raises(StopNow) as raised:
+                os.kill(os.getpid(), signal.SIGINT)
+            assert raised.value.phase == "during"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: the test goes on
+        with pytest.raises(StopNow) as raised:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert raised.value.phase == "after"
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        StopRequest.phase = "before"
