@@ -79,17 +79,24 @@ def merge_configs(base: dict, over: Mapping) -> dict:
         raise ConfigError(f"config values that OmegaConf cannot hold: {str(error).splitlines()[0]}") from None
 
 
-def parse_overrides(args: Sequence[str]) -> dict:
-    """["--optimizer.lr=3e-4", "--train.steps", "10"] -> {"optimizer": {"lr": 3e-4}, "train": {"steps": 10}}."""
-    out: dict = {}
-    args = list(args)
+def override_pairs(args: Sequence[str]) -> list[tuple[str, str]]:
+    """["--optimizer.lr=3e-4", "--train.steps", "10"] -> [("optimizer.lr", "3e-4"), ("train.steps", "10")]."""
+    pairs, args = [], list(args)
     while args:
         arg = args.pop(0)
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
         if "=" not in arg and not args:
-            raise ConfigError(f"override {arg!r} has no value; write {arg}=VALUE")
-        key, text = arg[2:].split("=", 1) if "=" in arg else (arg[2:], args.pop(0))
+            raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
+        key, _, text = arg[2:].partition("=") if "=" in arg else (arg[2:], "", args.pop(0))
+        pairs.append((key, text))
+    return pairs
+
+
+def parse_overrides(args: Sequence[str]) -> dict:
+    """["--optimizer.lr=3e-4", "--train.steps", "10"] -> {"optimizer": {"lr": 3e-4}, "train": {"steps": 10}}."""
+    out: dict = {}
+    for key, text in override_pairs(args):
         node, *parts = out, *key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})

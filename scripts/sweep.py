@@ -33,7 +33,9 @@ import re
 import sys
 from pathlib import Path
 
+from model.config_base import ConfigError
 from recipes import messages
+from recipes.config_parsing import override_pairs
 from recipes.train.cli import run_main
 from recipes.experiments.sweep_plots import plot_sweep
 from recipes.experiments.sweep_tables import in_grid
@@ -63,20 +65,19 @@ def split_overrides(args: list[str]) -> tuple[dict[str, list[str]], dict[str, st
     """train.py's overrides (--section.key=value or --section.key value) as the swept keys, whose value
     holds more than one item (``split_values``), and the fixed ones. A key given twice is refused:
     train.py takes the later, but in a sweep the earlier may be meant as one of its values."""
-    swept, fixed, args = {}, {}, list(args)
-    while args:
-        arg = args.pop(0)
-        key, sep, text = arg.removeprefix("--").partition("=")
-        if arg.startswith("--") and key in ("grid", "set"):  # removed flags: name the override that replaces them
-            override = text if sep else args[0] if args and "=" in args[0] else "section.key=" + (
-                "v1,v2" if key == "grid" else "value")
+    try:
+        pairs = override_pairs(args)
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
+    swept, fixed = {}, {}
+    for key, text in pairs:
+        if key in ("grid", "set"):  # removed flags: name the override that replaces them
+            override = text.lstrip("-") if "=" in text else "section.key=" + ("v1,v2" if key == "grid" else "value")
             raise SweepError(f"--{key} is gone: write --{override}")
-        if not (arg.startswith("--") and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key)):
-            raise SweepError(f"unexpected argument {arg!r}; overrides look like --section.key=value, a swept "
-                             "key's values separated by commas: --optimizer.lr=1e-3,3e-3")
-        if not (sep or args):
-            raise SweepError(f"override {arg} has no value; write {arg}=VALUE")
-        values = split_values(text if sep else args.pop(0))
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key):
+            raise SweepError(f"unexpected argument {f'--{key}={text}'!r}; overrides look like --section.key=value, "
+                             "a swept key's values separated by commas: --optimizer.lr=1e-3,3e-3")
+        values = split_values(text)
         if key in swept or key in fixed:
             given = ",".join(swept.get(key) or [fixed[key]])
             raise SweepError(f"--{key} is given twice ({given} and {','.join(values)}); give all its values in "
