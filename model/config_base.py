@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and how to fix it."""
 
 
-def bounds_text(low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
+def _bounds_text(low=None, high=None, low_open: bool = False, high_open: bool = False) -> str:
     """" in [0, 1)", " >= 1", " < 2" or ""."""
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -146,7 +146,7 @@ def allowed(annotation, field: FieldInfo | None = None) -> str:
         text = {int: "an int", float: "a number", bool: "true or false", str: "a string"}.get(
             base, "a list" if typing.get_origin(base) is tuple else "a Python callable")
         text = f"a non-empty {text.split()[-1]}" if limits.get("min_length") == 1 else text
-        text += bounds_text(limits.get("gt", limits.get("ge")), limits.get("lt", limits.get("le")),
+        text += _bounds_text(limits.get("gt", limits.get("ge")), limits.get("lt", limits.get("le")),
                             "gt" in limits, "lt" in limits)
     return text + (" or null" if optional else "")
 

@@ -15,13 +15,13 @@ older one is taken. The model is read with the settings its checkpoint was train
 from __future__ import annotations
 
 import argparse
-import math
 
 from recipes import messages
 from recipes.train.cli import run_main
 from data.tokenizer import gpt2_encoding
 from model.sampling import MAX_NEW_TOKENS, generate
-from model.config_base import ConfigError, bounds_text
+from model.config_base import ConfigError
+from recipes.train.config import SampleConfig
 from recipes.train.run_params import load_run_params
 
 
@@ -47,22 +47,15 @@ def main(argv: list[str] | None = None) -> list[int]:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuses, before any checkpoint is read, what generate() could only fail on or silently ignore."""
-    if not args.prompt:
-        raise ConfigError("--prompt must not be empty: give at least one character, e.g. --prompt $'\\n'")
-    check_number("--max-new-tokens", args.max_new_tokens, integer=True, low=0, high=MAX_NEW_TOKENS,
-                 hint="for a longer text, sample again with the end of this one as --prompt")
-    check_number("--temperature", args.temperature, low=0, hint="0 is greedy decoding")
-    if args.top_k is not None:
-        check_number("--top-k", args.top_k, integer=True, low=1, hint="leave it out to sample from every token")
-
-
-def check_number(flag: str, value, *, integer: bool = False, low=None, high=None, hint: str = "") -> None:
-    """Refuses ``value`` unless it is a finite number (an int if ``integer``) in [low, high]."""
-    fits = isinstance(value, int if integer else (int, float)) and math.isfinite(value)
-    if not (fits and (low is None or value >= low) and (high is None or value <= high)):
-        raise ConfigError(f"{flag} must be {'an int' if integer else 'a number'}{bounds_text(low, high)}, "
-                          f"got {value!r}; {hint}")
+    """Refuses, before any checkpoint is read, what train.py's sample section refuses, naming the flag."""
+    values = {name: getattr(args, name) for name in ("prompt", "max_new_tokens", "temperature", "top_k", "seed")}
+    try:
+        SampleConfig(**values)
+    except ConfigError as error:
+        message = str(error).replace(" or null, got", ", got")  # a flag's null is leaving it out
+        for name in values:
+            message = message.replace(f"sample.{name}", "--" + name.replace("_", "-"))
+        raise ConfigError(message) from None
 
 
 if __name__ == "__main__":

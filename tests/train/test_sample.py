@@ -90,7 +90,7 @@ def test_sample_passes_over_a_damaged_newest_checkpoint_as_train_does(trained_ru
 
 
 def test_bad_arguments_are_one_line_each_before_any_checkpoint_is_read(trained_run, tmp_path):
-    cases = {("--prompt", ""): "error: --prompt must not be empty",
+    cases = {("--prompt", ""): "error: --prompt must be a non-empty string, got ''",
              ("--temperature", "-0.5"): "error: --temperature must be a number >= 0, got -0.5",
              ("--top-k", "0"): "error: --top-k must be an int >= 1, got 0",
              ("--top-k", "-3"): "error: --top-k must be an int >= 1, got -3",
