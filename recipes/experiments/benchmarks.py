@@ -7,8 +7,6 @@ noise hits them alike.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import statistics
 import time
 
@@ -38,18 +36,6 @@ def median_seconds(fn, repeats: int, clock=time.perf_counter) -> float:
         jax.block_until_ready(fn())
         times.append(clock() - start)
     return statistics.median(times)
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """The messages of logger ``name`` under WARNING dropped while the block runs."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def compiled_memory(compiled) -> dict:
@@ -87,9 +73,8 @@ class TrainingSetup:
         else:
             from recipes.train.trainer import TrainData
 
-            # As train.py reads, without its notes on the val split (no eval here).
-            with _quiet("recipes.train.trainer"):
-                loader = TrainData.open(config, self.program).loader
+            # As train.py reads; its notes on the val split are dropped (no eval here).
+            loader = TrainData.open(config, self.program, notes=[]).loader
             self.host_batch = loader.train_batch
 
     def batch(self, step: int = 0) -> jax.Array:

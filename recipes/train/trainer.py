@@ -41,7 +41,8 @@ class TrainData:
     eval_batches: int
 
     @classmethod
-    def open(cls, config, program) -> TrainData:
+    def open(cls, config, program, notes: list[str] | None = None) -> TrainData:
+        """Notes on a short val split go to ``notes`` if given, else to the log."""
         from data.loader import TokenLoader, data_directory
 
         eval_batch = config.eval.batch_size or program.micro_batch
@@ -51,12 +52,12 @@ class TrainData:
                                   seed=config.train.seed if config.data.seed is None else config.data.seed,
                                   val_global_batch=eval_batch, vocab_size=config.model.vocab_size)
         eval_batches = min(config.eval.batches, loader.num_val_batches)
+        say = logger.info if notes is None else notes.append
         if eval_batches == 0:
-            logger.info(f"note: the val split holds no full batch of {eval_batch} x {config.seq_len + 1} tokens, "
-                        "so this run reports no validation loss; lower eval.batch_size or data.seq_len, or prepare "
-                        "more val data")
+            say(f"note: the val split holds no full batch of {eval_batch} x {config.seq_len + 1} tokens, so this "
+                "run reports no validation loss; lower eval.batch_size or data.seq_len, or prepare more val data")
         elif eval_batches < config.eval.batches:
-            logger.info(f"note: the val split holds {eval_batches} batches of {eval_batch}; evaluating on those")
+            say(f"note: the val split holds {eval_batches} batches of {eval_batch}; evaluating on those")
         return cls(loader, eval_batches)
 
 
