@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 
@@ -53,4 +54,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    exit_code = run_main(main)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all is on disk: a late SIGTERM must not make the exit a death
+    raise SystemExit(exit_code)

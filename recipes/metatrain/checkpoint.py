@@ -107,6 +107,10 @@ class MetaCheckpointer:
             return jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), state["opt_state"])
         return _newest_legacy_state(self.out_dir, target, self.config)
 
+    def wait(self) -> None:
+        """Returns once the saves started are on disk."""
+        self._checkpointer.wait()
+
     def close(self) -> None:
         """Waits for the last save to finish."""
         self._checkpointer.close()

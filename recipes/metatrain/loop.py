@@ -245,8 +245,10 @@ class TimedCheckpoints:
             self.save(info)
 
     def at_end(self, info) -> None:
+        """On disk before the loop ends: while it runs, a repeated SIGTERM cannot cut the save short."""
         if self.saved_step != info.step:
             self.save(info)
+        self.checkpointer.wait()
 
     def save(self, info) -> None:
         self.checkpointer.save(info.state)

@@ -90,6 +90,9 @@ def exit_after_training(main: Callable) -> None:
     quiet_library_logs()
     try:
         result = main()
+        # All is written: a late SIGTERM must not turn the exit below into a death by signal (one
+        # that came before this line is a StopNow, as after training).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except StopNow as stop:
         print(f"{stop.signal_name} received " + _STOPPED_AT_ONCE[stop.phase], file=sys.stderr, flush=True)
         os._exit(128 + stop.signal_number)  # orbax's threads may hold the interpreter; nothing is left to write

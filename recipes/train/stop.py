@@ -110,9 +110,6 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
-            # Stopping for a signal, the process only writes out and exits now: a repeated SIGTERM
-            # must not turn that exit into a death by signal.
-            stopping = self.signal_name is not None and sig == signal.SIGTERM
-            signal.signal(sig, signal.SIG_IGN if stopping else previous)
+            signal.signal(sig, previous)
         self._previous.clear()
         StopRequest.phase = "after"
