@@ -79,11 +79,14 @@ def merge_configs(base: dict, over: Mapping) -> dict:
         raise ConfigError(f"config values that OmegaConf cannot hold: {str(error).splitlines()[0]}") from None
 
 
-def override_pairs(args: Sequence[str]) -> list[tuple[str, str]]:
-    """["--optimizer.lr=3e-4", "--train.steps", "10"] -> [("optimizer.lr", "3e-4"), ("train.steps", "10")]."""
+def override_pairs(args: Sequence[str], check_flag=None) -> list[tuple[str, str]]:
+    """["--optimizer.lr=3e-4", "--train.steps", "10"] -> [("optimizer.lr", "3e-4"), ("train.steps", "10")].
+    ``check_flag(arg, rest)``, if given, sees each flag as typed, and the arguments after it, first."""
     pairs, args = [], list(args)
     while args:
         arg = args.pop(0)
+        if check_flag is not None:
+            check_flag(arg, args)
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
         if "=" not in arg and not args:

@@ -21,6 +21,7 @@ from model.config_base import ConfigError
 from recipes.metatrain.config import MetaTrainConfig
 from recipes.metatrain.loop import MetaTrainer
 from recipes.metatrain.xla_flags import allow_slow_collectives
+from recipes.train.stop import StopRequest
 
 
 def main(argv=None) -> int:
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    StopRequest.process_exits_after = True  # a stop for SIGTERM stays exit 143 however many follow
     exit_code = run_main(main)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all is on disk: a late SIGTERM must not make the exit a death
     raise SystemExit(exit_code)

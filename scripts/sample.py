@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> list[int]:
     return ids
 
 
+# What a flag's refusal adds to the sample section's own words.
+_FLAG_HINTS = {"prompt": "give at least one character, e.g. --prompt $'\\n'",
+               "top_k": "leave it out to sample from every token"}
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuses, before any checkpoint is read, what train.py's sample section refuses, naming the flag."""
     values = {name: getattr(args, name) for name in ("prompt", "max_new_tokens", "temperature", "top_k", "seed")}
@@ -54,7 +59,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     except ConfigError as error:
         message = str(error).replace(" or null, got", ", got")  # a flag's null is leaving it out
         for name in values:
-            message = message.replace(f"sample.{name}", "--" + name.replace("_", "-"))
+            if f"sample.{name} " in message:
+                message = message.replace(f"sample.{name}", "--" + name.replace("_", "-"))
+                message += f"; {_FLAG_HINTS[name]}" if name in _FLAG_HINTS else ""
         raise ConfigError(message) from None
 
 

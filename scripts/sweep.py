@@ -61,22 +61,29 @@ def split_values(text: str) -> list[str]:
     return [value.strip() for value in values]
 
 
+def _check_flag(arg: str, rest: list[str]) -> None:
+    """A sweep's flags are train.py's --section.key overrides; --grid and --set, which came before
+    them, are refused naming the override that replaces them."""
+    key, sep, text = arg.removeprefix("--").partition("=")
+    if arg.startswith("--") and key in ("grid", "set"):
+        given = text if sep else rest[0] if rest and "=" in rest[0] else ""
+        override = given.lstrip("-") or "section.key=" + ("v1,v2" if key == "grid" else "value")
+        raise SweepError(f"--{key} is gone: write --{override}")
+    if not (arg.startswith("--") and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key)):
+        raise SweepError(f"unexpected argument {arg!r}; overrides look like --section.key=value, a swept "
+                         "key's values separated by commas: --optimizer.lr=1e-3,3e-3")
+
+
 def split_overrides(args: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """train.py's overrides (--section.key=value or --section.key value) as the swept keys, whose value
     holds more than one item (``split_values``), and the fixed ones. A key given twice is refused:
     train.py takes the later, but in a sweep the earlier may be meant as one of its values."""
     try:
-        pairs = override_pairs(args)
+        pairs = override_pairs(args, check_flag=_check_flag)
     except ConfigError as error:
         raise SweepError(str(error)) from None
     swept, fixed = {}, {}
     for key, text in pairs:
-        if key in ("grid", "set"):  # removed flags: name the override that replaces them
-            override = text.lstrip("-") if "=" in text else "section.key=" + ("v1,v2" if key == "grid" else "value")
-            raise SweepError(f"--{key} is gone: write --{override}")
-        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", key):
-            raise SweepError(f"unexpected argument {f'--{key}={text}'!r}; overrides look like --section.key=value, "
-                             "a swept key's values separated by commas: --optimizer.lr=1e-3,3e-3")
         values = split_values(text)
         if key in swept or key in fixed:
             given = ",".join(swept.get(key) or [fixed[key]])

@@ -72,8 +72,10 @@ def run_main(main: Callable, argv=None, extra: tuple[type[BaseException], ...] =
 
 _STOPPED_AT_ONCE = {
     "before": "before training began: stopped, nothing was trained; rerun to start or resume",
-    "during": "again: interrupted at once, without a new checkpoint; rerun to resume from the last one",
-    "after": "after training: its checkpoint and summary.json were written before it came"}
+    "during": "during training, after a stop was asked for: interrupted at once, without a new checkpoint; "
+              "rerun to resume from the last one",
+    "after": "after training: its checkpoint and summary.json were written before it came",
+    "failed": "while training ended on an error: stopped; rerun to resume from the last trusted checkpoint"}
 
 
 def exit_after_training(main: Callable) -> None:
@@ -84,9 +86,10 @@ def exit_after_training(main: Callable) -> None:
 
     from recipes.train.checkpoint import CheckpointWriteError
     from recipes.train.health import NonFiniteError
-    from recipes.train.stop import StopNow, stop_at_once_on_signals
+    from recipes.train.stop import StopNow, StopRequest, stop_at_once_on_signals
 
     stop_at_once_on_signals()
+    StopRequest.process_exits_after = True
     quiet_library_logs()
     try:
         result = main()
@@ -97,6 +100,7 @@ def exit_after_training(main: Callable) -> None:
         print(f"{stop.signal_name} received " + _STOPPED_AT_ONCE[stop.phase], file=sys.stderr, flush=True)
         os._exit(128 + stop.signal_number)  # orbax's threads may hold the interpreter; nothing is left to write
     except (*ordinary_errors(), NonFiniteError) as error:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the exit code below is the error's
         if os.environ.get("CELO2_DEBUG"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)

@@ -123,7 +123,7 @@ class SampleConfig:
     """Text generated from the final model, printed after the run's summary."""
 
     prompt: str = Field("\n", min_length=1, description="the text the sample continues")
-    max_new_tokens: Annotated[Int, Must(hint="for a longer text, sample again with the end of this one as the "
+    max_new_tokens: Annotated[Int, Must(hint="for a longer text, sample again with the end of this one as its "
                                         "prompt")] = Field(0, ge=0, le=MAX_NEW_TOKENS, description="tokens "
                                                            "generated; 0: no sample")
     temperature: Annotated[Float, Must(hint="0 is greedy")] = Field(0.8, ge=0, description="softmax temperature; "

@@ -51,7 +51,10 @@ class StopRequest:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    phase = "before"  # "during" once a loop has taken the signals, "after" once it gave them back
+    phase = "before"  # "during" once a loop has taken the signals; "after" or "failed" once it gave them back
+    # Set by a trainer's command line, whose process ends after its loop: once a loop stopped for a
+    # SIGTERM, more are ignored to the exit, which then stays 143. A library caller keeps its handlers.
+    process_exits_after = False
 
     def __init__(self, check_every: int = 1):
         self.signal_name: str | None = None
@@ -108,8 +111,9 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        StopRequest.phase = "after" if exc_type is None else "failed"  # before a signal can see the old one
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            hold = sig == signal.SIGTERM and self.signal_name is not None and StopRequest.process_exits_after
+            signal.signal(sig, signal.SIG_IGN if hold else previous)
         self._previous.clear()
-        StopRequest.phase = "after"

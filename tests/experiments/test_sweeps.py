@@ -112,6 +112,8 @@ def test_sweep_file_with_flag_overrides(tmp_path):
      r"--optimizer.lr=1e-3,3e-3,1e-2$"),
     # The flags that came before train.py's form: one line naming the override that replaces them.
     (["--grid", "optimizer.lr=1e-3,3e-3"], {}, "^--grid is gone: write --optimizer.lr=1e-3,3e-3$"),
+    (["--optimizer.lr=1,2", "--grid"], {}, "^--grid is gone: write --section.key=v1,v2$"),
+    (["--dry-run", "--optimizer.lr=1,2"], {}, "^unexpected argument '--dry-run'; overrides look like"),
     (["--optimizer.lr=1,2", "--set=train.steps=500"], {}, "^--set is gone: write --train.steps=500$"),
     ([], {}, "empty grid"),
     (["--train.steps=500"], {}, "^empty grid: sweep at least one key"),  # one value is a fixed setting

@@ -85,7 +85,12 @@ def test_a_repeated_sigterm_counts_once_and_a_second_ctrl_c_stops_at_once():
             with pytest.raises(StopNow) as raised:
                 os.kill(os.getpid(), sig)
             assert raised.value.phase == "after"
+        # A trainer's command line, which exits after its loop, keeps ignoring SIGTERM once one stopped it.
+        StopRequest.process_exits_after = True
+        with StopRequest():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        StopRequest.phase = "before"
+        StopRequest.phase, StopRequest.process_exits_after = "before", False
