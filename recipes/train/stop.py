@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 class StopNow(BaseException):
     """A signal that stops the process at once: a SIGTERM or SIGINT before a training loop began or
-    after it ended, or a second Ctrl-C during one. ``phase`` says which ("before", "during",
-    "after"). A BaseException, as KeyboardInterrupt is, so no library's `except Exception`
-    swallows it; the locks and files it unwinds through are released on the way out."""
+    after it ended, or a second Ctrl-C during one. ``phase`` says which ("before", "during", "after",
+    or "failed": after a loop that ended on an error). A BaseException, as KeyboardInterrupt is, so
+    no library's `except Exception` swallows it; the locks and files it unwinds through are released
+    on the way out."""
 
     def __init__(self, signum: int, phase: str):
         self.signal_name, self.signal_number = signal.Signals(signum).name, int(signum)
