@@ -81,8 +81,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int] | N
             continue
         if name not in LOGICAL_RULES:
             raise KeyError(f"no sharding rule for logical axis {name!r}")
-        rule = LOGICAL_RULES[name]
-        axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+        axes = spec_axes(LOGICAL_RULES[name])
         if mesh is not None:  # axes under shard_map's manual control are already split off
             axes = tuple(a for a in axes if a in mesh.shape and a not in manual)
             if shape is not None:
